@@ -1,0 +1,63 @@
+"""One table mapping the model's logical axis names onto mesh axes.
+
+Rules are read in order, and a mesh axis is used at most once per array, so an
+activation [batch, length, embed] takes (data, fsdp) for `batch` and leaves
+`embed` unsharded, while a parameter [embed, mlp] is sharded over fsdp and
+tensor. Override entries from the command line with `config.sharding_rules`,
+e.g. "vocab=,embed=fsdp" (an empty right side means replicated; join several
+mesh axes with '+').
+"""
+
+import contextlib
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from model.config import ConfigError
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),  # data parallel: FSDP shards the batch too
+    ("length", None),
+    ("embed", "fsdp"),  # parameters: FSDP shards the model dimension
+    ("heads", "tensor"),  # tensor parallelism (Megatron-style) over heads and mlp
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),  # the scanned-layers axis stays whole on every device
+)
+
+
+def logical_rules(overrides: str = "") -> tuple:
+  """The default table with `name=axis[+axis]` entries from `overrides` replacing theirs."""
+  rules = dict(DEFAULT_RULES)
+  for entry in filter(None, (e.strip() for e in overrides.split(","))):
+    name, sep, axes = entry.partition("=")
+    if not sep or name.strip() not in rules:
+      raise ConfigError(f"sharding_rules={overrides!r}: cannot read {entry!r}; expected "
+                        f"name=axis with name one of {sorted(rules)}.")
+    axes = tuple(a.strip() for a in axes.split("+") if a.strip())
+    rules[name.strip()] = axes[0] if len(axes) == 1 else (axes or None)
+  return tuple(rules.items())
+
+
+def logical_sharding(mesh, rules, logical_names) -> NamedSharding:
+  """NamedSharding for one array described by logical axis names."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_names, rules))
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+  """Sharding of [batch, length] input arrays."""
+  return logical_sharding(mesh, rules, ("batch", "length"))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh, rules):
+  """Makes `mesh` and `rules` current, so the model's logical constraints apply."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield

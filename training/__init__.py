@@ -1,0 +1,1 @@
+"""The training library behind train.py: optimizer, loss, sharded state, train step."""
