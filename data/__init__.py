@@ -1,0 +1,1 @@
+"""Input pipeline: sentencepiece tokenizer and tf.data streams of packed batches."""
