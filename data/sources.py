@@ -16,8 +16,10 @@ processes), TFDS splits by `tfds.even_splits`.
 
 import glob
 import hashlib
+import logging
 import os
 import sysconfig
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -26,6 +28,33 @@ import tensorflow_text as tf_text
 from data.config import DataError
 
 STDLIB_EVAL_PERCENT = 3  # of stdlib files, chosen by path hash
+
+log = logging.getLogger(__name__)
+
+
+class InvalidUtf8Report:
+    """Counts documents whose invalid UTF-8 bytes were replaced by U+FFFD; warns once."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, origins: np.ndarray, invalid: np.ndarray) -> None:
+        with self._lock:
+            if invalid.any() and self.count == 0:
+                log.warning(
+                    "invalid UTF-8 in %s: bytes replaced by U+FFFD (further documents are only counted, "
+                    "see invalid_utf8_documents on the stream)", origins[invalid][0].decode(errors="replace"))
+            self.count += int(invalid.sum())
+
+
+def clean_utf8(origins: tf.Tensor, texts: tf.Tensor, report: InvalidUtf8Report) -> tf.Tensor:
+    """Replaces invalid UTF-8 in a batch of documents, telling `report` where."""
+    cleaned = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace")
+    invalid = tf.not_equal(cleaned, texts)
+    reported = tf.py_function(lambda o, i: report.add(o.numpy(), i.numpy()) or 0, [origins, invalid], tf.int32)
+    with tf.control_dependencies([reported]):
+        return tf.identity(cleaned)
 
 
 def stdlib_files(split: str) -> list[str]:

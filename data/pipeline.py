@@ -1,0 +1,196 @@
+"""tf.data streams of packed batches for training and evaluation.
+
+documents (data.sources) -> clean UTF-8 -> tokenize in the graph, many documents
+per op (tensorflow-text sentencepiece, eos appended) -> pack into seq_len+1
+windows (data.packing) -> shuffle -> batch -> prefetch -> numpy dict per process.
+
+Multi-host: each process reads a disjoint shard of the train split and yields
+its rows of the global batch (global_batch_size // process_count). Evaluation
+instead has every process read the whole eval split and keep its rows of each
+global batch, so all processes see the same number of eval steps.
+
+Resumable state: the train stream is deterministic given (seed, epoch), so its
+state is two integers, {"epoch", "batch"} (plus what must match on restore).
+Restoring rebuilds that epoch's pipeline and skips `batch` batches inside
+tf.data; the skipped batches are tokenized again but never leave the graph.
+The state stays ~100 bytes per process instead of the megabytes of shuffle
+buffer a tf.data iterator checkpoint holds; the price is restore time bounded by
+one epoch of tokenization on one host (see BENCHMARKS.md, "Input pipeline").
+"""
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from data import packing, sources
+from data.config import DataError, validate
+from data.tokenizer import Tokenizer
+
+DOCS_PER_OP = 128  # documents tokenized per tensorflow-text call
+STATE_VERSION = 1
+
+
+@functools.cache
+def hide_accelerators_from_tf() -> None:
+    """TensorFlow must never take the GPU/TPU that JAX trains on; done once."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+        tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):  # already initialised, or no such device type
+        pass
+
+
+def _split_field(cfg, split: str) -> str:
+    train = split == "train"
+    return {
+        "stdlib": "data.source",
+        "files": "data.train_files" if train else "data.eval_files",
+        "tfds": "data.tfds_train_split" if train else "data.tfds_eval_split",
+    }[cfg.source]
+
+
+def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size) -> Tokenizer:
+    validate(cfg)
+    if global_batch_size < process_count or global_batch_size % process_count:
+        raise DataError(
+            f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}; "
+            "make the global batch a multiple of the number of processes."
+        )
+    tokenizer = Tokenizer(cfg.tokenizer)
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise DataError(
+            f"data.tokenizer: {tokenizer.path!r} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+            f"{model_vocab_size}; set the model's vocab_size >= {tokenizer.vocab_size} or use a smaller tokenizer."
+        )
+    hide_accelerators_from_tf()
+    return tokenizer
+
+
+def _windows(cfg, tokenizer, report, split, *, process_index, process_count, shuffle_seed=None):
+    """(tokens [seq_len+1], doc_ids [seq_len+1]) windows of this process's share of `split`."""
+    docs = sources.documents(cfg, split, process_index=process_index, process_count=process_count,
+                             shuffle_seed=shuffle_seed)
+
+    def tokenize(origins, texts):
+        texts = sources.clean_utf8(origins, texts, report)
+        texts = tf.boolean_mask(texts, tf.strings.length(tf.strings.strip(texts)) > 0)  # skip empty documents
+        return tokenizer.tf_tokenize(texts)
+
+    tokens = docs.batch(DOCS_PER_OP).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
+    return packing.pack_windows(tokens.prefetch(2), cfg.seq_len + 1)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class TrainIterator:
+    """Endless, deterministic train batches for one process; reshuffled every epoch."""
+
+    def __init__(self, cfg, tokenizer, *, batch_size, seed, process_index, process_count):
+        self._cfg, self._tokenizer = cfg, tokenizer
+        self._batch_size, self._seed = batch_size, seed
+        self._process_index, self._process_count = process_index, process_count
+        self._report = sources.InvalidUtf8Report()
+        self._epoch, self._batch, self._it = 0, 0, None
+
+    @property
+    def invalid_utf8_documents(self) -> int:
+        return self._report.count
+
+    def _dataset(self, epoch: int) -> tf.data.Dataset:
+        windows = _windows(self._cfg, self._tokenizer, self._report, "train", process_index=self._process_index,
+                           process_count=self._process_count, shuffle_seed=_seed(self._seed, epoch, 0))
+        windows = windows.shuffle(self._cfg.shuffle_buffer, seed=_seed(self._seed, epoch, 1),
+                                  reshuffle_each_iteration=False)
+        return windows.batch(self._batch_size)
+
+    def _open(self) -> None:
+        self._it = self._dataset(self._epoch).skip(self._batch).prefetch(2).as_numpy_iterator()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._open()
+        try:
+            tokens, doc_ids = next(self._it)
+        except StopIteration:
+            if self._batch == 0:
+                raise DataError(
+                    f"{_split_field(self._cfg, 'train')}: process {self._process_index} of {self._process_count} "
+                    "got no tokens (empty corpus or all documents empty). Add text or use fewer processes."
+                ) from None
+            self._epoch, self._batch = self._epoch + 1, 0
+            self._open()
+            return next(self)
+        self._batch += 1
+        tokens, doc_ids = packing.pad_rows(tokens, doc_ids, self._batch_size)
+        return packing.batch_features(tokens, doc_ids, self._cfg.pack_documents)
+
+    def _identity(self) -> dict:
+        c = self._cfg
+        return {"seed": self._seed, "process_index": self._process_index, "process_count": self._process_count,
+                "batch_size": self._batch_size, "seq_len": c.seq_len, "source": c.source,
+                "tokenizer": self._tokenizer.path.rsplit("/", 1)[-1]}
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position: next() after set_state(state) gives the same batch."""
+        return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch, **self._identity()}
+
+    def set_state(self, state: dict) -> None:
+        expected = {"version": STATE_VERSION, **self._identity()}
+        mismatch = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if mismatch:
+            raise DataError(
+                f"data iterator state does not match this pipeline (saved, current): {mismatch}. "
+                "Resume with the same seed, batch size, process count and data config."
+            )
+        self._epoch, self._batch, self._it = int(state["epoch"]), int(state["batch"]), None
+
+
+class EvalStream:
+    """Finite eval batches; every iter() yields the same sequence."""
+
+    def __init__(self, cfg, tokenizer, *, global_batch_size, process_index, process_count):
+        self._cfg = cfg
+        self._rows = slice(process_index * (global_batch_size // process_count),
+                           (process_index + 1) * (global_batch_size // process_count))
+        self._global_batch_size = global_batch_size
+        self._report = sources.InvalidUtf8Report()
+        windows = _windows(cfg, tokenizer, self._report, "eval", process_index=0, process_count=1)
+        batches = windows.batch(global_batch_size)
+        if cfg.eval_max_batches:
+            batches = batches.take(cfg.eval_max_batches)
+        self._dataset = batches.cache().prefetch(2)
+
+    @property
+    def invalid_utf8_documents(self) -> int:
+        return self._report.count
+
+    def __iter__(self):
+        empty = True
+        for tokens, doc_ids in self._dataset.as_numpy_iterator():
+            empty = False
+            tokens, doc_ids = packing.pad_rows(tokens, doc_ids, self._global_batch_size)
+            yield packing.batch_features(tokens[self._rows], doc_ids[self._rows], self._cfg.pack_documents)
+        if empty:
+            raise DataError(f"{_split_field(self._cfg, 'eval')}: the eval split has no tokens (empty corpus). Add text.")
+
+
+def make_train_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, model_vocab_size: int | None = None) -> TrainIterator:
+    """This process's endless stream of train batches, each array [global_batch_size // process_count, seq_len]."""
+    tokenizer = _check(data_config, global_batch_size, process_count, model_vocab_size)
+    return TrainIterator(data_config, tokenizer, batch_size=global_batch_size // process_count, seed=seed,
+                         process_index=process_index, process_count=process_count)
+
+
+def make_eval_batches(data_config, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                      model_vocab_size: int | None = None) -> EvalStream:
+    """This process's rows of the finite eval batches; the last batch is padded with weight 0."""
+    tokenizer = _check(data_config, global_batch_size, process_count, model_vocab_size)
+    return EvalStream(data_config, tokenizer, global_batch_size=global_batch_size,
+                      process_index=process_index, process_count=process_count)
