@@ -68,7 +68,7 @@ def make_train_step(model, tx, schedule, mesh, rules, state_shardings, *,
 
     denominator = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
-    loss, grad_norm = total / denominator, optax.global_norm(grads)
+    loss, grad_norm = total / denominator, optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
@@ -81,7 +81,7 @@ def make_train_step(model, tx, schedule, mesh, rules, state_shardings, *,
         "cross_entropy": ce_sum / denominator,
         "learning_rate": schedule(state.step),
         "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(new_state.params),
+        "param_norm": optax.tree.norm(new_state.params),
         "num_tokens": weight_sum,
         "finite": finite,
     }

@@ -1,0 +1,38 @@
+"""GPT-2 small (124M): the GPT-2 architecture at its original size.
+
+    python train.py --config=configs/gpt2_small.py --workdir=/tmp/gpt2 \
+        --config.data.source=tfds --config.data.tfds_name=<dataset> \
+        --config.data.tokenizer=<your .model>
+
+Learned positions, LayerNorm, GELU, biases, tied embeddings, 1024-token
+context, batch 0.5M tokens (accumulated over microbatches where memory needs),
+AdamW 6e-4 with cosine decay, as in nanoGPT's reproduction. Sized for GPUs/TPUs:
+on one H100 expect tens of thousands of tokens/s per chip (see BENCHMARKS.md).
+"""
+
+from configs.base import get_base_config
+
+
+def get_config():
+    config = get_base_config()
+    config.model.update(
+        vocab_size=50304,  # GPT-2's 50257 padded to a multiple of 128
+        num_layers=12,
+        embed_dim=768,
+        num_heads=12,
+        mlp_dim=3072,
+        max_seq_len=1024,
+        position_embedding="learned",
+        norm="layernorm",
+        mlp_activation="gelu",
+        use_bias=True,
+        tie_embeddings=True,
+        dtype="bfloat16",
+        remat_policy="none",
+    )
+    config.data.seq_len = 1024
+    config.train.update(num_steps=19073, global_batch_size=512, num_microbatches=1,
+                        eval_every=1000)
+    config.optimizer.update(learning_rate=6e-4, warmup_steps=715, weight_decay=0.1)
+    config.checkpoint.every_steps = 1000
+    return config

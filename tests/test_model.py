@@ -1,0 +1,96 @@
+"""The model's behaviour: causality, segment isolation, variants, logical names."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import ConfigError, ModelConfig, Transformer
+from tests.helpers import TINY_MODEL
+
+VARIANTS = {
+    "gpt2": dict(),
+    "llama_gqa": dict(position_embedding="rope", norm="rmsnorm", mlp_activation="swiglu",
+                      use_bias=False, tie_embeddings=False, num_kv_heads=2),
+    "sinusoidal_remat": dict(position_embedding="sinusoidal", remat_policy="full", scan_unroll=2),
+}
+
+
+def init(config: ModelConfig, length=16):
+    model = Transformer(config)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32))
+    return model, variables
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_changing_a_token_changes_no_earlier_logit(variant):
+    model, variables = init(ModelConfig(**TINY_MODEL, **VARIANTS[variant]))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    t = 9
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % 64)
+    before = model.apply(variables, tokens)
+    after = model.apply(variables, changed)
+    np.testing.assert_array_equal(before[:, :t], after[:, :t])
+    assert np.abs(before[:, t:] - after[:, t:]).max() > 1e-4  # the change is visible later on
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_packed_documents_do_not_see_each_other(variant):
+    """A document's logits are the same alone or packed after another document."""
+    model, variables = init(ModelConfig(**TINY_MODEL, **VARIANTS[variant]))
+    doc_a = jax.random.randint(jax.random.key(1), (1, 6), 0, 64)
+    doc_b = jax.random.randint(jax.random.key(2), (1, 10), 0, 64)
+    packed = jnp.concatenate([doc_a, doc_b], axis=1)
+    segments = jnp.array([[1] * 6 + [2] * 10])
+    positions = jnp.array([list(range(6)) + list(range(10))])
+    packed_logits = model.apply(variables, packed, segments, positions)
+    alone = model.apply(variables, doc_b)
+    np.testing.assert_allclose(packed_logits[:, 6:], alone, atol=1e-5)
+
+
+def test_logits_are_float32_with_bfloat16_compute():
+    model, variables = init(ModelConfig(**{**TINY_MODEL, "dtype": "bfloat16"}))
+    logits = model.apply(variables, jnp.zeros((1, 16), jnp.int32))
+    assert logits.dtype == jnp.float32
+    assert jax.tree.leaves(variables)[0].dtype == jnp.float32  # params stay float32
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_parameter_has_one_logical_name_per_dimension(variant):
+    config = ModelConfig(**TINY_MODEL, **VARIANTS[variant])
+    boxed = jax.eval_shape(lambda: init(config)[1])["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) > 5
+    for path, leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no names"
+        assert len(leaf.names) == leaf.value.ndim, (jax.tree_util.keystr(path), leaf.names)
+
+
+def test_scan_stacks_layers_on_a_leading_axis():
+    config = ModelConfig(**TINY_MODEL)
+    params = jax.eval_shape(lambda: nn.meta.unbox(init(config)[1]))["params"]
+    assert params["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 8, 4)
+    assert params["layers"]["mlp"]["wi"]["kernel"].shape == (2, 32, 64)
+    assert "lm_head" not in params and "pos_embed" in params
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_heads=8, num_kv_heads=3), "num_kv_heads"),
+        (dict(embed_dim=30, num_heads=8), "embed_dim"),
+        (dict(norm="batchnorm"), "norm"),
+        (dict(remat_policy="sometimes"), "remat_policy"),
+        (dict(scan_unroll=5), "scan_unroll"),
+    ],
+)
+def test_bad_model_configs_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=f"model.{field}="):
+        ModelConfig(**{**TINY_MODEL, **overrides})
+
+
+def test_unknown_model_key_is_named():
+    with pytest.raises(ConfigError, match="num_layer"):
+        ModelConfig.from_dict({**TINY_MODEL, "num_layer": 3})
