@@ -100,10 +100,11 @@ def _file_documents(files: list[str], file_format: str) -> tf.data.Dataset:
         return paths.flat_map(lambda p: tf.data.TextLineDataset(p).map(lambda line: (p, line)))
     docs = paths.map(lambda p: (p, tf.io.read_file(p)))
     if file_format == "paragraphs":
-        split = lambda p, text: tf_text.regex_split(text, r"\n\s*\n")
-        docs = docs.flat_map(
-            lambda p, text: tf.data.Dataset.from_tensor_slices(split(p, text)).map(lambda d: (p, d))
-        )
+        def paragraphs(text):  # split at blank lines; the file's trailing newlines end the last paragraph
+            text = tf.strings.regex_replace(text, r"\s+$", "")
+            return tf_text.regex_split(tf.reshape(text, [1]), r"\n\s*\n").flat_values
+
+        docs = docs.flat_map(lambda p, text: tf.data.Dataset.from_tensor_slices(paragraphs(text)).map(lambda d: (p, d)))
     return docs
 
 
@@ -113,7 +114,11 @@ def _tfds_documents(cfg, split: str, process_index: int, process_count: int, shu
     try:
         builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None)
     except Exception as e:  # tfds raises several types (DatasetNotFoundError, ...)
-        raise DataError(f"data.tfds_name: cannot find TFDS dataset {cfg.tfds_name!r} ({e}). Check the name.") from e
+        reason = str(e).splitlines()[0]  # tfds appends the list of all dataset names
+        raise DataError(
+            f"data.tfds_name: cannot find TFDS dataset {cfg.tfds_name!r} ({reason}). "
+            "Check the name and data.tfds_data_dir."
+        ) from e
     if not builder.is_prepared():
         builder.download_and_prepare()
     features = builder.info.features

@@ -66,9 +66,12 @@ class Tokenizer:
     def tf_tokenize(self, texts):
         """tf.string [N] -> RaggedTensor int32 [N, None], each document followed by eos."""
         if self._tf_tokenizer is None:
+            import tensorflow as tf
             import tensorflow_text as tf_text
 
-            self._tf_tokenizer = tf_text.SentencepieceTokenizer(model=self.model_proto, out_type="int32", add_eos=True)
+            with tf.init_scope():  # eagerly, so every later tf.data graph can share it
+                self._tf_tokenizer = tf_text.SentencepieceTokenizer(model=self.model_proto, out_type=tf.int32,
+                                                                    add_eos=True)
         return self._tf_tokenizer.tokenize(texts)
 
 
