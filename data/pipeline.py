@@ -94,6 +94,7 @@ class TrainIterator:
         self._process_index, self._process_count = process_index, process_count
         self._report = sources.InvalidUtf8Report()
         self._epoch, self._batch, self._it = 0, 0, None
+        self._dataset(0)  # builds (does not run) the graph, so bad sources fail here, not at step 1
 
     @property
     def invalid_utf8_documents(self) -> int:
@@ -164,7 +165,7 @@ class EvalStream:
         batches = windows.batch(global_batch_size)
         if cfg.eval_max_batches:
             batches = batches.take(cfg.eval_max_batches)
-        self._dataset = batches.cache().prefetch(2)
+        self._dataset = batches.prefetch(2)
 
     @property
     def invalid_utf8_documents(self) -> int:

@@ -59,9 +59,11 @@ def test_tfds_source_works_offline_and_shards_by_process(tfds_dir):
     expected = lambda docs: collections.Counter(t for d in docs for t in tok.encode(d) + [EOS])
     cfg = _tfds_config(data_dir)
     assert collections.Counter(_tokens(make_eval_batches(cfg, global_batch_size=2))) == expected(valid)
-    shards = [collections.Counter(_tokens(_epoch(make_train_iterator(
-        cfg, global_batch_size=4, seed=0, process_index=p, process_count=2)))) for p in range(2)]
+    epochs = [_epoch(make_train_iterator(cfg, global_batch_size=4, seed=0, process_index=p, process_count=2))
+              for p in (0, 1, 0)]
+    shards = [collections.Counter(_tokens(batches)) for batches in epochs[:2]]
     assert shards[0] and shards[1]
+    assert _tokens(epochs[0]) == _tokens(epochs[2])  # deterministic
     assert shards[0] + shards[1] == expected(train)
 
 
@@ -99,7 +101,7 @@ def test_missing_paths_and_empty_globs(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     cfg = _files_config(tmp_path, train_files=f"{tmp_path}/a.txt,{tmp_path}/missing/*.txt")
     with pytest.raises(DataError, match=r"data.train_files: no files match '.*missing/\*.txt'. Check the glob"):
-        next(make_train_iterator(cfg, global_batch_size=2, seed=0))
+        make_train_iterator(cfg, global_batch_size=2, seed=0)
     cfg = _files_config(tmp_path, eval_files="")
     with pytest.raises(DataError, match="data.eval_files: empty"):
         make_eval_batches(cfg, global_batch_size=2)
