@@ -82,14 +82,15 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_tokens", type=int, default=20_000_000)
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)")
     with tempfile.TemporaryDirectory() as workdir:
         text_dir, tfds_dir = os.path.join(workdir, "text"), os.path.join(workdir, "tfds")
         os.makedirs(text_dir)
         texts = corpus(text_dir)
         build_tfds(texts, tfds_dir)
         print(f"corpus: {len(texts)} stdlib files, {sum(map(len, texts)) / 1e6:.1f} M characters")
-        print(f"raw sentencepiece (Python, 1 thread): {raw_sentencepiece(texts) / 1e6:.2f} M tokens/s")
+        print(f"raw sentencepiece (Python, batched encode): {raw_sentencepiece(texts) / 1e6:.2f} M tokens/s")
         base = default_data_config()
         base.update(seq_len=args.seq_len)
         files = base.copy_and_resolve_references()
@@ -98,7 +99,7 @@ def main() -> None:
         tfds_cfg.update(source="tfds", tfds_name="bench_text", tfds_data_dir=tfds_dir)
         for name, cfg in (("text files", files), ("TFDS", tfds_cfg)):
             real, padded = time_epoch(cfg, args.batch_size, args.max_tokens)
-            print(f"{name:>10}: {real / 1e6:.2f} M real tokens/s per host ({padded / 1e6:.2f} M incl. padding), "
+            print(f"{name}: {real / 1e6:.2f} M real tokens/s per host ({padded / 1e6:.2f} M incl. padding), "
                   f"seq_len={args.seq_len}, batch={args.batch_size}")
         for batches in (0, 500):
             seconds = time_restore(files, args.batch_size, batches)

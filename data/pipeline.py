@@ -51,6 +51,7 @@ def _split_field(cfg, split: str) -> str:
 
 
 def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size) -> Tokenizer:
+    hide_accelerators_from_tf()
     validate(cfg)
     if global_batch_size < process_count or global_batch_size % process_count:
         raise DataError(
@@ -63,7 +64,6 @@ def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size) ->
             f"data.tokenizer: {tokenizer.path!r} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
             f"{model_vocab_size}; set the model's vocab_size >= {tokenizer.vocab_size} or use a smaller tokenizer."
         )
-    hide_accelerators_from_tf()
     return tokenizer
 
 
