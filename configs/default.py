@@ -23,8 +23,8 @@ def get_config():
         dtype="float32",  # CPUs have no fast bfloat16 matmul; use bfloat16 on GPU/TPU
         scan_unroll=4,  # unrolled layers run faster on CPU; compile time stays small at 4
     )
-    config.data.seq_len = 256
-    config.train.update(num_steps=600, global_batch_size=16, log_every=10, eval_every=200)
-    config.data.eval_max_batches = 20
-    config.optimizer.update(learning_rate=1e-3, warmup_steps=50)
+    config.data.update(seq_len=128, eval_max_batches=20)
+    config.train.update(num_steps=300, global_batch_size=8, log_every=10, eval_every=100)
+    config.checkpoint.every_steps = 100
+    config.optimizer.update(learning_rate=2e-3, warmup_steps=30)
     return config

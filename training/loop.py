@@ -1,0 +1,244 @@
+"""The training loop behind train.py: set-up, steps, evaluation, metrics, checkpoints.
+
+The device is kept busy by asynchronous dispatch: step n is queued before the
+host reads step n-1's metrics, and the next batch is prepared while step n
+runs. The host only waits for the current step when it must: before saving a
+checkpoint (so a non-finite loss never reaches the disk) and before evaluating.
+"""
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from data.pipeline import make_eval_batches, make_train_iterator
+from model import Transformer
+from model.flops import train_flops_per_token
+from sharding import activate, batch_sharding, logical_rules, make_mesh
+from training.checkpoint import Checkpointer
+from training.config import describe, tokens_per_step, validate_config
+from training.hardware import peak_flops_per_device
+from training.metrics import MetricsWriter
+from training.optimizer import make_optimizer
+from training.state import init_train_state, state_shardings
+from training.step import make_eval_step, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite and the config says to stop."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: finishing the current step, then saving.")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+class Trainer:
+    """Everything a run needs, built from a validated config."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.model_config = validate_config(config, jax.device_count(), jax.process_count())
+        self.mesh = make_mesh(config.mesh)
+        self.rules = logical_rules(config.sharding_rules)
+        self.model = Transformer(self.model_config)
+        self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
+        self.seq_len = config.data.seq_len
+        abstract, self.shardings = state_shardings(
+            self.model, self.tx, self.mesh, self.rules, self.seq_len)
+        self.abstract_state = _with_shardings(abstract, self.shardings)
+        self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        self.train_step = make_train_step(
+            self.model, self.tx, self.schedule, self.mesh, self.rules, self.shardings,
+            num_microbatches=config.train.num_microbatches,
+            z_loss_weight=config.train.z_loss_weight,
+            skip_nonfinite_updates=config.train.skip_nonfinite_updates, seed=config.seed)
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+        self.flops_per_token = train_flops_per_token(self.model_config, abstract.params,
+                                                     self.seq_len)
+
+    def abstract_batch(self):
+        shape = (self.config.train.global_batch_size, self.seq_len)
+        dtypes = dict(inputs=np.int32, targets=np.int32, segment_ids=np.int32,
+                      positions=np.int32, weights=np.float32)
+        return {k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding)
+                for k, d in dtypes.items()}
+
+    def to_global(self, local_batch: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in local_batch.items()}
+
+    def dry_run(self) -> dict:
+        """Compiles the step without allocating the model; reports per-device memory."""
+        start = time.perf_counter()
+        with activate(self.mesh, self.rules):
+            compiled = self.train_step.jitted.lower(self.abstract_state,
+                                                    self.abstract_batch()).compile()
+        report = {"num_params": self.num_params, "compile_seconds": time.perf_counter() - start,
+                  "flops_per_token": self.flops_per_token}
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            report.update(
+                argument_bytes=memory.argument_size_in_bytes,
+                output_bytes=memory.output_size_in_bytes,
+                temp_bytes=memory.temp_size_in_bytes,
+                alias_bytes=memory.alias_size_in_bytes,
+                per_device_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                  - memory.alias_size_in_bytes + memory.temp_size_in_bytes))
+        return report
+
+
+def evaluate(trainer: Trainer, eval_step, params, eval_stream) -> dict:
+    totals = np.zeros(2)
+    for batch in eval_stream:
+        out = jax.device_get(eval_step(params, trainer.to_global(batch)))
+        totals += (out["ce_sum"], out["weight_sum"])
+    loss = totals[0] / max(totals[1], 1.0)
+    return {"eval_loss": float(loss), "eval_perplexity": math.exp(min(loss, 50.0)),
+            "eval_tokens": float(totals[1])}
+
+
+def _write_config(config, workdir):
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def train(config, workdir: str) -> dict:
+    """Trains (or resumes) `config` in `workdir`; returns the last logged metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config, workdir)
+    logging.info("%s", describe(config, trainer.model_config, trainer.num_params,
+                                jax.device_count()))
+    train_cfg = config.train
+    data_kwargs = dict(global_batch_size=train_cfg.global_batch_size,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       model_vocab_size=trainer.model_config.vocab_size)
+    train_iter = make_train_iterator(config.data, seed=config.seed, **data_kwargs)
+    eval_stream = make_eval_batches(config.data, **data_kwargs)
+
+    checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    model_dict = config.model.to_dict()
+    restored = checkpointer.restore_latest(trainer.abstract_state, model_dict)
+    if restored is None:
+        state = init_train_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
+                                 config.seed, trainer.seq_len)
+        step = 0
+    else:
+        state, data_state = restored
+        train_iter.set_state(data_state)
+        step = int(state.step)
+        logging.info("Restored checkpoint at step %d from %s", step, checkpointer.directory)
+    _write_config(config, workdir)
+
+    writer = MetricsWriter(workdir)
+    eval_step = make_eval_step(trainer.model, trainer.mesh, trainer.rules, trainer.shardings)
+    peak_flops, peak_source = peak_flops_per_device(trainer.model_config.dtype)
+    logging.info("MFU is relative to %.3g FLOP/s per device (%s)", peak_flops, peak_source)
+    preemption = _Preemption()
+    num_steps = train_cfg.num_steps
+    profile_start = config.profile.start_step
+    profile_stop = profile_start + config.profile.num_steps if profile_start > 0 else -1
+    clock = {"step": step, "time": None}  # the last logged step and when it finished
+    last = {}
+
+    def finish(step_done: int, metrics) -> None:
+        """Reads step `step_done`'s metrics (blocking until it ran); logs; checks finiteness."""
+        nonlocal last
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+            if not train_cfg.skip_nonfinite_updates:
+                raise NonFiniteLossError(
+                    f"Non-finite loss ({float(metrics['loss'])}) at step {step_done}; stopping. "
+                    f"The last good checkpoint (step {checkpointer.latest_step()}) is intact in "
+                    f"{checkpointer.directory}. Lower optimizer.learning_rate, or set "
+                    "train.skip_nonfinite_updates=True to skip such updates.")
+            logging.warning("Non-finite loss at step %d: update skipped.", step_done)
+        now = time.perf_counter()
+        if clock["time"] is None:  # the first step includes compilation: time from here on
+            clock.update(step=step_done, time=now)
+        if step_done % train_cfg.log_every and step_done != num_steps:
+            return
+        steps = max(step_done - clock["step"], 1)
+        step_time = (now - clock["time"]) / steps if step_done > clock["step"] else float("nan")
+        tokens_per_second = tokens_per_step(config) / step_time
+        loss = float(metrics["loss"])
+        last = {
+            "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "cross_entropy": float(metrics["cross_entropy"]),
+            "learning_rate": float(metrics["learning_rate"]),
+            "grad_norm": float(metrics["grad_norm"]), "param_norm": float(metrics["param_norm"]),
+            "num_tokens": float(metrics["num_tokens"]), "step_time": step_time,
+            "tokens_per_second": tokens_per_second,
+            "mfu": trainer.flops_per_token * tokens_per_second / (peak_flops * jax.device_count()),
+            "eta_seconds": step_time * (num_steps - step_done),
+        }
+        writer.write(step_done, last)
+        writer.console(step_done, num_steps, last)
+        clock.update(step=step_done, time=now)
+
+    pending = None
+    try:
+        while step < num_steps:
+            if step + 1 == profile_start:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            batch = trainer.to_global(next(train_iter))
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            if pending is not None:
+                finish(*pending)
+            pending = (step, metrics)
+            if step + 1 == profile_stop or (step == num_steps and profile_stop > step):
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+            every_eval, every_ckpt = train_cfg.eval_every, config.checkpoint.every_steps
+            eval_due = step == num_steps or (every_eval and step % every_eval == 0)
+            save_due = (step == num_steps or preemption.requested
+                        or (every_ckpt and step % every_ckpt == 0))
+            if eval_due or save_due:
+                finish(*pending)  # never save or evaluate past a non-finite loss
+                pending = None
+            if eval_due:
+                eval_metrics = evaluate(trainer, eval_step, state.params, eval_stream)
+                writer.write(step, eval_metrics)
+                writer.console(step, num_steps, eval_metrics)
+                last.update(eval_metrics)
+                clock["time"] = time.perf_counter()  # keep eval time out of step times
+            if save_due:
+                checkpointer.save(step, state, train_iter.get_state(), model_dict, config.seed)
+            if preemption.requested:
+                logging.info("Preempted: checkpoint saved at step %d; exiting.", step)
+                break
+        if pending is not None:
+            finish(*pending)
+    finally:
+        preemption.restore()
+        checkpointer.close()  # waits for asynchronous saves: the last good one reaches disk
+        writer.close()
+    last["step"] = step
+    return last
+
+
+def describe_dry_run(config, workdir: str) -> str:
+    report = Trainer(config, workdir).dry_run()
+    return json.dumps(report)
