@@ -46,8 +46,8 @@ def build_tfds(texts: list[str], data_dir: str) -> None:
         split_datasets={"train": [(i, {"text": t}) for i, t in enumerate(texts)]}, data_dir=data_dir)
 
 
-def time_epoch(cfg, batch_size: int, max_tokens: int, warmup: int = 5) -> tuple[float, float]:
-    """(real tokens/s, padded tokens/s) over one epoch or max_tokens, after `warmup` batches."""
+def time_epoch(cfg, batch_size: int, max_tokens: int, warmup: int = 5) -> tuple[float, float, int]:
+    """(real tokens/s, padded tokens/s, real tokens) over one epoch or max_tokens, after `warmup` batches."""
     it = make_train_iterator(cfg, global_batch_size=batch_size, seed=0)
     for _ in range(warmup):
         next(it)
@@ -58,7 +58,7 @@ def time_epoch(cfg, batch_size: int, max_tokens: int, warmup: int = 5) -> tuple[
         real += int((batch["segment_ids"] > 0).sum())
         total += batch["inputs"].size
     elapsed = time.perf_counter() - start
-    return real / elapsed, total / elapsed
+    return real / elapsed, total / elapsed, real
 
 
 def time_restore(cfg, batch_size: int, batches: int) -> float:
@@ -98,9 +98,9 @@ def main() -> None:
         tfds_cfg = base.copy_and_resolve_references()
         tfds_cfg.update(source="tfds", tfds_name="bench_text", tfds_data_dir=tfds_dir)
         for name, cfg in (("text files", files), ("TFDS", tfds_cfg)):
-            real, padded = time_epoch(cfg, args.batch_size, args.max_tokens)
-            print(f"{name}: {real / 1e6:.2f} M real tokens/s per host ({padded / 1e6:.2f} M incl. padding), "
-                  f"seq_len={args.seq_len}, batch={args.batch_size}")
+            real, padded, count = time_epoch(cfg, args.batch_size, args.max_tokens)
+            print(f"{name}: {real / 1e6:.2f} M real tokens/s per host ({padded / 1e6:.2f} M incl. padding) over "
+                  f"{count / 1e6:.1f} M tokens, seq_len={args.seq_len}, batch={args.batch_size}")
         for batches in (0, 500):
             seconds = time_restore(files, args.batch_size, batches)
             print(f"restore at batch {batches} of an epoch (files): {seconds:.2f} s to the first batch")
