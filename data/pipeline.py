@@ -20,6 +20,7 @@ by one epoch (see BENCHMARKS.md, "Input pipeline").
 """
 
 import functools
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -135,8 +136,8 @@ class TrainIterator:
     def _identity(self) -> dict:
         c = self._cfg
         return {"seed": self._seed, "process_index": self._process_index, "process_count": self._process_count,
-                "batch_size": self._batch_size, "seq_len": c.seq_len, "source": c.source,
-                "tokenizer": self._tokenizer.path.rsplit("/", 1)[-1]}
+                "batch_size": self._batch_size, "seq_len": c.seq_len, "shuffle_buffer": c.shuffle_buffer,
+                "source": c.source, "tokenizer": os.path.basename(self._tokenizer.path)}
 
     def get_state(self) -> dict:
         """JSON-serialisable position: next() after set_state(state) gives the same batch."""
@@ -179,7 +180,8 @@ class EvalStream:
             tokens, doc_ids = packing.pad_rows(tokens, doc_ids, self._global_batch_size)
             yield packing.batch_features(tokens[self._rows], doc_ids[self._rows], self._cfg.pack_documents)
         if empty:
-            raise DataError(f"{_split_field(self._cfg, 'eval')}: the eval split has no tokens (empty corpus). Add text.")
+            field = _split_field(self._cfg, "eval")
+            raise DataError(f"{field}: the eval split has no tokens (empty corpus). Add text.")
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,

@@ -71,7 +71,9 @@ def stdlib_files(split: str) -> list[str]:
                 if is_eval == (split == "eval"):
                     files.append(path)
     if not files:
-        raise DataError(f"data.source='stdlib': no .py files found under {root!r}. Set data.source to 'files' or 'tfds'.")
+        raise DataError(
+            f"data.source='stdlib': no .py files found under {root!r}. Set data.source to 'files' or 'tfds'."
+        )
     return files
 
 
@@ -131,7 +133,8 @@ def _tfds_documents(cfg, split: str, process_index: int, process_count: int, shu
     split_name = cfg.tfds_train_split if split == "train" else cfg.tfds_eval_split
     base = split_name.split("[")[0]
     if base not in builder.info.splits:
-        raise DataError(f"{field}: {split_name!r} is not a split of {cfg.tfds_name!r}; it has {sorted(builder.info.splits)}.")
+        splits = sorted(builder.info.splits)
+        raise DataError(f"{field}: {split_name!r} is not a split of {cfg.tfds_name!r}; it has {splits}.")
     subsplit = tfds.even_splits(split_name, n=process_count)[process_index]
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=1)
     ds = builder.as_dataset(split=subsplit, shuffle_files=shuffle_seed is not None, read_config=read_config)
@@ -151,7 +154,8 @@ def documents(cfg, split: str, *, process_index: int = 0, process_count: int = 1
         files, file_format = stdlib_files(split), "document"
     else:
         field = "data.train_files" if split == "train" else "data.eval_files"
-        files, file_format = expand_globs(cfg.train_files if split == "train" else cfg.eval_files, field), cfg.file_format
+        globs = cfg.train_files if split == "train" else cfg.eval_files
+        files, file_format = expand_globs(globs, field), cfg.file_format
     by_file = len(files) >= process_count
     if by_file:
         files = _shard(files, process_index, process_count)

@@ -42,7 +42,9 @@ class Tokenizer:
         except Exception as e:
             raise DataError(f"data.tokenizer: {self.path!r} is not a sentencepiece model ({e}).") from e
         if self._sp.eos_id() < 0:
-            raise DataError(f"data.tokenizer: {self.path!r} has no eos token; train it with `python -m data.tokenizer`.")
+            raise DataError(
+                f"data.tokenizer: {self.path!r} has no eos token; train one with `python -m data.tokenizer`."
+            )
         self._tf_tokenizer = None
 
     @property

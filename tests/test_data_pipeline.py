@@ -96,7 +96,8 @@ def test_document_aware_segments_positions_and_weights(tmp_path):
         expected_seg = np.cumsum(new_doc, axis=1)
         np.testing.assert_array_equal(seg, np.where(real, expected_seg, 0))
         np.testing.assert_array_equal(pos[new_doc & real], 0)
-        np.testing.assert_array_equal(pos[:, 1:][~new_doc[:, 1:] & real[:, 1:]], (pos[:, :-1] + 1)[~new_doc[:, 1:] & real[:, 1:]])
+        inside = ~new_doc[:, 1:] & real[:, 1:]  # positions count up inside a document
+        np.testing.assert_array_equal(pos[:, 1:][inside], (pos[:, :-1] + 1)[inside])
         # eos never predicts the next document's first token; every other real target counts.
         # target t is input t+1; only the last target's reality is not visible in the inputs.
         real_target = np.concatenate([real[:, 1:], w[:, -1:] > 0], axis=1)
