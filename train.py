@@ -21,13 +21,23 @@ from model.config import ConfigError
 from training import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs/default.py"),
-    "Config file; override fields with --config.<field>=<value>.", lock_config=True)
+    "config",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs/default.py"),
+    "Config file; override fields with --config.<field>=<value>.",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json go here.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step, print parameter count "
-                             "and per-device memory, then exit without training.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
-                                 "(multi-host TPU pods and GPU clusters).")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Compile the train step, print parameter count "
+    "and per-device memory, then exit without training.",
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters).",
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -43,8 +53,13 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
-    logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
-                 jax.device_count(), jax.devices()[0].device_kind)
+    logging.info(
+        "JAX %s: %d processes, %d devices (%s)",
+        jax.__version__,
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
     try:
         if _DRY_RUN.value:
             print(loop.describe_dry_run(_CONFIG.value, _WORKDIR.value))
@@ -52,8 +67,11 @@ def main(argv):
         result = loop.train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, DataError, loop.NonFiniteLossError) as error:
         raise SystemExit(f"error: {error}") from None
-    logging.info("Finished at step %d: %s", result["step"],
-                 {k: round(v, 4) for k, v in result.items() if k in ("loss", "eval_loss")})
+    logging.info(
+        "Finished at step %d: %s",
+        result["step"],
+        {k: round(v, 4) for k, v in result.items() if k in ("loss", "eval_loss")},
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ def get_config():
         remat_policy="none",
     )
     config.data.seq_len = 1024
-    config.train.update(num_steps=19073, global_batch_size=512, num_microbatches=1,
-                        eval_every=1000)
+    config.train.update(num_steps=19073, global_batch_size=512, num_microbatches=1, eval_every=1000)
     config.optimizer.update(learning_rate=6e-4, warmup_steps=715, weight_decay=0.1)
     config.checkpoint.every_steps = 1000
     return config

@@ -34,8 +34,7 @@ def get_config():
     )
     config.data.seq_len = 2048
     config.mesh.update(data=1, fsdp=-1, tensor=1)
-    config.train.update(num_steps=50000, global_batch_size=256, eval_every=2000,
-                        z_loss_weight=1e-4)
+    config.train.update(num_steps=50000, global_batch_size=256, eval_every=2000, z_loss_weight=1e-4)
     config.optimizer.update(learning_rate=3e-4, warmup_steps=2000, weight_decay=0.1)
     config.checkpoint.every_steps = 1000
     return config

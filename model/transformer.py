@@ -21,9 +21,9 @@ Parameter paths (stable; the Hugging Face converters and later LoRA address them
     lm_head                             [embed, vocab]            untied embeddings only
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from model.attention import Attention, attention_mask
 from model.config import ModelConfig
@@ -33,73 +33,91 @@ ACTIVATION = ("batch", "length", "embed")
 
 
 class Block(nn.Module):
-  """One pre-norm transformer layer; shaped as a scan body: (carry, xs) -> (carry, ys)."""
+    """One pre-norm transformer layer; shaped as a scan body: (carry, xs) -> (carry, ys)."""
 
-  config: ModelConfig
-  deterministic: bool = True
+    config: ModelConfig
+    deterministic: bool = True
 
-  @nn.compact
-  def __call__(self, x, mask, positions):
-    cfg = self.config
-    dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-    h = make_norm(cfg, "attn_norm")(x)
-    x = x + dropout(Attention(cfg, name="attn")(h, mask, positions))
-    x = nn.with_logical_constraint(x, ACTIVATION)
-    h = make_norm(cfg, "mlp_norm")(x)
-    x = x + dropout(Mlp(cfg, name="mlp")(h))
-    x = nn.with_logical_constraint(x, ACTIVATION)
-    return x, None
+    @nn.compact
+    def __call__(self, x, mask, positions):
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        h = make_norm(cfg, "attn_norm")(x)
+        x = x + dropout(Attention(cfg, name="attn")(h, mask, positions))
+        x = nn.with_logical_constraint(x, ACTIVATION)
+        h = make_norm(cfg, "mlp_norm")(x)
+        x = x + dropout(Mlp(cfg, name="mlp")(h))
+        x = nn.with_logical_constraint(x, ACTIVATION)
+        return x, None
 
 
 def _remat(block_cls, policy_name: str):
-  if policy_name == "none":
-    return block_cls
-  policy = None if policy_name == "full" else getattr(jax.checkpoint_policies, policy_name)
-  return nn.remat(block_cls, policy=policy, prevent_cse=False)  # scan already prevents CSE.
+    if policy_name == "none":
+        return block_cls
+    policy = None if policy_name == "full" else getattr(jax.checkpoint_policies, policy_name)
+    return nn.remat(block_cls, policy=policy, prevent_cse=False)  # scan already prevents CSE.
 
 
 class Transformer(nn.Module):
-  """`apply(params, tokens, segment_ids=None, positions=None) -> float32 logits`."""
+    """`apply(params, tokens, segment_ids=None, positions=None) -> float32 logits`."""
 
-  config: ModelConfig
+    config: ModelConfig
 
-  @nn.compact
-  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-    cfg = self.config
-    batch, length = tokens.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        cfg = self.config
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
-    embedding = self.param("token_embed", param_init(cfg, ("vocab", "embed")),
-                           (cfg.vocab_size, cfg.embed_dim), cfg.parameter_dtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
-    if cfg.position_embedding == "learned":
-      pos_table = self.param("pos_embed", param_init(cfg, ("length", "embed")),
-                             (cfg.max_seq_len, cfg.embed_dim), cfg.parameter_dtype)
-      x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
-    elif cfg.position_embedding == "sinusoidal":
-      x = x + sinusoidal_embedding(positions, cfg.embed_dim).astype(cfg.compute_dtype)
-    x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-    x = nn.with_logical_constraint(x, ACTIVATION)
+        embedding = self.param(
+            "token_embed",
+            param_init(cfg, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.embed_dim),
+            cfg.parameter_dtype,
+        )
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        if cfg.position_embedding == "learned":
+            pos_table = self.param(
+                "pos_embed",
+                param_init(cfg, ("length", "embed")),
+                (cfg.max_seq_len, cfg.embed_dim),
+                cfg.parameter_dtype,
+            )
+            x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
+        elif cfg.position_embedding == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, cfg.embed_dim).astype(cfg.compute_dtype)
+        x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+        x = nn.with_logical_constraint(x, ACTIVATION)
 
-    layers = nn.scan(
-        _remat(Block, cfg.remat_policy),
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=cfg.num_layers,
-        unroll=cfg.scan_unroll,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, deterministic, name="layers")
-    x, _ = layers(x, attention_mask(segment_ids, length), positions)
+        layers = nn.scan(
+            _remat(Block, cfg.remat_policy),
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            unroll=cfg.scan_unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, deterministic, name="layers")
+        x, _ = layers(x, attention_mask(segment_ids, length), positions)
 
-    x = make_norm(cfg, "final_norm")(x)
-    if cfg.tie_embeddings:
-      output = embedding.T
-    else:
-      output = self.param("lm_head", param_init(cfg, ("embed", "vocab")),
-                          (cfg.embed_dim, cfg.vocab_size), cfg.parameter_dtype)
-    logits = jnp.einsum("bte,ev->btv", x, output.astype(cfg.compute_dtype),
-                        preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        x = make_norm(cfg, "final_norm")(x)
+        if cfg.tie_embeddings:
+            output = embedding.T
+        else:
+            output = self.param(
+                "lm_head",
+                param_init(cfg, ("embed", "vocab")),
+                (cfg.embed_dim, cfg.vocab_size),
+                cfg.parameter_dtype,
+            )
+        logits = jnp.einsum(
+            "bte,ev->btv", x, output.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
+        )
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

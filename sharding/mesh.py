@@ -16,26 +16,33 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-  """Sizes of (data, fsdp, tensor); one size may be -1, meaning "the rest"."""
-  sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
-  described = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"{described}: sizes must be positive, and at most one may be -1 "
-                      "(meaning: all remaining devices).")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if num_devices % known:
-      raise ConfigError(f"{described}: {num_devices} devices cannot be split into a mesh whose "
-                        f"other axes multiply to {known}.")
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise ConfigError(f"{described} needs {math.prod(sizes)} devices, but {num_devices} are "
-                      "available. Make the product match, or set one axis to -1.")
-  return tuple(sizes)
+    """Sizes of (data, fsdp, tensor); one size may be -1, meaning "the rest"."""
+    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+    described = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(
+            f"{described}: sizes must be positive, and at most one may be -1 "
+            "(meaning: all remaining devices)."
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError(
+                f"{described}: {num_devices} devices cannot be split into a mesh whose "
+                f"other axes multiply to {known}."
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(
+            f"{described} needs {math.prod(sizes)} devices, but {num_devices} are "
+            "available. Make the product match, or set one axis to -1."
+        )
+    return tuple(sizes)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  shape = resolve_mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+    devices = jax.devices() if devices is None else devices
+    shape = resolve_mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )

@@ -30,34 +30,36 @@ DEFAULT_RULES = (
 
 
 def logical_rules(overrides: str = "") -> tuple:
-  """The default table with `name=axis[+axis]` entries from `overrides` replacing theirs."""
-  rules = dict(DEFAULT_RULES)
-  for entry in filter(None, (e.strip() for e in overrides.split(","))):
-    name, sep, axes = entry.partition("=")
-    if not sep or name.strip() not in rules:
-      raise ConfigError(f"sharding_rules={overrides!r}: cannot read {entry!r}; expected "
-                        f"name=axis with name one of {sorted(rules)}.")
-    axes = tuple(a.strip() for a in axes.split("+") if a.strip())
-    rules[name.strip()] = axes[0] if len(axes) == 1 else (axes or None)
-  return tuple(rules.items())
+    """The default table with `name=axis[+axis]` entries from `overrides` replacing theirs."""
+    rules = dict(DEFAULT_RULES)
+    for entry in filter(None, (e.strip() for e in overrides.split(","))):
+        name, sep, axes = entry.partition("=")
+        if not sep or name.strip() not in rules:
+            raise ConfigError(
+                f"sharding_rules={overrides!r}: cannot read {entry!r}; expected "
+                f"name=axis with name one of {sorted(rules)}."
+            )
+        axes = tuple(a.strip() for a in axes.split("+") if a.strip())
+        rules[name.strip()] = axes[0] if len(axes) == 1 else (axes or None)
+    return tuple(rules.items())
 
 
 def logical_sharding(mesh, rules, logical_names) -> NamedSharding:
-  """NamedSharding for one array described by logical axis names."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_names, rules))
+    """NamedSharding for one array described by logical axis names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_names, rules))
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:
-  """Sharding of [batch, length] input arrays."""
-  return logical_sharding(mesh, rules, ("batch", "length"))
+    """Sharding of [batch, length] input arrays."""
+    return logical_sharding(mesh, rules, ("batch", "length"))
 
 
 def replicated(mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec())
 
 
 @contextlib.contextmanager
 def activate(mesh, rules):
-  """Makes `mesh` and `rules` current, so the model's logical constraints apply."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    yield
+    """Makes `mesh` and `rules` current, so the model's logical constraints apply."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

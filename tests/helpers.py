@@ -11,8 +11,15 @@ from training.optimizer import make_optimizer
 from training.state import init_train_state, state_shardings
 from training.step import make_train_step
 
-TINY_MODEL = dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=8, mlp_dim=64,
-                  max_seq_len=16, dtype="float32")
+TINY_MODEL = dict(
+    vocab_size=64,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=8,
+    mlp_dim=64,
+    max_seq_len=16,
+    dtype="float32",
+)
 
 
 def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
@@ -38,8 +45,13 @@ def random_batch(config, batch_size=None, seed=0, packed=True) -> dict:
         positions[:, split:] -= split
         weights[:, split - 1] = 0.0  # last token of doc 1 does not predict doc 2
         weights[-1, -3:] = 0.0  # and some padding-like zero weights
-    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=segment_ids,
-                positions=positions, weights=weights)
+    return dict(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        segment_ids=segment_ids,
+        positions=positions,
+        weights=weights,
+    )
 
 
 def setup(config, mesh_shape=(8, 1, 1)):
@@ -52,7 +64,15 @@ def setup(config, mesh_shape=(8, 1, 1)):
     seq_len = config.data.seq_len
     _, shardings = state_shardings(model, tx, mesh, rules, seq_len)
     state = init_train_state(model, tx, mesh, rules, config.seed, seq_len)
-    step = make_train_step(model, tx, schedule, mesh, rules, shardings,
-                           num_microbatches=config.train.num_microbatches,
-                           z_loss_weight=config.train.z_loss_weight, seed=config.seed)
+    step = make_train_step(
+        model,
+        tx,
+        schedule,
+        mesh,
+        rules,
+        shardings,
+        num_microbatches=config.train.num_microbatches,
+        z_loss_weight=config.train.z_loss_weight,
+        seed=config.seed,
+    )
     return model, state, step

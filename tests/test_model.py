@@ -11,8 +11,14 @@ from tests.helpers import TINY_MODEL
 
 VARIANTS = {
     "gpt2": dict(),
-    "llama_gqa": dict(position_embedding="rope", norm="rmsnorm", mlp_activation="swiglu",
-                      use_bias=False, tie_embeddings=False, num_kv_heads=2),
+    "llama_gqa": dict(
+        position_embedding="rope",
+        norm="rmsnorm",
+        mlp_activation="swiglu",
+        use_bias=False,
+        tie_embeddings=False,
+        num_kv_heads=2,
+    ),
     "sinusoidal_remat": dict(position_embedding="sinusoidal", remat_policy="full", scan_unroll=2),
 }
 
@@ -61,7 +67,8 @@ def test_every_parameter_has_one_logical_name_per_dimension(variant):
     config = ModelConfig(**TINY_MODEL, **VARIANTS[variant])
     boxed = jax.eval_shape(lambda: init(config)[1])["params"]
     leaves = jax.tree_util.tree_leaves_with_path(
-        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
     assert len(leaves) > 5
     for path, leaf in leaves:
         assert isinstance(leaf, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no names"

@@ -20,10 +20,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The default config, shrunk so a step takes milliseconds on 8 simulated devices.
 SMALL = {
-    "model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 4, "model.mlp_dim": 128,
-    "model.max_seq_len": 32, "model.scan_unroll": 1, "data.seq_len": 32,
-    "data.eval_max_batches": 2, "data.shuffle_buffer": 64, "train.global_batch_size": 8,
-    "train.log_every": 1, "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 2,
+    "model.num_layers": 2,
+    "model.embed_dim": 64,
+    "model.num_heads": 4,
+    "model.mlp_dim": 128,
+    "model.max_seq_len": 32,
+    "model.scan_unroll": 1,
+    "data.seq_len": 32,
+    "data.eval_max_batches": 2,
+    "data.shuffle_buffer": 64,
+    "train.global_batch_size": 8,
+    "train.log_every": 1,
+    "optimizer.learning_rate": 3e-3,
+    "optimizer.warmup_steps": 2,
 }
 
 
@@ -55,7 +64,11 @@ def start_train(workdir, **overrides) -> subprocess.Popen:
     flags = [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
     return subprocess.Popen(
         [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", *flags],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(condition, process, timeout=240):
@@ -68,8 +81,12 @@ def wait_for(condition, process, timeout=240):
 
 def test_default_config_trains_end_to_end(tmp_path):
     workdir = str(tmp_path)
-    result = loop.train(small_config(**{"train.num_steps": 30, "train.eval_every": 15,
-                                        "checkpoint.every_steps": 15}), workdir)
+    result = loop.train(
+        small_config(
+            **{"train.num_steps": 30, "train.eval_every": 15, "checkpoint.every_steps": 15}
+        ),
+        workdir,
+    )
     losses = [r["loss"] for _, r in sorted(read_metrics(workdir).items())]
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses  # it learns
@@ -114,8 +131,11 @@ def test_exact_resume_after_sigkill(tmp_path):
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path)
     process = start_train(workdir, **{"train.num_steps": 100000, "checkpoint.every_steps": 0})
-    wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-             and len(read_metrics(workdir)) >= 3, process)
+    wait_for(
+        lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+        and len(read_metrics(workdir)) >= 3,
+        process,
+    )
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output[-3000:]
@@ -125,12 +145,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
     workdir = str(tmp_path)
-    config = small_config(**{"train.num_steps": 6, "checkpoint.every_steps": 3,
-                             "train.eval_every": 0})
+    config = small_config(
+        **{"train.num_steps": 6, "checkpoint.every_steps": 3, "train.eval_every": 0}
+    )
     loop.train(config, workdir)
     assert checkpoint_steps(workdir) == [3, 6]
-    for path in glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "**", "*"),
-                          recursive=True):
+    for path in glob.glob(
+        os.path.join(workdir, "checkpoints", "6", "state", "**", "*"), recursive=True
+    ):
         if os.path.isfile(path):
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
@@ -144,9 +166,16 @@ def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
-    config = small_config(**{"train.num_steps": 20, "checkpoint.every_steps": 2,
-                             "train.eval_every": 0, "optimizer.learning_rate": 1e12,
-                             "optimizer.grad_clip_norm": 0.0, "optimizer.warmup_steps": 0})
+    config = small_config(
+        **{
+            "train.num_steps": 20,
+            "checkpoint.every_steps": 2,
+            "train.eval_every": 0,
+            "optimizer.learning_rate": 1e12,
+            "optimizer.grad_clip_norm": 0.0,
+            "optimizer.warmup_steps": 0,
+        }
+    )
     with pytest.raises(loop.NonFiniteLossError, match=r"Non-finite loss .* at step (\d+)") as error:
         loop.train(config, workdir)
     failed_at = int(re.search(r"at step (\d+)", str(error.value)).group(1))
@@ -163,22 +192,33 @@ def test_losses_match_across_meshes(tmp_path):
     for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
         workdir = str(tmp_path / "x".join(map(str, shape)))
         mesh = dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), shape))
-        loop.train(small_config(**{"train.num_steps": 4, "train.eval_every": 0,
-                                   "checkpoint.every_steps": 0}, **mesh), workdir)
+        loop.train(
+            small_config(
+                **{"train.num_steps": 4, "train.eval_every": 0, "checkpoint.every_steps": 0}, **mesh
+            ),
+            workdir,
+        )
         results[shape] = [r["loss"] for _, r in sorted(read_metrics(workdir).items())]
     for shape, losses in results.items():
         np.testing.assert_allclose(losses, results[(8, 1, 1)], rtol=1e-5, err_msg=str(shape))
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.model.num_layer=3", "num_layer"),
-    ("--config.train.global_batch_size=12", "train.global_batch_size=12"),
-    ("--config.mesh.data=3", "mesh.data=3"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.model.num_layer=3", "num_layer"),
+        ("--config.train.global_batch_size=12", "train.global_batch_size=12"),
+        ("--config.mesh.data=3", "mesh.data=3"),
+    ],
+)
 def test_bad_command_lines_fail_with_a_message(tmp_path, flag, message):
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path}", flag],
-        cwd=REPO, capture_output=True, text=True, timeout=240)
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr or "num_layer" in flag  # absl reports unknown flags

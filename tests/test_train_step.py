@@ -8,8 +8,14 @@ from model import ConfigError
 from tests.helpers import random_batch, setup, tiny_config
 from training.config import validate_config
 
-LLAMA = dict(position_embedding="rope", norm="rmsnorm", mlp_activation="swiglu", use_bias=False,
-             tie_embeddings=False, num_kv_heads=4)
+LLAMA = dict(
+    position_embedding="rope",
+    norm="rmsnorm",
+    mlp_activation="swiglu",
+    use_bias=False,
+    tie_embeddings=False,
+    num_kv_heads=4,
+)
 
 
 def run_two_steps(config, mesh_shape):
@@ -42,7 +48,9 @@ def test_fsdp_shards_params_and_optimizer_state():
     arrays = jax.tree.leaves((state.params, state.opt_state))
     total = sum(x.nbytes for x in arrays)
     device = jax.devices()[0]
-    on_device = sum(s.data.nbytes for x in arrays for s in x.addressable_shards if s.device == device)
+    on_device = sum(
+        s.data.nbytes for x in arrays for s in x.addressable_shards if s.device == device
+    )
     assert on_device <= total / 8 * 1.05, (on_device, total)
 
 
@@ -56,8 +64,11 @@ def test_gradient_accumulation_equals_one_large_batch():
     accumulated, m4 = step(state, batch)
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), atol=1e-5)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-                 jax.device_get(one_batch.params), jax.device_get(accumulated.params))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+        jax.device_get(one_batch.params),
+        jax.device_get(accumulated.params),
+    )
     assert float(m4["num_tokens"]) == batch["weights"].sum()
 
 
@@ -76,7 +87,11 @@ def test_metrics_are_reported():
     [
         ("mesh", dict(data=3), r"mesh.data=3 x mesh.fsdp=1 x mesh.tensor=1 needs 3 devices, but 8"),
         ("mesh", dict(data=-1, fsdp=3), r"cannot be split"),
-        ("train", dict(global_batch_size=12), r"train.global_batch_size=12 .* mesh.data\*mesh.fsdp=8"),
+        (
+            "train",
+            dict(global_batch_size=12),
+            r"train.global_batch_size=12 .* mesh.data\*mesh.fsdp=8",
+        ),
         ("train", dict(num_microbatches=3), r"not divisible by train.num_microbatches=3"),
         ("model", dict(num_heads=8, num_kv_heads=3), r"model.num_kv_heads=3"),
         ("model", dict(embed_dim=30), r"model.embed_dim=30"),

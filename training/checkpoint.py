@@ -38,8 +38,11 @@ def _gather_across_processes(value: dict) -> list[dict]:
 
 def _model_differences(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
-    return [f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
-            if saved.get(k) != current.get(k)]
+    return [
+        f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
 
 
 class Checkpointer:
@@ -47,8 +50,13 @@ class Checkpointer:
 
     # Fields that change only how a model is computed, not what its weights are:
     # a checkpoint may be resumed with different values of these.
-    RUNTIME_FIELDS = ("dtype", "attention_implementation", "remat_policy", "scan_unroll",
-                      "dropout_rate")
+    RUNTIME_FIELDS = (
+        "dtype",
+        "attention_implementation",
+        "remat_policy",
+        "scan_unroll",
+        "dropout_rate",
+    )
 
     def __init__(self, workdir: str, keep: int, async_save: bool):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -56,16 +64,21 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
         )
 
     def save(self, step: int, state, data_state: dict, model_config: dict, seed: int):
         meta = {"step": step, "model": model_config, "seed": seed}
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"processes": _gather_across_processes(data_state)}),
-            meta=ocp.args.JsonSave(meta),
-        ))
+        self.manager.save(
+            step,
+            force=True,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({"processes": _gather_across_processes(data_state)}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -79,15 +92,19 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 meta = self.manager.restore(
-                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )["meta"]
             except Exception as error:  # noqa: BLE001 -- any unreadable step is set aside
                 self._set_aside(step, error)
                 continue
             self._check_compatible(meta["model"], model_config)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore()))
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    ),
+                )
             except Exception as error:  # noqa: BLE001
                 self._set_aside(step, error)
                 continue
@@ -96,28 +113,39 @@ class Checkpointer:
                 raise ConfigError(
                     f"Checkpoint step {step} in {self.directory} was written by {len(processes)} "
                     f"processes, but {jax.process_count()} are running; the data position cannot "
-                    "be split differently. Resume with the same number of processes.")
+                    "be split differently. Resume with the same number of processes."
+                )
             return restored["state"], processes[jax.process_index()]
         return None
 
     def _check_compatible(self, saved: dict, current: dict):
         differences = _model_differences(
             {k: v for k, v in saved.items() if k not in self.RUNTIME_FIELDS},
-            {k: v for k, v in current.items() if k not in self.RUNTIME_FIELDS})
+            {k: v for k, v in current.items() if k not in self.RUNTIME_FIELDS},
+        )
         if differences:
             raise ConfigError(
                 f"The workdir's checkpoints ({self.directory}) belong to a different model: "
                 + "; ".join(differences)
-                + ". Use a new --workdir, or restore the matching config values.")
+                + ". Use a new --workdir, or restore the matching config values."
+            )
 
     def _set_aside(self, step: int, error: Exception):
-        logging.warning("Checkpoint step %d in %s cannot be read (%s: %s); moving it to %s and "
-                        "trying the previous one.", step, self.directory, type(error).__name__,
-                        str(error).splitlines()[0][:200], self.quarantine)
+        logging.warning(
+            "Checkpoint step %d in %s cannot be read (%s: %s); moving it to %s and "
+            "trying the previous one.",
+            step,
+            self.directory,
+            type(error).__name__,
+            str(error).splitlines()[0][:200],
+            self.quarantine,
+        )
         if jax.process_index() == 0:
             os.makedirs(self.quarantine, exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)),
-                        os.path.join(self.quarantine, f"{step}-{int(time.time())}"))
+            shutil.move(
+                os.path.join(self.directory, str(step)),
+                os.path.join(self.quarantine, f"{step}-{int(time.time())}"),
+            )
         multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
         self.manager.reload()
 

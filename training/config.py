@@ -50,9 +50,10 @@ def describe(config, model_config: ModelConfig, num_params: int, num_devices: in
     """Derived values, printed at start-up so nobody computes them by hand."""
     tokens = tokens_per_step(config)
     mesh = resolve_mesh_shape(config.mesh, num_devices)
+    microbatch = config.train.global_batch_size // config.train.num_microbatches
     return (
         f"params={num_params / 1e6:.2f}M  mesh(data,fsdp,tensor)={mesh}  "
-        f"tokens/step={tokens:,}  microbatch={config.train.global_batch_size // config.train.num_microbatches}"
+        f"tokens/step={tokens:,}  microbatch={microbatch}"
         f"  steps={config.train.num_steps:,}  total tokens={tokens * config.train.num_steps:,}  "
         f"warmup={config.optimizer.warmup_steps}  layers={model_config.num_layers} "
         f"width={model_config.embed_dim} heads={model_config.num_heads}/{model_config.kv_heads}"

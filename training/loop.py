@@ -49,8 +49,9 @@ class _Preemption:
 
 
 def _with_shardings(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
 
 
 class Trainer:
@@ -65,37 +66,59 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
         self.seq_len = config.data.seq_len
         abstract, self.shardings = state_shardings(
-            self.model, self.tx, self.mesh, self.rules, self.seq_len)
+            self.model, self.tx, self.mesh, self.rules, self.seq_len
+        )
         self.abstract_state = _with_shardings(abstract, self.shardings)
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         self.train_step = make_train_step(
-            self.model, self.tx, self.schedule, self.mesh, self.rules, self.shardings,
+            self.model,
+            self.tx,
+            self.schedule,
+            self.mesh,
+            self.rules,
+            self.shardings,
             num_microbatches=config.train.num_microbatches,
             z_loss_weight=config.train.z_loss_weight,
-            skip_nonfinite_updates=config.train.skip_nonfinite_updates, seed=config.seed)
+            skip_nonfinite_updates=config.train.skip_nonfinite_updates,
+            seed=config.seed,
+        )
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-        self.flops_per_token = train_flops_per_token(self.model_config, abstract.params,
-                                                     self.seq_len)
+        self.flops_per_token = train_flops_per_token(
+            self.model_config, abstract.params, self.seq_len
+        )
 
     def abstract_batch(self):
         shape = (self.config.train.global_batch_size, self.seq_len)
-        dtypes = dict(inputs=np.int32, targets=np.int32, segment_ids=np.int32,
-                      positions=np.int32, weights=np.float32)
-        return {k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding)
-                for k, d in dtypes.items()}
+        dtypes = dict(
+            inputs=np.int32,
+            targets=np.int32,
+            segment_ids=np.int32,
+            positions=np.int32,
+            weights=np.float32,
+        )
+        return {
+            k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding)
+            for k, d in dtypes.items()
+        }
 
     def to_global(self, local_batch: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-                for k, v in local_batch.items()}
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()
+        }
 
     def dry_run(self) -> dict:
         """Compiles the step without allocating the model; reports per-device memory."""
         start = time.perf_counter()
         with activate(self.mesh, self.rules):
-            compiled = self.train_step.jitted.lower(self.abstract_state,
-                                                    self.abstract_batch()).compile()
-        report = {"num_params": self.num_params, "compile_seconds": time.perf_counter() - start,
-                  "flops_per_token": self.flops_per_token}
+            compiled = self.train_step.jitted.lower(
+                self.abstract_state, self.abstract_batch()
+            ).compile()
+        report = {
+            "num_params": self.num_params,
+            "compile_seconds": time.perf_counter() - start,
+            "flops_per_token": self.flops_per_token,
+        }
         memory = compiled.memory_analysis()
         if memory is not None:
             report.update(
@@ -103,8 +126,13 @@ class Trainer:
                 output_bytes=memory.output_size_in_bytes,
                 temp_bytes=memory.temp_size_in_bytes,
                 alias_bytes=memory.alias_size_in_bytes,
-                per_device_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                  - memory.alias_size_in_bytes + memory.temp_size_in_bytes))
+                per_device_bytes=(
+                    memory.argument_size_in_bytes
+                    + memory.output_size_in_bytes
+                    - memory.alias_size_in_bytes
+                    + memory.temp_size_in_bytes
+                ),
+            )
         return report
 
 
@@ -114,8 +142,11 @@ def evaluate(trainer: Trainer, eval_step, params, eval_stream) -> dict:
         out = jax.device_get(eval_step(params, trainer.to_global(batch)))
         totals += (out["ce_sum"], out["weight_sum"])
     loss = totals[0] / max(totals[1], 1.0)
-    return {"eval_loss": float(loss), "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_tokens": float(totals[1])}
+    return {
+        "eval_loss": float(loss),
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_tokens": float(totals[1]),
+    }
 
 
 def _write_config(config, workdir):
@@ -128,12 +159,16 @@ def train(config, workdir: str) -> dict:
     """Trains (or resumes) `config` in `workdir`; returns the last logged metrics."""
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config, workdir)
-    logging.info("%s", describe(config, trainer.model_config, trainer.num_params,
-                                jax.device_count()))
+    logging.info(
+        "%s", describe(config, trainer.model_config, trainer.num_params, jax.device_count())
+    )
     train_cfg = config.train
-    data_kwargs = dict(global_batch_size=train_cfg.global_batch_size,
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       model_vocab_size=trainer.model_config.vocab_size)
+    data_kwargs = dict(
+        global_batch_size=train_cfg.global_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        model_vocab_size=trainer.model_config.vocab_size,
+    )
     train_iter = make_train_iterator(config.data, seed=config.seed, **data_kwargs)
     eval_stream = make_eval_batches(config.data, **data_kwargs)
 
@@ -141,8 +176,9 @@ def train(config, workdir: str) -> dict:
     model_dict = config.model.to_dict()
     restored = checkpointer.restore_latest(trainer.abstract_state, model_dict)
     if restored is None:
-        state = init_train_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
-                                 config.seed, trainer.seq_len)
+        state = init_train_state(
+            trainer.model, trainer.tx, trainer.mesh, trainer.rules, config.seed, trainer.seq_len
+        )
         step = 0
     else:
         state, data_state = restored
@@ -172,7 +208,8 @@ def train(config, workdir: str) -> dict:
                     f"Non-finite loss ({float(metrics['loss'])}) at step {step_done}; stopping. "
                     f"The last good checkpoint (step {checkpointer.latest_step()}) is intact in "
                     f"{checkpointer.directory}. Lower optimizer.learning_rate, or set "
-                    "train.skip_nonfinite_updates=True to skip such updates.")
+                    "train.skip_nonfinite_updates=True to skip such updates."
+                )
             logging.warning("Non-finite loss at step %d: update skipped.", step_done)
         now = time.perf_counter()
         if clock["time"] is None:  # the first step includes compilation: time from here on
@@ -184,11 +221,14 @@ def train(config, workdir: str) -> dict:
         tokens_per_second = tokens_per_step(config) / step_time
         loss = float(metrics["loss"])
         last = {
-            "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
             "cross_entropy": float(metrics["cross_entropy"]),
             "learning_rate": float(metrics["learning_rate"]),
-            "grad_norm": float(metrics["grad_norm"]), "param_norm": float(metrics["param_norm"]),
-            "num_tokens": float(metrics["num_tokens"]), "step_time": step_time,
+            "grad_norm": float(metrics["grad_norm"]),
+            "param_norm": float(metrics["param_norm"]),
+            "num_tokens": float(metrics["num_tokens"]),
+            "step_time": step_time,
             "tokens_per_second": tokens_per_second,
             "mfu": trainer.flops_per_token * tokens_per_second / (peak_flops * jax.device_count()),
             "eta_seconds": step_time * (num_steps - step_done),
@@ -213,8 +253,9 @@ def train(config, workdir: str) -> dict:
                 jax.profiler.stop_trace()
             every_eval, every_ckpt = train_cfg.eval_every, config.checkpoint.every_steps
             eval_due = step == num_steps or (every_eval and step % every_eval == 0)
-            save_due = (step == num_steps or preemption.requested
-                        or (every_ckpt and step % every_ckpt == 0))
+            save_due = (
+                step == num_steps or preemption.requested or (every_ckpt and step % every_ckpt == 0)
+            )
             if eval_due or save_due:
                 finish(*pending)  # never save or evaluate past a non-finite loss
                 pending = None

@@ -44,14 +44,28 @@ class MetricsWriter:
         if not self.enabled:
             return
         if "eval_loss" in metrics:
-            logging.info("step %d/%d  eval_loss %.4f  eval_perplexity %.2f", step, num_steps,
-                         metrics["eval_loss"], metrics["eval_perplexity"])
+            logging.info(
+                "step %d/%d  eval_loss %.4f  eval_perplexity %.2f",
+                step,
+                num_steps,
+                metrics["eval_loss"],
+                metrics["eval_perplexity"],
+            )
             return
         logging.info(
             "step %d/%d  loss %.4f  ppl %.2f  lr %.2e  grad_norm %.3f  %.0f tok/s  MFU %.1f%%  "
-            "%.0f ms/step  ETA %s", step, num_steps, metrics["loss"], metrics["perplexity"],
-            metrics["learning_rate"], metrics["grad_norm"], metrics["tokens_per_second"],
-            100 * metrics["mfu"], 1000 * metrics["step_time"], _format_duration(metrics["eta_seconds"]))
+            "%.0f ms/step  ETA %s",
+            step,
+            num_steps,
+            metrics["loss"],
+            metrics["perplexity"],
+            metrics["learning_rate"],
+            metrics["grad_norm"],
+            metrics["tokens_per_second"],
+            100 * metrics["mfu"],
+            1000 * metrics["step_time"],
+            _format_duration(metrics["eta_seconds"]),
+        )
 
     def close(self):
         if self.enabled:

@@ -17,101 +17,133 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
 def _split_microbatches(batch, num_microbatches: int):
-  """[B, ...] -> [M, B/M, ...], microbatch m taking rows m, m+M, m+2M, ...
+    """[B, ...] -> [M, B/M, ...], microbatch m taking rows m, m+M, m+2M, ...
 
-  Interleaving (rather than contiguous blocks) keeps every microbatch spread
-  evenly over the data-parallel shards, so the split moves no data.
-  """
-  def split(x):
-    rows = x.shape[0] // num_microbatches
-    return x.reshape(rows, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
+    Interleaving (rather than contiguous blocks) keeps every microbatch spread
+    evenly over the data-parallel shards, so the split moves no data.
+    """
 
-  return jax.tree.map(split, batch)
+    def split(x):
+        rows = x.shape[0] // num_microbatches
+        return x.reshape(rows, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
 
 
 def _forward_sums(model, params, batch, rng, z_loss_weight):
-  logits = model.apply(
-      {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-      deterministic=rng is None or model.config.dropout_rate == 0.0,
-      rngs={} if rng is None else {"dropout": rng})
-  return cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss_weight)
+    logits = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["segment_ids"],
+        batch["positions"],
+        deterministic=rng is None or model.config.dropout_rate == 0.0,
+        rngs={} if rng is None else {"dropout": rng},
+    )
+    return cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss_weight)
 
 
-def make_train_step(model, tx, schedule, mesh, rules, state_shardings, *,
-                    num_microbatches: int = 1, z_loss_weight: float = 0.0,
-                    skip_nonfinite_updates: bool = False, seed: int = 0):
-  """Returns `train_step(state, batch) -> (new_state, metrics)`, jitted over `mesh`."""
+def make_train_step(
+    model,
+    tx,
+    schedule,
+    mesh,
+    rules,
+    state_shardings,
+    *,
+    num_microbatches: int = 1,
+    z_loss_weight: float = 0.0,
+    skip_nonfinite_updates: bool = False,
+    seed: int = 0,
+):
+    """Returns `train_step(state, batch) -> (new_state, metrics)`, jitted over `mesh`."""
 
-  def loss_and_grads(params, batch, rng):
-    def loss_fn(p):
-      total, ce_sum, weight_sum = _forward_sums(model, p, batch, rng, z_loss_weight)
-      return total, (ce_sum, weight_sum)
-    (total, (ce_sum, weight_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, total, ce_sum, weight_sum
+    def loss_and_grads(params, batch, rng):
+        def loss_fn(p):
+            total, ce_sum, weight_sum = _forward_sums(model, p, batch, rng, z_loss_weight)
+            return total, (ce_sum, weight_sum)
 
-  def step(state, batch):
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    if num_microbatches == 1:
-      grads, total, ce_sum, weight_sum = loss_and_grads(state.params, batch, rng)
-    else:
-      def accumulate(carry, inputs):
-        index, microbatch = inputs
-        microbatch = jax.tree.map(
-            lambda x: nn.with_logical_constraint(x, ("batch", "length")), microbatch)
-        out = loss_and_grads(state.params, microbatch, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, out), None
+        (total, (ce_sum, weight_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, total, ce_sum, weight_sum
 
-      zeros = (jax.tree.map(jnp.zeros_like, state.params),) + (jnp.zeros((), jnp.float32),) * 3
-      microbatches = _split_microbatches(batch, num_microbatches)
-      (grads, total, ce_sum, weight_sum), _ = jax.lax.scan(
-          accumulate, zeros, (jnp.arange(num_microbatches), microbatches))
+    def step(state, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        if num_microbatches == 1:
+            grads, total, ce_sum, weight_sum = loss_and_grads(state.params, batch, rng)
+        else:
 
-    denominator = jnp.maximum(weight_sum, 1.0)
-    grads = jax.tree.map(lambda g: g / denominator, grads)
-    loss, grad_norm = total / denominator, optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if skip_nonfinite_updates:
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                               state.replace(step=state.step + 1))
-    metrics = {
-        "loss": loss,
-        "cross_entropy": ce_sum / denominator,
-        "learning_rate": schedule(state.step),
-        "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(new_state.params),
-        "num_tokens": weight_sum,
-        "finite": finite,
-    }
-    return new_state, metrics
+            def accumulate(carry, inputs):
+                index, microbatch = inputs
+                microbatch = jax.tree.map(
+                    lambda x: nn.with_logical_constraint(x, ("batch", "length")), microbatch
+                )
+                out = loss_and_grads(state.params, microbatch, jax.random.fold_in(rng, index))
+                return jax.tree.map(jnp.add, carry, out), None
 
-  batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_KEYS}
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+            zeros = (jax.tree.map(jnp.zeros_like, state.params),) + (
+                jnp.zeros((), jnp.float32),
+            ) * 3
+            microbatches = _split_microbatches(batch, num_microbatches)
+            (grads, total, ce_sum, weight_sum), _ = jax.lax.scan(
+                accumulate, zeros, (jnp.arange(num_microbatches), microbatches)
+            )
 
-  def train_step(state, batch):
-    with activate(mesh, rules):
-      return jitted(state, batch)
+        denominator = jnp.maximum(weight_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        loss, grad_norm = total / denominator, optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite_updates:
+            new_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                new_state,
+                state.replace(step=state.step + 1),
+            )
+        metrics = {
+            "loss": loss,
+            "cross_entropy": ce_sum / denominator,
+            "learning_rate": schedule(state.step),
+            "grad_norm": grad_norm,
+            "param_norm": optax.tree.norm(new_state.params),
+            "num_tokens": weight_sum,
+            "finite": finite,
+        }
+        return new_state, metrics
 
-  train_step.jitted = jitted  # for .lower() / memory analysis in benchmarks and --dry_run
-  return train_step
+    batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_KEYS}
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    def train_step(state, batch):
+        with activate(mesh, rules):
+            return jitted(state, batch)
+
+    train_step.jitted = jitted  # for .lower() / memory analysis in benchmarks and --dry_run
+    return train_step
 
 
 def make_eval_step(model, mesh, rules, state_shardings):
-  """Returns `eval_step(params, batch) -> {"ce_sum", "weight_sum"}` (sums, to be accumulated)."""
+    """Returns `eval_step(params, batch) -> {"ce_sum", "weight_sum"}` (sums, to be accumulated)."""
 
-  def step(params, batch):
-    _, ce_sum, weight_sum = _forward_sums(model, params, batch, None, 0.0)
-    return {"ce_sum": ce_sum, "weight_sum": weight_sum}
+    def step(params, batch):
+        _, ce_sum, weight_sum = _forward_sums(model, params, batch, None, 0.0)
+        return {"ce_sum": ce_sum, "weight_sum": weight_sum}
 
-  batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_KEYS}
-  jitted = jax.jit(step, in_shardings=(state_shardings.params, batch_shardings),
-                   out_shardings=replicated(mesh))
+    batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_KEYS}
+    jitted = jax.jit(
+        step, in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated(mesh)
+    )
 
-  def eval_step(params, batch):
-    with activate(mesh, rules):
-      return jitted(params, batch)
+    def eval_step(params, batch):
+        with activate(mesh, rules):
+            return jitted(params, batch)
 
-  return eval_step
+    return eval_step
