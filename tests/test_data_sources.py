@@ -146,3 +146,14 @@ def test_batch_not_divisible_by_processes_and_bad_fields(tmp_path):
         make_train_iterator(_files_config(tmp_path, source="web"), global_batch_size=2, seed=0)
     with pytest.raises(DataError, match="data.file_format: 'csv'"):
         make_train_iterator(_files_config(tmp_path, file_format="csv"), global_batch_size=2, seed=0)
+
+
+def test_tokenizer_command_trains_from_a_tfds_split(tfds_dir, tmp_path):
+    from data.tokenizer import main
+
+    output = str(tmp_path / "tfds_char.model")
+    main(["--input=tfds:local_text", f"--tfds_data_dir={tfds_dir[0]}", "--tfds_text_key=body",
+          "--model_type=char", "--vocab_size=40", f"--output={output}"])
+    tok = Tokenizer(output)
+    assert 3 not in tok.encode("train document 12")  # every character was seen
+    assert 3 in tok.encode("train document Z")  # 'Z' was not: char models have no byte fallback
