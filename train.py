@@ -7,6 +7,7 @@
 Re-running with the same --workdir resumes from its latest checkpoint.
 """
 
+import json
 import logging as logging_lib
 import os
 
@@ -19,6 +20,7 @@ from ml_collections import config_flags
 from data.config import DataError
 from model.config import ConfigError
 from training import loop
+from training.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -62,7 +64,14 @@ def main(argv):
     )
     try:
         if _DRY_RUN.value:
-            print(loop.describe_dry_run(_CONFIG.value, _WORKDIR.value))
+            report = Trainer(_CONFIG.value).dry_run()
+            memory = report.get("per_device_bytes", 0) / 2**30
+            print(
+                f"{report['num_params']:,} parameters; train step compiled in "
+                f"{report['compile_seconds']:.1f} s; needs at most {memory:.2f} GiB per device "
+                f"({jax.device_count()} x {jax.devices()[0].device_kind})."
+            )
+            print(json.dumps(report))
             return
         result = loop.train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, DataError, loop.NonFiniteLossError) as error:

@@ -22,8 +22,8 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from training.checkpoint import Checkpointer  # noqa: E402
-from training.loop import Trainer  # noqa: E402
 from training.state import init_train_state  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Saves per mode; the median is reported.")
@@ -46,15 +46,18 @@ def time_saves(trainer, state, async_save: bool) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    trainer = Trainer(_CONFIG.value, workdir="")
-    state = init_train_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
-                             seed=0, seq_len=trainer.seq_len)
+    trainer = Trainer(_CONFIG.value)
+    state = init_train_state(
+        trainer.model, trainer.tx, trainer.mesh, trainer.rules, seed=0, seq_len=trainer.seq_len
+    )
     size = sum(x.nbytes for x in jax.tree.leaves(state))
     result = {"params": trainer.num_params, "state_bytes": size}
     for mode in ("async", "sync"):
         result[mode] = time_saves(trainer, state, async_save=mode == "async")
-        print(f"{mode:5s}: blocks the loop {result[mode]['blocking_s']:.3f} s, complete on disk "
-              f"after {result[mode]['total_s']:.3f} s ({size / 1e6:.0f} MB of state)")
+        print(
+            f"{mode:5s}: blocks the loop {result[mode]['blocking_s']:.3f} s, complete on disk "
+            f"after {result[mode]['total_s']:.3f} s ({size / 1e6:.0f} MB of state)"
+        )
     print(json.dumps(result))
 
 

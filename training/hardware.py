@@ -22,7 +22,8 @@ PEAK_BF16_FLOPS = (
     ("tpu v5e", 197e12),
     ("tpu v5p", 459e12),
     ("tpu v5", 459e12),
-    ("tpu v6", 918e12),  # v6e (Trillium)
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
 )
 
 
@@ -43,7 +44,7 @@ def measured_matmul_flops(dtype: str, size: int = 2048, repeats: int = 5) -> flo
 def peak_flops_per_device(dtype: str = "bfloat16") -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from)."""
     kind = jax.devices()[0].device_kind.lower()
-    for name, flops in PEAK_BF16_FLOPS:
+    for name, flops in sorted(PEAK_BF16_FLOPS, key=lambda row: -len(row[0])):  # "v5 lite" > "v5"
         if name in kind:
             return flops, f"{kind}: published dense bf16 peak"
     return measured_matmul_flops(dtype), f"{kind}: measured 2048^3 {dtype} matmul"

@@ -6,7 +6,6 @@ runs. The host only waits for the current step when it must: before saving a
 checkpoint (so a non-finite loss never reaches the disk) and before evaluating.
 """
 
-import json
 import math
 import os
 import signal
@@ -17,16 +16,13 @@ import numpy as np
 from absl import logging
 
 from data.pipeline import make_eval_batches, make_train_iterator
-from model import Transformer
-from model.flops import train_flops_per_token
-from sharding import activate, batch_sharding, logical_rules, make_mesh
 from training.checkpoint import Checkpointer
-from training.config import describe, tokens_per_step, validate_config
+from training.config import describe, tokens_per_step
 from training.hardware import peak_flops_per_device
 from training.metrics import MetricsWriter
-from training.optimizer import make_optimizer
-from training.state import init_train_state, state_shardings
-from training.step import make_eval_step, make_train_step
+from training.state import init_train_state
+from training.step import make_eval_step
+from training.trainer import Trainer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,94 +42,6 @@ class _Preemption:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-
-
-class Trainer:
-    """Everything a run needs, built from a validated config."""
-
-    def __init__(self, config, workdir: str):
-        self.config, self.workdir = config, workdir
-        self.model_config = validate_config(config, jax.device_count(), jax.process_count())
-        self.mesh = make_mesh(config.mesh)
-        self.rules = logical_rules(config.sharding_rules)
-        self.model = Transformer(self.model_config)
-        self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
-        self.seq_len = config.data.seq_len
-        abstract, self.shardings = state_shardings(
-            self.model, self.tx, self.mesh, self.rules, self.seq_len
-        )
-        self.abstract_state = _with_shardings(abstract, self.shardings)
-        self.batch_sharding = batch_sharding(self.mesh, self.rules)
-        self.train_step = make_train_step(
-            self.model,
-            self.tx,
-            self.schedule,
-            self.mesh,
-            self.rules,
-            self.shardings,
-            num_microbatches=config.train.num_microbatches,
-            z_loss_weight=config.train.z_loss_weight,
-            skip_nonfinite_updates=config.train.skip_nonfinite_updates,
-            seed=config.seed,
-        )
-        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-        self.flops_per_token = train_flops_per_token(
-            self.model_config, abstract.params, self.seq_len
-        )
-
-    def abstract_batch(self):
-        shape = (self.config.train.global_batch_size, self.seq_len)
-        dtypes = dict(
-            inputs=np.int32,
-            targets=np.int32,
-            segment_ids=np.int32,
-            positions=np.int32,
-            weights=np.float32,
-        )
-        return {
-            k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding)
-            for k, d in dtypes.items()
-        }
-
-    def to_global(self, local_batch: dict) -> dict:
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in local_batch.items()
-        }
-
-    def dry_run(self) -> dict:
-        """Compiles the step without allocating the model; reports per-device memory."""
-        start = time.perf_counter()
-        with activate(self.mesh, self.rules):
-            compiled = self.train_step.jitted.lower(
-                self.abstract_state, self.abstract_batch()
-            ).compile()
-        report = {
-            "num_params": self.num_params,
-            "compile_seconds": time.perf_counter() - start,
-            "flops_per_token": self.flops_per_token,
-        }
-        memory = compiled.memory_analysis()
-        if memory is not None:
-            report.update(
-                argument_bytes=memory.argument_size_in_bytes,
-                output_bytes=memory.output_size_in_bytes,
-                temp_bytes=memory.temp_size_in_bytes,
-                alias_bytes=memory.alias_size_in_bytes,
-                per_device_bytes=(
-                    memory.argument_size_in_bytes
-                    + memory.output_size_in_bytes
-                    - memory.alias_size_in_bytes
-                    + memory.temp_size_in_bytes
-                ),
-            )
-        return report
 
 
 def evaluate(trainer: Trainer, eval_step, params, eval_stream) -> dict:
@@ -158,7 +66,7 @@ def _write_config(config, workdir):
 def train(config, workdir: str) -> dict:
     """Trains (or resumes) `config` in `workdir`; returns the last logged metrics."""
     os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config)
     logging.info(
         "%s", describe(config, trainer.model_config, trainer.num_params, jax.device_count())
     )
@@ -278,8 +186,3 @@ def train(config, workdir: str) -> dict:
         writer.close()
     last["step"] = step
     return last
-
-
-def describe_dry_run(config, workdir: str) -> str:
-    report = Trainer(config, workdir).dry_run()
-    return json.dumps(report)

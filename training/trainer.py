@@ -1,0 +1,120 @@
+"""Everything a run needs, built once from a validated config.
+
+train.py, `--dry_run` and the benchmarks all start here, so they measure and
+run exactly the same mesh, shardings and jitted step.
+"""
+
+import time
+
+import jax
+import numpy as np
+
+from model import Transformer
+from model.flops import train_flops_per_token
+from sharding import activate, batch_sharding, logical_rules, make_mesh
+from training.config import validate_config
+from training.optimizer import make_optimizer
+from training.state import state_shardings
+from training.step import BATCH_KEYS, make_train_step
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def memory_report(compiled) -> dict:
+    """Per-device bytes of a compiled step.
+
+    `per_device_bytes` is the upper bound arguments + outputs - donated buffers +
+    temporaries (what must fit); XLA's own peak estimate is added where the backend
+    gives one (on CPU it can be lower than the temporaries alone, so it is not used
+    for the fit).
+    """
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return {}
+    estimate = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    report = {
+        "per_device_bytes": int(estimate),
+        "argument_bytes": int(memory.argument_size_in_bytes),
+        "temp_bytes": int(memory.temp_size_in_bytes),
+    }
+    if getattr(memory, "peak_memory_in_bytes", 0):
+        report["xla_peak_bytes"] = int(memory.peak_memory_in_bytes)
+    return report
+
+
+class Trainer:
+    """Model, mesh, rules, optimizer, abstract sharded state and the jitted train step."""
+
+    def __init__(self, config):
+        self.config = config
+        self.model_config = validate_config(config, jax.device_count(), jax.process_count())
+        self.mesh = make_mesh(config.mesh)
+        self.rules = logical_rules(config.sharding_rules)
+        self.model = Transformer(self.model_config)
+        self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
+        self.seq_len = config.data.seq_len
+        abstract, self.shardings = state_shardings(
+            self.model, self.tx, self.mesh, self.rules, self.seq_len
+        )
+        self.abstract_state = _with_shardings(abstract, self.shardings)
+        self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        self.train_step = make_train_step(
+            self.model,
+            self.tx,
+            self.schedule,
+            self.mesh,
+            self.rules,
+            self.shardings,
+            num_microbatches=config.train.num_microbatches,
+            z_loss_weight=config.train.z_loss_weight,
+            skip_nonfinite_updates=config.train.skip_nonfinite_updates,
+            seed=config.seed,
+        )
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+        self.flops_per_token = train_flops_per_token(
+            self.model_config, abstract.params, self.seq_len
+        )
+
+    def abstract_batch(self) -> dict:
+        shape = (self.config.train.global_batch_size, self.seq_len)
+        return {
+            key: jax.ShapeDtypeStruct(
+                shape, np.float32 if key == "weights" else np.int32, sharding=self.batch_sharding
+            )
+            for key in BATCH_KEYS
+        }
+
+    def to_global(self, local_batch: dict) -> dict:
+        """This process's numpy rows -> global arrays sharded over the mesh."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()
+        }
+
+    def compile(self):
+        """(compiled train step, seconds): compiled from shapes alone, allocating nothing."""
+        start = time.perf_counter()
+        with activate(self.mesh, self.rules):
+            lowered = self.train_step.jitted.lower(self.abstract_state, self.abstract_batch())
+            compiled = lowered.compile()
+        return compiled, time.perf_counter() - start
+
+    def dry_run(self) -> dict:
+        """Parameter count, FLOPs/token, compile time and per-device memory of the step."""
+        compiled, seconds = self.compile()
+        report = {
+            "num_params": self.num_params,
+            "flops_per_token": self.flops_per_token,
+            "compile_seconds": seconds,
+        }
+        report.update(memory_report(compiled))
+        return report
