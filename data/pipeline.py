@@ -79,7 +79,7 @@ def _windows(cfg, tokenizer, report, split, *, process_index, process_count, shu
         texts = tf.boolean_mask(texts, tf.strings.length(tf.strings.strip(texts)) > 0)  # skip empty documents
         return tokenizer.tf_tokenize(texts)
 
-    tokens = docs.batch(DOCS_PER_OP).map(tokenize, num_parallel_calls=os.cpu_count())
+    tokens = docs.batch(DOCS_PER_OP).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
     return packing.pack_windows(tokens.prefetch(2), cfg.seq_len + 1)
 
 
