@@ -55,10 +55,6 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
-    @property
-    def pad_id(self) -> int:
-        return max(self._sp.pad_id(), 0)
-
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
