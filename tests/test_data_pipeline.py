@@ -211,3 +211,16 @@ def test_eval_is_finite_repeatable_padded_and_capped(tmp_path):
     for whole, h0, h1 in zip(first, *halves):
         for k in whole:
             np.testing.assert_array_equal(whole[k], np.concatenate([h0[k], h1[k]]))
+
+
+def test_batches_feed_a_sharded_jax_array(tmp_path):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    cfg = _config(tmp_path, _docs(20))
+    batch = next(make_train_iterator(cfg, global_batch_size=8, seed=0))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    arrays = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    assert arrays["inputs"].shape == (8, SEQ_LEN) and arrays["inputs"].dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(arrays["weights"]), batch["weights"])
