@@ -45,4 +45,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.eval_max_batches < 0:
         raise DataError(f"data.eval_max_batches: must be >= 0, got {cfg.eval_max_batches}.")
     if cfg.source == "tfds" and not cfg.tfds_name:
-        raise DataError("data.tfds_name: empty with data.source='tfds'. Name a TFDS dataset, e.g. 'lm1b'.")
+        raise DataError(
+            "data.tfds_name: empty with data.source='tfds'. Name a TFDS dataset, e.g. 'lm1b'."
+        )

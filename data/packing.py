@@ -38,12 +38,17 @@ def pack_windows(token_batches: tf.data.Dataset, window: int) -> tf.data.Dataset
         tokens = tf.concat([carry_tokens, tokens], 0)
         doc_ids = tf.concat([carry_ids, doc_ids], 0)
         full = (tf.size(tokens) // window) * window
-        windows = (tf.reshape(tokens[:full], [-1, window]), tf.reshape(doc_ids[:full], [-1, window]))
+        windows = (
+            tf.reshape(tokens[:full], [-1, window]),
+            tf.reshape(doc_ids[:full], [-1, window]),
+        )
         return (tokens[full:], doc_ids[full:], next_doc + num_docs), windows
 
     empty = tf.zeros([0], tf.int32)
     windows = chunks.scan((empty, empty, tf.constant(0, tf.int32)), cut).unbatch()
-    return windows.filter(lambda tokens, doc_ids: doc_ids[0] != PAD_DOC)  # an all-padding flush window
+    return windows.filter(
+        lambda tokens, doc_ids: doc_ids[0] != PAD_DOC
+    )  # an all-padding flush window
 
 
 def pad_rows(tokens: np.ndarray, doc_ids: np.ndarray, rows: int):

@@ -71,12 +71,19 @@ def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size) ->
 
 def _windows(cfg, tokenizer, report, split, *, process_index, process_count, shuffle_seed=None):
     """(tokens [seq_len+1], doc_ids [seq_len+1]) windows of this process's share of `split`."""
-    docs = sources.documents(cfg, split, process_index=process_index, process_count=process_count,
-                             shuffle_seed=shuffle_seed)
+    docs = sources.documents(
+        cfg,
+        split,
+        process_index=process_index,
+        process_count=process_count,
+        shuffle_seed=shuffle_seed,
+    )
 
     def tokenize(origins, texts):
         texts = sources.clean_utf8(origins, texts, report)
-        texts = tf.boolean_mask(texts, tf.strings.length(tf.strings.strip(texts)) > 0)  # skip empty documents
+        texts = tf.boolean_mask(
+            texts, tf.strings.length(tf.strings.strip(texts)) > 0
+        )  # skip empty documents
         return tokenizer.tf_tokenize(texts)
 
     tokens = docs.batch(DOCS_PER_OP).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
@@ -103,10 +110,20 @@ class TrainIterator:
         return self._report.count
 
     def _dataset(self, epoch: int) -> tf.data.Dataset:
-        windows = _windows(self._cfg, self._tokenizer, self._report, "train", process_index=self._process_index,
-                           process_count=self._process_count, shuffle_seed=_seed(self._seed, epoch, 0))
-        windows = windows.shuffle(self._cfg.shuffle_buffer, seed=_seed(self._seed, epoch, 1),
-                                  reshuffle_each_iteration=False)
+        windows = _windows(
+            self._cfg,
+            self._tokenizer,
+            self._report,
+            "train",
+            process_index=self._process_index,
+            process_count=self._process_count,
+            shuffle_seed=_seed(self._seed, epoch, 0),
+        )
+        windows = windows.shuffle(
+            self._cfg.shuffle_buffer,
+            seed=_seed(self._seed, epoch, 1),
+            reshuffle_each_iteration=False,
+        )
         return windows.batch(self._batch_size)
 
     def _open(self) -> None:
@@ -135,13 +152,25 @@ class TrainIterator:
 
     def _identity(self) -> dict:
         c = self._cfg
-        return {"seed": self._seed, "process_index": self._process_index, "process_count": self._process_count,
-                "batch_size": self._batch_size, "seq_len": c.seq_len, "shuffle_buffer": c.shuffle_buffer,
-                "source": c.source, "tokenizer": os.path.basename(self._tokenizer.path)}
+        return {
+            "seed": self._seed,
+            "process_index": self._process_index,
+            "process_count": self._process_count,
+            "batch_size": self._batch_size,
+            "seq_len": c.seq_len,
+            "shuffle_buffer": c.shuffle_buffer,
+            "source": c.source,
+            "tokenizer": os.path.basename(self._tokenizer.path),
+        }
 
     def get_state(self) -> dict:
         """JSON-serialisable position: next() after set_state(state) gives the same batch."""
-        return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch, **self._identity()}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            **self._identity(),
+        }
 
     def set_state(self, state: dict) -> None:
         expected = {"version": STATE_VERSION, **self._identity()}
@@ -159,8 +188,10 @@ class EvalStream:
 
     def __init__(self, cfg, tokenizer, *, global_batch_size, process_index, process_count):
         self._cfg = cfg
-        self._rows = slice(process_index * (global_batch_size // process_count),
-                           (process_index + 1) * (global_batch_size // process_count))
+        self._rows = slice(
+            process_index * (global_batch_size // process_count),
+            (process_index + 1) * (global_batch_size // process_count),
+        )
         self._global_batch_size = global_batch_size
         self._report = sources.InvalidUtf8Report()
         windows = _windows(cfg, tokenizer, self._report, "eval", process_index=0, process_count=1)
@@ -178,23 +209,49 @@ class EvalStream:
         for tokens, doc_ids in self._dataset.as_numpy_iterator():
             empty = False
             tokens, doc_ids = packing.pad_rows(tokens, doc_ids, self._global_batch_size)
-            yield packing.batch_features(tokens[self._rows], doc_ids[self._rows], self._cfg.pack_documents)
+            yield packing.batch_features(
+                tokens[self._rows], doc_ids[self._rows], self._cfg.pack_documents
+            )
         if empty:
             field = _split_field(self._cfg, "eval")
             raise DataError(f"{field}: the eval split has no tokens (empty corpus). Add text.")
 
 
-def make_train_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, model_vocab_size: int | None = None) -> TrainIterator:
+def make_train_iterator(
+    data_config,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    model_vocab_size: int | None = None,
+) -> TrainIterator:
     """This process's endless stream of train batches, each array [global_batch_size // process_count, seq_len]."""
     tokenizer = _check(data_config, global_batch_size, process_count, model_vocab_size)
-    return TrainIterator(data_config, tokenizer, batch_size=global_batch_size // process_count, seed=seed,
-                         process_index=process_index, process_count=process_count)
+    return TrainIterator(
+        data_config,
+        tokenizer,
+        batch_size=global_batch_size // process_count,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
-def make_eval_batches(data_config, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                      model_vocab_size: int | None = None) -> EvalStream:
+def make_eval_batches(
+    data_config,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    model_vocab_size: int | None = None,
+) -> EvalStream:
     """This process's rows of the finite eval batches; the last batch is padded with weight 0."""
     tokenizer = _check(data_config, global_batch_size, process_count, model_vocab_size)
-    return EvalStream(data_config, tokenizer, global_batch_size=global_batch_size,
-                      process_index=process_index, process_count=process_count)
+    return EvalStream(
+        data_config,
+        tokenizer,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )

@@ -44,7 +44,9 @@ class InvalidUtf8Report:
             if invalid.any() and self.count == 0:
                 log.warning(
                     "invalid UTF-8 in %s: bytes replaced by U+FFFD (further documents are only counted, "
-                    "see invalid_utf8_documents on the stream)", origins[invalid][0].decode(errors="replace"))
+                    "see invalid_utf8_documents on the stream)",
+                    origins[invalid][0].decode(errors="replace"),
+                )
             self.count += int(invalid.sum())
 
 
@@ -52,7 +54,9 @@ def clean_utf8(origins: tf.Tensor, texts: tf.Tensor, report: InvalidUtf8Report) 
     """Replaces invalid UTF-8 in a batch of documents, telling `report` where."""
     cleaned = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace")
     invalid = tf.not_equal(cleaned, texts)
-    reported = tf.py_function(lambda o, i: report.add(o.numpy(), i.numpy()) or 0, [origins, invalid], tf.int32)
+    reported = tf.py_function(
+        lambda o, i: report.add(o.numpy(), i.numpy()) or 0, [origins, invalid], tf.int32
+    )
     with tf.control_dependencies([reported]):
         return tf.identity(cleaned)
 
@@ -62,7 +66,9 @@ def stdlib_files(split: str) -> list[str]:
     root = sysconfig.get_paths()["stdlib"]
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
         for name in sorted(filenames):
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)
@@ -86,7 +92,9 @@ def expand_globs(globs: str, field: str) -> list[str]:
     for pattern in patterns:
         matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
         if not matched:
-            raise DataError(f"{field}: no files match {pattern!r}. Check the glob or set data.source.")
+            raise DataError(
+                f"{field}: no files match {pattern!r}. Check the glob or set data.source."
+            )
         files.extend(matched)
     return sorted(set(files))
 
@@ -102,11 +110,18 @@ def _file_documents(files: list[str], file_format: str) -> tf.data.Dataset:
         return paths.flat_map(lambda p: tf.data.TextLineDataset(p).map(lambda line: (p, line)))
     docs = paths.map(lambda p: (p, tf.io.read_file(p)))
     if file_format == "paragraphs":
-        def paragraphs(text):  # split at blank lines; the file's trailing newlines end the last paragraph
+
+        def paragraphs(
+            text,
+        ):  # split at blank lines; the file's trailing newlines end the last paragraph
             text = tf.strings.regex_replace(text, r"\s+$", "")
             return tf_text.regex_split(tf.reshape(text, [1]), r"\n\s*\n").flat_values
 
-        docs = docs.flat_map(lambda p, text: tf.data.Dataset.from_tensor_slices(paragraphs(text)).map(lambda d: (p, d)))
+        docs = docs.flat_map(
+            lambda p, text: tf.data.Dataset.from_tensor_slices(paragraphs(text)).map(
+                lambda d: (p, d)
+            )
+        )
     return docs
 
 
@@ -134,15 +149,21 @@ def _tfds_documents(cfg, split: str, process_index: int, process_count: int, shu
     base = split_name.split("[")[0]
     if base not in builder.info.splits:
         splits = sorted(builder.info.splits)
-        raise DataError(f"{field}: {split_name!r} is not a split of {cfg.tfds_name!r}; it has {splits}.")
+        raise DataError(
+            f"{field}: {split_name!r} is not a split of {cfg.tfds_name!r}; it has {splits}."
+        )
     subsplit = tfds.even_splits(split_name, n=process_count)[process_index]
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=1)
-    ds = builder.as_dataset(split=subsplit, shuffle_files=shuffle_seed is not None, read_config=read_config)
+    ds = builder.as_dataset(
+        split=subsplit, shuffle_files=shuffle_seed is not None, read_config=read_config
+    )
     origin = tf.constant(f"tfds:{cfg.tfds_name}/{split_name}")
     return ds.map(lambda ex: (origin, ex[cfg.tfds_text_key]))
 
 
-def documents(cfg, split: str, *, process_index: int = 0, process_count: int = 1, shuffle_seed=None) -> tf.data.Dataset:
+def documents(
+    cfg, split: str, *, process_index: int = 0, process_count: int = 1, shuffle_seed=None
+) -> tf.data.Dataset:
     """This process's disjoint share of `split` ('train' or 'eval') as (origin, text).
 
     With `shuffle_seed`, the order of files (or TFDS shards) is shuffled by it;

@@ -40,7 +40,9 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         except Exception as e:
-            raise DataError(f"data.tokenizer: {self.path!r} is not a sentencepiece model ({e}).") from e
+            raise DataError(
+                f"data.tokenizer: {self.path!r} is not a sentencepiece model ({e})."
+            ) from e
         if self._sp.eos_id() < 0:
             raise DataError(
                 f"data.tokenizer: {self.path!r} has no eos token; train one with `python -m data.tokenizer`."
@@ -68,13 +70,20 @@ class Tokenizer:
             import tensorflow_text as tf_text
 
             with tf.init_scope():  # eagerly, so every later tf.data graph can share it
-                self._tf_tokenizer = tf_text.SentencepieceTokenizer(model=self.model_proto, out_type=tf.int32,
-                                                                    add_eos=True)
+                self._tf_tokenizer = tf_text.SentencepieceTokenizer(
+                    model=self.model_proto, out_type=tf.int32, add_eos=True
+                )
         return self._tf_tokenizer.tokenize(texts)
 
 
-def train_tokenizer(texts: Iterable[str], output: str, *, vocab_size: int, model_type: str = "bpe",
-                    max_sentences: int = 2_000_000) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    output: str,
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    max_sentences: int = 2_000_000,
+) -> Tokenizer:
     """Trains a sentencepiece model on the lines of `texts` and writes `output`."""
     if model_type not in ("bpe", "unigram", "char"):
         raise DataError(f"--model_type: {model_type!r} is not one of bpe, unigram, char.")
@@ -87,7 +96,10 @@ def train_tokenizer(texts: Iterable[str], output: str, *, vocab_size: int, model
         model_type=model_type,
         byte_fallback=model_type != "char",
         hard_vocab_limit=model_type != "char",
-        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+        pad_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
         user_defined_symbols=["\n"],  # lines are the training sentences; newlines still get one id
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
@@ -113,8 +125,14 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def source_texts(source: str, *, file_format: str = "document", tfds_split: str = "train",
-                 tfds_text_key: str = "text", tfds_data_dir: str = "") -> Iterator[str]:
+def source_texts(
+    source: str,
+    *,
+    file_format: str = "document",
+    tfds_split: str = "train",
+    tfds_text_key: str = "text",
+    tfds_data_dir: str = "",
+) -> Iterator[str]:
     """Training documents of 'stdlib', comma-separated globs, or 'tfds:NAME', via data.sources."""
     from data import sources  # imports TensorFlow; only the command needs it
 
@@ -122,8 +140,13 @@ def source_texts(source: str, *, file_format: str = "document", tfds_split: str 
     if source == "stdlib":
         cfg.source = "stdlib"
     elif source.startswith("tfds:"):
-        cfg.update(source="tfds", tfds_name=source[len("tfds:"):], tfds_train_split=tfds_split,
-                   tfds_text_key=tfds_text_key, tfds_data_dir=tfds_data_dir)
+        cfg.update(
+            source="tfds",
+            tfds_name=source[len("tfds:") :],
+            tfds_train_split=tfds_split,
+            tfds_text_key=tfds_text_key,
+            tfds_data_dir=tfds_data_dir,
+        )
     else:
         cfg.update(source="files", train_files=source, file_format=file_format)
     for _, text in sources.documents(cfg, "train").as_numpy_iterator():
@@ -131,21 +154,39 @@ def source_texts(source: str, *, file_format: str = "document", tfds_split: str 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.tokenizer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", default="stdlib", help="'stdlib', comma-separated file globs, or 'tfds:NAME'")
-    parser.add_argument("--file_format", default="document", choices=["document", "lines", "paragraphs"])
+    parser = argparse.ArgumentParser(
+        prog="python -m data.tokenizer", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--input", default="stdlib", help="'stdlib', comma-separated file globs, or 'tfds:NAME'"
+    )
+    parser.add_argument(
+        "--file_format", default="document", choices=["document", "lines", "paragraphs"]
+    )
     parser.add_argument("--tfds_split", default="train")
     parser.add_argument("--tfds_text_key", default="text")
     parser.add_argument("--tfds_data_dir", default="")
     parser.add_argument("--vocab_size", type=int, default=8000)
     parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char"])
-    parser.add_argument("--max_sentences", type=int, default=2_000_000, help="lines sampled for training")
+    parser.add_argument(
+        "--max_sentences", type=int, default=2_000_000, help="lines sampled for training"
+    )
     parser.add_argument("--output", required=True, help="path of the .model file to write")
     args = parser.parse_args(argv)
-    texts = source_texts(args.input, file_format=args.file_format, tfds_split=args.tfds_split,
-                         tfds_text_key=args.tfds_text_key, tfds_data_dir=args.tfds_data_dir)
-    tok = train_tokenizer(texts, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
-                          max_sentences=args.max_sentences)
+    texts = source_texts(
+        args.input,
+        file_format=args.file_format,
+        tfds_split=args.tfds_split,
+        tfds_text_key=args.tfds_text_key,
+        tfds_data_dir=args.tfds_data_dir,
+    )
+    tok = train_tokenizer(
+        texts,
+        args.output,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        max_sentences=args.max_sentences,
+    )
     print(f"wrote {args.output}: {tok.vocab_size} pieces, {os.path.getsize(args.output)} bytes")
 
 

@@ -11,6 +11,16 @@ from training.optimizer import make_optimizer
 from training.state import init_train_state, state_shardings
 from training.step import make_train_step
 
+# Llama-style choices (untied, GQA with 4 KV heads for TINY_MODEL's 8 query heads).
+LLAMA_STYLE = dict(
+    position_embedding="rope",
+    norm="rmsnorm",
+    mlp_activation="swiglu",
+    use_bias=False,
+    tie_embeddings=False,
+    num_kv_heads=4,
+)
+
 TINY_MODEL = dict(
     vocab_size=64,
     num_layers=2,

@@ -24,7 +24,10 @@ def _docs(n, seed=0):
     """Distinct documents of varied length, some longer than several windows."""
     rng = np.random.default_rng(seed)
     words = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", "import", "os", "42"]
-    return [f"doc{seed}_{i} " + " ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for i in range(n)]
+    return [
+        f"doc{seed}_{i} " + " ".join(rng.choice(words, size=int(rng.integers(1, 40))))
+        for i in range(n)
+    ]
 
 
 def _config(tmp_path, train_docs, eval_docs=None, file_format="lines", files=1, **overrides):
@@ -34,8 +37,15 @@ def _config(tmp_path, train_docs, eval_docs=None, file_format="lines", files=1, 
     for split, docs in (("train", train_docs), ("eval", eval_docs or train_docs)):
         for f in range(files):
             (tmp_path / f"{split}{f}.txt").write_text(sep.join(docs[f::files]) + "\n")
-    cfg.update(source="files", file_format=file_format, train_files=str(tmp_path / "train*.txt"),
-               eval_files=str(tmp_path / "eval*.txt"), seq_len=SEQ_LEN, shuffle_buffer=64, **overrides)
+    cfg.update(
+        source="files",
+        file_format=file_format,
+        train_files=str(tmp_path / "train*.txt"),
+        eval_files=str(tmp_path / "eval*.txt"),
+        seq_len=SEQ_LEN,
+        shuffle_buffer=64,
+        **overrides,
+    )
     return cfg
 
 
@@ -66,9 +76,16 @@ def _counts(batches):
 
 @pytest.mark.parametrize("file_format", ["lines", "paragraphs"])
 def test_packing_keeps_every_token_and_adds_only_eos(tmp_path, tok, file_format):
-    docs = _docs(30) + ["", "   "] + [" ".join(["longdocument"] * 60)]  # empty docs; one spans several windows
+    docs = (
+        _docs(30) + ["", "   "] + [" ".join(["longdocument"] * 60)]
+    )  # empty docs; one spans several windows
     cfg = _config(tmp_path, docs, file_format=file_format, files=2, pack_documents=False)
-    stream = [t for b in make_eval_batches(cfg, global_batch_size=4) for row in _real_windows(b) for t in row]
+    stream = [
+        t
+        for b in make_eval_batches(cfg, global_batch_size=4)
+        for row in _real_windows(b)
+        for t in row
+    ]
     expected = _expected_stream(tok, docs[0::2]) + _expected_stream(tok, docs[1::2])  # file by file
     assert len(tok.encode(docs[-1])) > 3 * (SEQ_LEN + 1)
     assert stream == expected
@@ -79,9 +96,19 @@ def test_whole_file_documents(tmp_path, tok):
     for i, d in enumerate(docs):
         (tmp_path / f"f{i}.txt").write_text(d)
     cfg = default_data_config()
-    cfg.update(source="files", file_format="document", eval_files=str(tmp_path / "f*.txt"), seq_len=8,
-               pack_documents=False)
-    stream = [t for b in make_eval_batches(cfg, global_batch_size=2) for row in _real_windows(b) for t in row]
+    cfg.update(
+        source="files",
+        file_format="document",
+        eval_files=str(tmp_path / "f*.txt"),
+        seq_len=8,
+        pack_documents=False,
+    )
+    stream = [
+        t
+        for b in make_eval_batches(cfg, global_batch_size=2)
+        for row in _real_windows(b)
+        for t in row
+    ]
     assert stream == _expected_stream(tok, docs)
 
 
@@ -90,7 +117,9 @@ def test_document_aware_segments_positions_and_weights(tmp_path):
     for b in make_eval_batches(cfg, global_batch_size=4):
         inputs, seg, pos, w = b["inputs"], b["segment_ids"], b["positions"], b["weights"]
         real = seg > 0
-        after_eos = np.concatenate([np.zeros_like(inputs[:, :1], bool), inputs[:, :-1] == EOS], axis=1)
+        after_eos = np.concatenate(
+            [np.zeros_like(inputs[:, :1], bool), inputs[:, :-1] == EOS], axis=1
+        )
         new_doc = after_eos.copy()
         new_doc[:, 0] = True
         expected_seg = np.cumsum(new_doc, axis=1)
@@ -206,7 +235,10 @@ def test_eval_is_finite_repeatable_padded_and_capped(tmp_path):
     cfg.eval_max_batches = 2
     assert len(list(make_eval_batches(cfg, global_batch_size=4))) == 2
     cfg.eval_max_batches = 0
-    halves = [list(make_eval_batches(cfg, global_batch_size=4, process_index=p, process_count=2)) for p in range(2)]
+    halves = [
+        list(make_eval_batches(cfg, global_batch_size=4, process_index=p, process_count=2))
+        for p in range(2)
+    ]
     assert len(halves[0]) == len(halves[1]) == len(first)
     for whole, h0, h1 in zip(first, *halves):
         for k in whole:

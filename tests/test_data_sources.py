@@ -32,15 +32,31 @@ def tfds_dir(tmp_path_factory):
     train = [(i, {"body": f"train document {i} " * (1 + i % 7)}) for i in range(40)]
     valid = [(i, {"body": f"validation document {i}"}) for i in range(5)]
     tfds.dataset_builders.store_as_tfds_dataset(
-        name="local_text", version="1.0.0", features=tfds.features.FeaturesDict({"body": tfds.features.Text()}),
-        split_datasets={"train": train, "validation": valid}, data_dir=data_dir)
+        name="local_text",
+        version="1.0.0",
+        features=tfds.features.FeaturesDict({"body": tfds.features.Text()}),
+        split_datasets={"train": train, "validation": valid},
+        data_dir=data_dir,
+    )
     return data_dir, [ex["body"] for _, ex in train], [ex["body"] for _, ex in valid]
 
 
 def _tfds_config(data_dir, **overrides):
     cfg = default_data_config()
-    cfg.update({**dict(source="tfds", tfds_name="local_text", tfds_data_dir=data_dir, tfds_text_key="body", seq_len=16,
-                       pack_documents=False, shuffle_buffer=16), **overrides})
+    cfg.update(
+        {
+            **dict(
+                source="tfds",
+                tfds_name="local_text",
+                tfds_data_dir=data_dir,
+                tfds_text_key="body",
+                seq_len=16,
+                pack_documents=False,
+                shuffle_buffer=16,
+            ),
+            **overrides,
+        }
+    )
     return cfg
 
 
@@ -58,9 +74,15 @@ def test_tfds_source_works_offline_and_shards_by_process(tfds_dir):
     tok = Tokenizer()
     expected = lambda docs: collections.Counter(t for d in docs for t in tok.encode(d) + [EOS])
     cfg = _tfds_config(data_dir)
-    assert collections.Counter(_tokens(make_eval_batches(cfg, global_batch_size=2))) == expected(valid)
-    epochs = [_epoch(make_train_iterator(cfg, global_batch_size=4, seed=0, process_index=p, process_count=2))
-              for p in (0, 1, 0)]
+    assert collections.Counter(_tokens(make_eval_batches(cfg, global_batch_size=2))) == expected(
+        valid
+    )
+    epochs = [
+        _epoch(
+            make_train_iterator(cfg, global_batch_size=4, seed=0, process_index=p, process_count=2)
+        )
+        for p in (0, 1, 0)
+    ]
     shards = [collections.Counter(_tokens(batches)) for batches in epochs[:2]]
     assert shards[0] and shards[1]
     assert _tokens(epochs[0]) == _tokens(epochs[2])  # deterministic
@@ -69,9 +91,13 @@ def test_tfds_source_works_offline_and_shards_by_process(tfds_dir):
 
 def test_tfds_unknown_name_split_or_key_is_a_clear_error(tfds_dir):
     data_dir = tfds_dir[0]
-    with pytest.raises(DataError, match="data.tfds_name: cannot find TFDS dataset 'no_such_dataset'"):
+    with pytest.raises(
+        DataError, match="data.tfds_name: cannot find TFDS dataset 'no_such_dataset'"
+    ):
         make_eval_batches(_tfds_config(data_dir, tfds_name="no_such_dataset"), global_batch_size=2)
-    with pytest.raises(DataError, match=r"data.tfds_text_key: 'text' is not a feature .*\['body'\]"):
+    with pytest.raises(
+        DataError, match=r"data.tfds_text_key: 'text' is not a feature .*\['body'\]"
+    ):
         make_eval_batches(_tfds_config(data_dir, tfds_text_key="text"), global_batch_size=2)
     with pytest.raises(DataError, match="data.tfds_eval_split: 'test' is not a split"):
         make_eval_batches(_tfds_config(data_dir, tfds_eval_split="test"), global_batch_size=2)
@@ -92,15 +118,27 @@ def test_stdlib_default_has_disjoint_nonempty_splits():
 
 def _files_config(tmp_path, **overrides):
     cfg = default_data_config()
-    cfg.update({**dict(source="files", train_files=str(tmp_path / "*.txt"), eval_files=str(tmp_path / "*.txt"),
-                       seq_len=8, shuffle_buffer=8), **overrides})
+    cfg.update(
+        {
+            **dict(
+                source="files",
+                train_files=str(tmp_path / "*.txt"),
+                eval_files=str(tmp_path / "*.txt"),
+                seq_len=8,
+                shuffle_buffer=8,
+            ),
+            **overrides,
+        }
+    )
     return cfg
 
 
 def test_missing_paths_and_empty_globs(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     cfg = _files_config(tmp_path, train_files=f"{tmp_path}/a.txt,{tmp_path}/missing/*.txt")
-    with pytest.raises(DataError, match=r"data.train_files: no files match '.*missing/\*.txt'. Check the glob"):
+    with pytest.raises(
+        DataError, match=r"data.train_files: no files match '.*missing/\*.txt'. Check the glob"
+    ):
         make_train_iterator(cfg, global_batch_size=2, seed=0)
     cfg = _files_config(tmp_path, eval_files="")
     with pytest.raises(DataError, match="data.eval_files: empty"):
@@ -125,7 +163,10 @@ def test_invalid_utf8_is_replaced_counted_and_warned_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="data.sources"):
         tokens = _tokens(stream)
     tok = Tokenizer()
-    assert tok.decode(tokens).replace("</s>", "") == "good text\nbad \ufffd\ufffd bytes\nalso \ufffd bad\n"
+    assert (
+        tok.decode(tokens).replace("</s>", "")
+        == "good text\nbad \ufffd\ufffd bytes\nalso \ufffd bad\n"
+    )
     assert stream.invalid_utf8_documents == 2
     warnings = [r.getMessage() for r in caplog.records if "invalid UTF-8" in r.getMessage()]
     assert len(warnings) == 1 and "b.txt" in warnings[0]
@@ -133,8 +174,12 @@ def test_invalid_utf8_is_replaced_counted_and_warned_once(tmp_path, caplog):
 
 def test_tokenizer_larger_than_model_vocab(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
-    with pytest.raises(DataError, match="data.tokenizer: .* has 8000 pieces but the model's vocab_size is 512"):
-        make_train_iterator(_files_config(tmp_path), global_batch_size=2, seed=0, model_vocab_size=512)
+    with pytest.raises(
+        DataError, match="data.tokenizer: .* has 8000 pieces but the model's vocab_size is 512"
+    ):
+        make_train_iterator(
+            _files_config(tmp_path), global_batch_size=2, seed=0, model_vocab_size=512
+        )
     make_train_iterator(_files_config(tmp_path), global_batch_size=2, seed=0, model_vocab_size=8192)
 
 
@@ -152,8 +197,16 @@ def test_tokenizer_command_trains_from_a_tfds_split(tfds_dir, tmp_path):
     from data.tokenizer import main
 
     output = str(tmp_path / "tfds_char.model")
-    main(["--input=tfds:local_text", f"--tfds_data_dir={tfds_dir[0]}", "--tfds_text_key=body",
-          "--model_type=char", "--vocab_size=40", f"--output={output}"])
+    main(
+        [
+            "--input=tfds:local_text",
+            f"--tfds_data_dir={tfds_dir[0]}",
+            "--tfds_text_key=body",
+            "--model_type=char",
+            "--vocab_size=40",
+            f"--output={output}",
+        ]
+    )
     tok = Tokenizer(output)
     assert 3 not in tok.encode("train document 12")  # every character was seen
     assert 3 in tok.encode("train document Z")  # 'Z' was not: char models have no byte fallback

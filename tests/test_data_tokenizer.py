@@ -49,8 +49,14 @@ def _corpus(tmp_path):
 @pytest.mark.parametrize("model_type,vocab_size", [("bpe", 400), ("unigram", 400), ("char", 120)])
 def test_training_command_writes_model_with_fixed_ids(tmp_path, model_type, vocab_size):
     output = str(tmp_path / "out" / f"{model_type}.model")
-    main([f"--input={_corpus(tmp_path)}", f"--vocab_size={vocab_size}", f"--model_type={model_type}",
-          f"--output={output}"])
+    main(
+        [
+            f"--input={_corpus(tmp_path)}",
+            f"--vocab_size={vocab_size}",
+            f"--model_type={model_type}",
+            f"--output={output}",
+        ]
+    )
     tok = Tokenizer(output)
     sp = tok._sp
     assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)

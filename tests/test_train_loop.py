@@ -83,7 +83,13 @@ def test_default_config_trains_end_to_end(tmp_path):
     workdir = str(tmp_path)
     result = loop.train(
         small_config(
-            **{"train.num_steps": 30, "train.eval_every": 15, "checkpoint.every_steps": 15}
+            **{
+                "train.num_steps": 30,
+                "train.eval_every": 15,
+                "checkpoint.every_steps": 15,
+                "profile.start_step": 3,
+                "profile.num_steps": 2,
+            }
         ),
         workdir,
     )
@@ -93,6 +99,7 @@ def test_default_config_trains_end_to_end(tmp_path):
     assert np.isfinite(result["eval_loss"]) and result["eval_perplexity"] > 1
     assert checkpoint_steps(workdir) == [15, 30]
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["model"]["num_layers"] == 2
     record = read_metrics(workdir)[30]

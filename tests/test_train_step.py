@@ -5,17 +5,8 @@ import numpy as np
 import pytest
 
 from model import ConfigError
-from tests.helpers import random_batch, setup, tiny_config
+from tests.helpers import LLAMA_STYLE, random_batch, setup, tiny_config
 from training.config import validate_config
-
-LLAMA = dict(
-    position_embedding="rope",
-    norm="rmsnorm",
-    mlp_activation="swiglu",
-    use_bias=False,
-    tie_embeddings=False,
-    num_kv_heads=4,
-)
 
 
 def run_two_steps(config, mesh_shape):
@@ -29,7 +20,7 @@ def run_two_steps(config, mesh_shape):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_sharded_training_matches_a_single_device(family):
-    config = tiny_config(**(LLAMA if family == "llama" else {}))
+    config = tiny_config(**(LLAMA_STYLE if family == "llama" else {}))
     ref_losses, ref_params = run_two_steps(config, (1, 1, 1))
     meshes = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
     if family == "gpt2":
