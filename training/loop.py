@@ -103,7 +103,9 @@ def train(config, workdir: str) -> dict:
     num_steps = train_cfg.num_steps
     profile_start = config.profile.start_step
     profile_stop = profile_start + config.profile.num_steps if profile_start > 0 else -1
-    clock = {"step": step, "time": None}  # the last logged step and when it finished
+    # The last timed step and when it finished. The first step (compilation) is timed
+    # on its own and then left out of later averages.
+    clock = {"step": step, "time": time.perf_counter(), "compiled": False}
     last = {}
 
     def finish(step_done: int, metrics) -> None:
@@ -120,12 +122,11 @@ def train(config, workdir: str) -> dict:
                 )
             logging.warning("Non-finite loss at step %d: update skipped.", step_done)
         now = time.perf_counter()
-        if clock["time"] is None:  # the first step includes compilation: time from here on
-            clock.update(step=step_done, time=now)
         if step_done % train_cfg.log_every and step_done != num_steps:
+            if not clock["compiled"]:  # restart the clock after the compiling step
+                clock.update(step=step_done, time=now, compiled=True)
             return
-        steps = max(step_done - clock["step"], 1)
-        step_time = (now - clock["time"]) / steps if step_done > clock["step"] else float("nan")
+        step_time = (now - clock["time"]) / max(step_done - clock["step"], 1)
         tokens_per_second = tokens_per_step(config) / step_time
         loss = float(metrics["loss"])
         last = {
@@ -143,7 +144,7 @@ def train(config, workdir: str) -> dict:
         }
         writer.write(step_done, last)
         writer.console(step_done, num_steps, last)
-        clock.update(step=step_done, time=now)
+        clock.update(step=step_done, time=now, compiled=True)
 
     pending = None
     try:
