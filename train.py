@@ -22,12 +22,17 @@ from model.config import ConfigError
 from training import loop
 from training.trainer import Trainer
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs/default.py"),
-    "Config file; override fields with --config.<field>=<value>.",
-    lock_config=True,
-)
+try:  # config_flags applies --config.* overrides here, at import, and names unknown fields
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs/default.py"),
+        "Config file; override fields with --config.<field>=<value>.",
+        lock_config=True,
+    )
+except (AttributeError, KeyError) as error:
+    inner = error.args[0] if error.args else error  # ml_collections wraps a KeyError
+    message = str(inner.args[0] if isinstance(inner, KeyError) else inner).replace("\n", ". ")
+    raise SystemExit(f"error: unknown config field in the command line: {message}") from None
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json go here.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run",

@@ -213,7 +213,7 @@ def test_losses_match_across_meshes(tmp_path):
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("--config.model.num_layer=3", "num_layer"),
+        ("--config.model.num_layer=3", 'Did you mean "num_layers"'),
         ("--config.train.global_batch_size=12", "train.global_batch_size=12"),
         ("--config.mesh.data=3", "mesh.data=3"),
     ],
@@ -228,4 +228,4 @@ def test_bad_command_lines_fail_with_a_message(tmp_path, flag, message):
     )
     assert result.returncode != 0
     assert message in result.stderr
-    assert "Traceback" not in result.stderr or "num_layer" in flag  # absl reports unknown flags
+    assert "Traceback" not in result.stderr  # one message, not a stack
