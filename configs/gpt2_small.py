@@ -6,8 +6,9 @@
 
 Learned positions, LayerNorm, GELU, biases, tied embeddings, 1024-token
 context, batch 0.5M tokens (accumulated over microbatches where memory needs),
-AdamW 6e-4 with cosine decay, as in nanoGPT's reproduction. Sized for GPUs/TPUs:
-on one H100 expect tens of thousands of tokens/s per chip (see BENCHMARKS.md).
+AdamW 6e-4 with cosine decay, as in nanoGPT's reproduction. Sized for GPUs/TPUs;
+`--dry_run` reports ~5 GiB per device at batch 1 on one device. GPU throughput
+is not yet measured by this project (BENCHMARKS.md has the command).
 """
 
 from configs.base import get_base_config
