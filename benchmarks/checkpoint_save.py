@@ -22,7 +22,6 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from training.checkpoint import Checkpointer  # noqa: E402
-from training.state import init_train_state  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
@@ -47,9 +46,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     trainer = Trainer(_CONFIG.value)
-    state = init_train_state(
-        trainer.model, trainer.tx, trainer.mesh, trainer.rules, seed=0, seq_len=trainer.seq_len
-    )
+    state = trainer.init_state()
     size = sum(x.nbytes for x in jax.tree.leaves(state))
     result = {"params": trainer.num_params, "state_bytes": size}
     for mode in ("async", "sync"):

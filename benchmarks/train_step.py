@@ -28,7 +28,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from training.config import tokens_per_step  # noqa: E402
 from training.hardware import peak_flops_per_device  # noqa: E402
-from training.state import init_train_state  # noqa: E402
 from training.trainer import Trainer, memory_report  # noqa: E402
 
 config_flags.DEFINE_config_file(
@@ -69,9 +68,7 @@ def depth_compile_times(config, depths=(4, 48)) -> dict:
 
 
 def time_steps(trainer, compiled) -> list[float]:
-    state = init_train_state(
-        trainer.model, trainer.tx, trainer.mesh, trainer.rules, trainer.config.seed, trainer.seq_len
-    )
+    state = trainer.init_state()
     batch = random_batch(trainer, trainer.config.seed)
     times = []
     for i in range(FLAGS.warmup + FLAGS.steps):

@@ -5,11 +5,7 @@ import ml_collections
 import numpy as np
 
 from configs.base import get_base_config
-from model import ModelConfig, Transformer
-from sharding import logical_rules, make_mesh
-from training.optimizer import make_optimizer
-from training.state import init_train_state, state_shardings
-from training.step import make_train_step
+from training.trainer import Trainer
 
 # Llama-style choices (untied, GQA with 4 KV heads for TINY_MODEL's 8 query heads).
 LLAMA_STYLE = dict(
@@ -66,23 +62,7 @@ def random_batch(config, batch_size=None, seed=0, packed=True) -> dict:
 
 def setup(config, mesh_shape=(8, 1, 1)):
     """(model, state, train_step) for `config` on a mesh of the given (data, fsdp, tensor)."""
-    model = Transformer(ModelConfig.from_dict(config.model))
-    devices = jax.devices()[: int(np.prod(mesh_shape))]
-    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)), devices)
-    rules = logical_rules(config.sharding_rules)
-    tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
-    seq_len = config.data.seq_len
-    _, shardings = state_shardings(model, tx, mesh, rules, seq_len)
-    state = init_train_state(model, tx, mesh, rules, config.seed, seq_len)
-    step = make_train_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        rules,
-        shardings,
-        num_microbatches=config.train.num_microbatches,
-        z_loss_weight=config.train.z_loss_weight,
-        seed=config.seed,
-    )
-    return model, state, step
+    config = config.copy_and_resolve_references()
+    config.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
+    trainer = Trainer(config, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    return trainer.model, trainer.init_state(), trainer.train_step

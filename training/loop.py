@@ -20,7 +20,6 @@ from training.checkpoint import Checkpointer
 from training.config import describe, tokens_per_step
 from training.hardware import peak_flops_per_device
 from training.metrics import MetricsWriter
-from training.state import init_train_state
 from training.step import make_eval_step
 from training.trainer import Trainer
 
@@ -84,9 +83,7 @@ def train(config, workdir: str) -> dict:
     model_dict = config.model.to_dict()
     restored = checkpointer.restore_latest(trainer.abstract_state, model_dict)
     if restored is None:
-        state = init_train_state(
-            trainer.model, trainer.tx, trainer.mesh, trainer.rules, config.seed, trainer.seq_len
-        )
+        state = trainer.init_state()
         step = 0
     else:
         state, data_state = restored

@@ -38,9 +38,8 @@ def state_shardings(model, tx, mesh, rules, seq_len: int):
     return nn.meta.unbox(boxed), shardings
 
 
-def init_train_state(model, tx, mesh, rules, seed: int, seq_len: int) -> TrainState:
-    """Initialises params and optimizer state directly into their shards."""
-    _, shardings = state_shardings(model, tx, mesh, rules, seq_len)
+def init_train_state(model, tx, mesh, rules, shardings, seed: int, seq_len: int) -> TrainState:
+    """Initialises params and optimizer state directly into `shardings` (from state_shardings)."""
     init = jax.jit(
         lambda rng: nn.meta.unbox(_boxed_init(model, tx, rng, seq_len)), out_shardings=shardings
     )

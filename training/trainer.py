@@ -14,7 +14,7 @@ from model.flops import train_flops_per_token
 from sharding import activate, batch_sharding, logical_rules, make_mesh
 from training.config import validate_config
 from training.optimizer import make_optimizer
-from training.state import state_shardings
+from training.state import TrainState, init_train_state, state_shardings
 from training.step import BATCH_KEYS, make_train_step
 
 
@@ -54,10 +54,12 @@ def memory_report(compiled) -> dict:
 class Trainer:
     """Model, mesh, rules, optimizer, abstract sharded state and the jitted train step."""
 
-    def __init__(self, config):
+    def __init__(self, config, devices=None):
+        """`devices`: the mesh's devices (default: all), e.g. one device for a reference run."""
         self.config = config
-        self.model_config = validate_config(config, jax.device_count(), jax.process_count())
-        self.mesh = make_mesh(config.mesh)
+        devices = jax.devices() if devices is None else devices
+        self.model_config = validate_config(config, len(devices), jax.process_count())
+        self.mesh = make_mesh(config.mesh, devices)
         self.rules = logical_rules(config.sharding_rules)
         self.model = Transformer(self.model_config)
         self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
@@ -82,6 +84,18 @@ class Trainer:
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
         self.flops_per_token = train_flops_per_token(
             self.model_config, abstract.params, self.seq_len
+        )
+
+    def init_state(self) -> TrainState:
+        """A fresh train state from the config's seed, allocated shard by shard."""
+        return init_train_state(
+            self.model,
+            self.tx,
+            self.mesh,
+            self.rules,
+            self.shardings,
+            self.config.seed,
+            self.seq_len,
         )
 
     def abstract_batch(self) -> dict:
