@@ -229,3 +229,14 @@ def test_bad_command_lines_fail_with_a_message(tmp_path, flag, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr  # one message, not a stack
+
+
+def test_profile_window_survives_resuming_inside_it(tmp_path):
+    """Resumed at step 4 of a 3..5 window: nothing to stop, nothing raised, no trace."""
+    window = loop._ProfileWindow(get_config().profile.copy_and_resolve_references(), str(tmp_path))
+    window.start, window.stop = 3, 6
+    for step in range(5, 9):  # the resumed run's steps
+        window.before_step(step)
+        window.after_step(step, state=None, last_step=step == 8)
+    window.close()
+    assert not window.active and not os.path.exists(window.directory)

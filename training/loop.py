@@ -43,6 +43,36 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class _ProfileWindow:
+    """Traces steps [start, start + num_steps) into <workdir>/profile; start=0 turns it off.
+
+    Stops only a trace it started, so a run resumed inside or past the window,
+    or one that fails mid-window, never leaves the profiler inconsistent.
+    """
+
+    def __init__(self, profile_config, workdir: str):
+        self.start = profile_config.start_step
+        self.stop = self.start + profile_config.num_steps
+        self.directory = os.path.join(workdir, "profile")
+        self.active = False
+
+    def before_step(self, step: int):
+        """`step` is the number of the step about to run (1-based)."""
+        if self.start > 0 and step == self.start:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after_step(self, step: int, state, last_step: bool):
+        if self.active and (step + 1 >= self.stop or last_step):
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def evaluate(trainer: Trainer, eval_step, params, eval_stream) -> dict:
     totals = np.zeros(2)
     for batch in eval_stream:
@@ -98,8 +128,7 @@ def train(config, workdir: str) -> dict:
     logging.info("MFU is relative to %.3g FLOP/s per device (%s)", peak_flops, peak_source)
     preemption = _Preemption()
     num_steps = train_cfg.num_steps
-    profile_start = config.profile.start_step
-    profile_stop = profile_start + config.profile.num_steps if profile_start > 0 else -1
+    profiler = _ProfileWindow(config.profile, workdir)
     # The last timed step and when it finished. The first step (compilation) is timed
     # on its own and then left out of later averages.
     clock = {"step": step, "time": time.perf_counter(), "compiled": False}
@@ -146,17 +175,14 @@ def train(config, workdir: str) -> dict:
     pending = None
     try:
         while step < num_steps:
-            if step + 1 == profile_start:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            profiler.before_step(step + 1)
             batch = trainer.to_global(next(train_iter))
             state, metrics = trainer.train_step(state, batch)
             step += 1
             if pending is not None:
                 finish(*pending)
             pending = (step, metrics)
-            if step + 1 == profile_stop or (step == num_steps and profile_stop > step):
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
+            profiler.after_step(step, state, last_step=step == num_steps)
             every_eval, every_ckpt = train_cfg.eval_every, config.checkpoint.every_steps
             eval_due = step == num_steps or (every_eval and step % every_eval == 0)
             save_due = (
@@ -179,6 +205,7 @@ def train(config, workdir: str) -> dict:
         if pending is not None:
             finish(*pending)
     finally:
+        profiler.close()
         preemption.restore()
         checkpointer.close()  # waits for asynchronous saves: the last good one reaches disk
         writer.close()
