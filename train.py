@@ -17,8 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data.config import DataError
-from model.config import ConfigError
+from errors import UserError
 from training import loop
 from training.trainer import Trainer
 
@@ -79,7 +78,7 @@ def main(argv):
             print(json.dumps(report))
             return
         result = loop.train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, DataError, loop.NonFiniteLossError) as error:
+    except UserError as error:
         raise SystemExit(f"error: {error}") from None
     logging.info(
         "Finished at step %d: %s",

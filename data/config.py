@@ -2,12 +2,10 @@
 
 import ml_collections
 
+from errors import UserError
+
 SOURCES = ("stdlib", "files", "tfds")
 FILE_FORMATS = ("document", "lines", "paragraphs")
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the config field or file and what to do."""
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -35,16 +33,16 @@ def default_data_config() -> ml_collections.ConfigDict:
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Checks the choices that would otherwise fail deep inside tf.data."""
     if cfg.source not in SOURCES:
-        raise DataError(f"data.source: {cfg.source!r} is not one of {SOURCES}.")
+        raise UserError(f"data.source: {cfg.source!r} is not one of {SOURCES}.")
     if cfg.file_format not in FILE_FORMATS:
-        raise DataError(f"data.file_format: {cfg.file_format!r} is not one of {FILE_FORMATS}.")
+        raise UserError(f"data.file_format: {cfg.file_format!r} is not one of {FILE_FORMATS}.")
     if cfg.seq_len < 1:
-        raise DataError(f"data.seq_len: must be >= 1, got {cfg.seq_len}.")
+        raise UserError(f"data.seq_len: must be >= 1, got {cfg.seq_len}.")
     if cfg.shuffle_buffer < 1:
-        raise DataError(f"data.shuffle_buffer: must be >= 1, got {cfg.shuffle_buffer}.")
+        raise UserError(f"data.shuffle_buffer: must be >= 1, got {cfg.shuffle_buffer}.")
     if cfg.eval_max_batches < 0:
-        raise DataError(f"data.eval_max_batches: must be >= 0, got {cfg.eval_max_batches}.")
+        raise UserError(f"data.eval_max_batches: must be >= 0, got {cfg.eval_max_batches}.")
     if cfg.source == "tfds" and not cfg.tfds_name:
-        raise DataError(
+        raise UserError(
             "data.tfds_name: empty with data.source='tfds'. Name a TFDS dataset, e.g. 'lm1b'."
         )

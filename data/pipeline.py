@@ -26,8 +26,9 @@ import numpy as np
 import tensorflow as tf
 
 from data import packing, sources
-from data.config import DataError, validate
+from data.config import validate
 from data.tokenizer import Tokenizer
+from errors import UserError
 
 DOCS_PER_OP = 128  # documents tokenized per tensorflow-text call
 STATE_VERSION = 1
@@ -56,13 +57,13 @@ def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size) ->
     hide_accelerators_from_tf()
     validate(cfg)
     if global_batch_size < process_count or global_batch_size % process_count:
-        raise DataError(
+        raise UserError(
             f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}; "
             "make the global batch a multiple of the number of processes."
         )
     tokenizer = Tokenizer(cfg.tokenizer)
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
-        raise DataError(
+        raise UserError(
             f"data.tokenizer: {tokenizer.path!r} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
             f"{model_vocab_size}; set the model's vocab_size >= {tokenizer.vocab_size} or use a smaller tokenizer."
         )
@@ -139,7 +140,7 @@ class TrainIterator:
             tokens, doc_ids = next(self._it)
         except StopIteration:
             if self._batch == 0:
-                raise DataError(
+                raise UserError(
                     f"{_split_field(self._cfg, 'train')}: process {self._process_index} of {self._process_count} "
                     "got no tokens (empty corpus or all documents empty). Add text or use fewer processes."
                 ) from None
@@ -176,7 +177,7 @@ class TrainIterator:
         expected = {"version": STATE_VERSION, **self._identity()}
         mismatch = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if mismatch:
-            raise DataError(
+            raise UserError(
                 f"data iterator state does not match this pipeline (saved, current): {mismatch}. "
                 "Resume with the same seed, batch size, process count and data config."
             )
@@ -214,7 +215,7 @@ class EvalStream:
             )
         if empty:
             field = _split_field(self._cfg, "eval")
-            raise DataError(f"{field}: the eval split has no tokens (empty corpus). Add text.")
+            raise UserError(f"{field}: the eval split has no tokens (empty corpus). Add text.")
 
 
 def make_train_iterator(

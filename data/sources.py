@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_text as tf_text
 
-from data.config import DataError
+from errors import UserError
 
 STDLIB_EVAL_PERCENT = 3  # of stdlib files, chosen by path hash
 
@@ -77,7 +77,7 @@ def stdlib_files(split: str) -> list[str]:
                 if is_eval == (split == "eval"):
                     files.append(path)
     if not files:
-        raise DataError(
+        raise UserError(
             f"data.source='stdlib': no .py files found under {root!r}. Set data.source to 'files' or 'tfds'."
         )
     return files
@@ -87,12 +87,12 @@ def expand_globs(globs: str, field: str) -> list[str]:
     """Sorted files matching comma-separated `globs`; a clear error when none match."""
     patterns = [g.strip() for g in globs.split(",") if g.strip()]
     if not patterns:
-        raise DataError(f"{field}: empty. Give comma-separated file globs, or set data.source.")
+        raise UserError(f"{field}: empty. Give comma-separated file globs, or set data.source.")
     files = []
     for pattern in patterns:
         matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
         if not matched:
-            raise DataError(
+            raise UserError(
                 f"{field}: no files match {pattern!r}. Check the glob or set data.source."
             )
         files.extend(matched)
@@ -132,7 +132,7 @@ def _tfds_documents(cfg, split: str, process_index: int, process_count: int, shu
         builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None)
     except Exception as e:  # tfds raises several types (DatasetNotFoundError, ...)
         reason = str(e).splitlines()[0]  # tfds appends the list of all dataset names
-        raise DataError(
+        raise UserError(
             f"data.tfds_name: cannot find TFDS dataset {cfg.tfds_name!r} ({reason}). "
             "Check the name and data.tfds_data_dir."
         ) from e
@@ -140,7 +140,7 @@ def _tfds_documents(cfg, split: str, process_index: int, process_count: int, shu
         builder.download_and_prepare()
     features = builder.info.features
     if cfg.tfds_text_key not in features:
-        raise DataError(
+        raise UserError(
             f"data.tfds_text_key: {cfg.tfds_text_key!r} is not a feature of {cfg.tfds_name!r}; "
             f"its features are {sorted(features.keys())}."
         )
@@ -149,7 +149,7 @@ def _tfds_documents(cfg, split: str, process_index: int, process_count: int, shu
     base = split_name.split("[")[0]
     if base not in builder.info.splits:
         splits = sorted(builder.info.splits)
-        raise DataError(
+        raise UserError(
             f"{field}: {split_name!r} is not a split of {cfg.tfds_name!r}; it has {splits}."
         )
     subsplit = tfds.even_splits(split_name, n=process_count)[process_index]

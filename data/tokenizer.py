@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from data.config import DataError, default_data_config
+from data.config import default_data_config
+from errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -31,7 +32,7 @@ class Tokenizer:
     def __init__(self, path: str = ""):
         self.path = path or DEFAULT_TOKENIZER
         if not os.path.isfile(self.path):
-            raise DataError(
+            raise UserError(
                 f"data.tokenizer: no file {self.path!r}. Give a sentencepiece .model path, "
                 "or '' for the bundled one; train one with `python -m data.tokenizer`."
             )
@@ -40,11 +41,11 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         except Exception as e:
-            raise DataError(
+            raise UserError(
                 f"data.tokenizer: {self.path!r} is not a sentencepiece model ({e})."
             ) from e
         if self._sp.eos_id() < 0:
-            raise DataError(
+            raise UserError(
                 f"data.tokenizer: {self.path!r} has no eos token; train one with `python -m data.tokenizer`."
             )
         self._tf_tokenizer = None
@@ -86,7 +87,7 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Trains a sentencepiece model on the lines of `texts` and writes `output`."""
     if model_type not in ("bpe", "unigram", "char"):
-        raise DataError(f"--model_type: {model_type!r} is not one of bpe, unigram, char.")
+        raise UserError(f"--model_type: {model_type!r} is not one of bpe, unigram, char.")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     prefix = output[: -len(".model")] if output.endswith(".model") else output
     spm.SentencePieceTrainer.train(

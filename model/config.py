@@ -8,6 +8,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from errors import UserError
+
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLP_ACTIVATIONS = ("gelu", "swiglu")
@@ -23,10 +25,6 @@ REMAT_POLICIES = (
 )
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +57,7 @@ class ModelConfig:
     def __post_init__(self):
         def check(ok, field, message):
             if not ok:
-                raise ConfigError(f"model.{field}={getattr(self, field)!r}: {message}")
+                raise UserError(f"model.{field}={getattr(self, field)!r}: {message}")
 
         for field in (
             "vocab_size",
@@ -131,7 +129,5 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                f"Unknown model config key(s) {unknown}; known keys: {sorted(known)}."
-            )
+            raise UserError(f"Unknown model config key(s) {unknown}; known keys: {sorted(known)}.")
         return cls(**values)

@@ -20,12 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from errors import UserError
 from model.config import ModelConfig
 from model.transformer import Transformer
-
-
-class ConversionError(ValueError):
-    """A Hugging Face config or checkpoint that does not fit; the message names what."""
 
 
 def _field(hf_config, name, default=None):
@@ -39,7 +36,7 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
 
     def require(ok, what):
         if not ok:
-            raise ConversionError(f"{family} config: {what} is not supported by meshlm.")
+            raise UserError(f"{family} config: {what} is not supported by meshlm.")
 
     if family == "gpt2":
         require(
@@ -96,7 +93,7 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
             init_std=c.initializer_range,
         )
     else:
-        raise ConversionError(
+        raise UserError(
             f"Unsupported Hugging Face model_type={family!r}; meshlm converts 'gpt2' and 'llama'."
         )
     return ModelConfig(**{**fields, **overrides})
@@ -176,7 +173,7 @@ def _family(state_dict) -> str:
     for family, key in (("gpt2", "transformer.wte.weight"), ("llama", "model.embed_tokens.weight")):
         if key in state_dict:
             return family
-    raise ConversionError(
+    raise UserError(
         "State dict is neither a GPT2LMHeadModel ('transformer.wte.weight') nor "
         "a LlamaForCausalLM ('model.embed_tokens.weight') checkpoint."
     )
@@ -212,12 +209,10 @@ def params_from_hf(state_dict, config: ModelConfig) -> dict:
 
     def load(key, shape, transform):
         if key not in state_dict:
-            raise ConversionError(
-                f"{family} state dict has no tensor {key!r} (model config: {dims})."
-            )
+            raise UserError(f"{family} state dict has no tensor {key!r} (model config: {dims}).")
         array = _to_numpy(state_dict[key])
         if array.shape != shape:
-            raise ConversionError(
+            raise UserError(
                 f"{family} tensor {key!r} has shape {tuple(array.shape)}, expected "
                 f"{shape} for model config {dims}."
             )
@@ -237,7 +232,7 @@ def params_from_hf(state_dict, config: ModelConfig) -> dict:
         used.add("lm_head.weight")  # HF lists the tied output projection under its own name too.
     unused = sorted(k for k in state_dict if k not in used and not _IGNORED.search(k))
     if unused:
-        raise ConversionError(
+        raise UserError(
             f"{family} state dict has {len(unused)} tensor(s) that model config "
             f"({dims}, tie_embeddings={config.tie_embeddings}) has no place for, "
             f"e.g. {unused[:5]}."
@@ -247,12 +242,12 @@ def params_from_hf(state_dict, config: ModelConfig) -> dict:
     expected = traverse_util.flatten_dict(param_shapes(config), sep="/")
     missing, extra = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
     if missing or extra:
-        raise ConversionError(
+        raise UserError(
             f"Converted params do not match the model: missing {missing}, unexpected {extra}."
         )
     for path, spec in expected.items():
         if flat[path].shape != spec.shape:
-            raise ConversionError(
+            raise UserError(
                 f"Converted param {path!r} has shape {flat[path].shape}, the model "
                 f"expects {spec.shape}."
             )

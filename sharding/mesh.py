@@ -10,7 +10,7 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh
 
-from model.config import ConfigError
+from errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -20,20 +20,20 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
     described = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(
+        raise UserError(
             f"{described}: sizes must be positive, and at most one may be -1 "
             "(meaning: all remaining devices)."
         )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ConfigError(
+            raise UserError(
                 f"{described}: {num_devices} devices cannot be split into a mesh whose "
                 f"other axes multiply to {known}."
             )
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ConfigError(
+        raise UserError(
             f"{described} needs {math.prod(sizes)} devices, but {num_devices} are "
             "available. Make the product match, or set one axis to -1."
         )

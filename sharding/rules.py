@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from model.config import ConfigError
+from errors import UserError
 
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),  # data parallel: FSDP shards the batch too
@@ -35,7 +35,7 @@ def logical_rules(overrides: str = "") -> tuple:
     for entry in filter(None, (e.strip() for e in overrides.split(","))):
         name, sep, axes = entry.partition("=")
         if not sep or name.strip() not in rules:
-            raise ConfigError(
+            raise UserError(
                 f"sharding_rules={overrides!r}: cannot read {entry!r}; expected "
                 f"name=axis with name one of {sorted(rules)}."
             )

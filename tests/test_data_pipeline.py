@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from data import packing
-from data.config import DataError, default_data_config
+from data.config import default_data_config
 from data.pipeline import make_eval_batches, make_train_iterator
 from data.tokenizer import Tokenizer
+from errors import UserError
 
 EOS = 2
 SEQ_LEN = 16
@@ -207,7 +208,7 @@ def test_state_from_another_setup_is_rejected(tmp_path):
     cfg = _config(tmp_path, _docs(10))
     state = make_train_iterator(cfg, global_batch_size=4, seed=3).get_state()
     other = make_train_iterator(cfg, global_batch_size=4, seed=4)
-    with pytest.raises(DataError, match="seed"):
+    with pytest.raises(UserError, match="seed"):
         other.set_state(state)
 
 

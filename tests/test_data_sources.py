@@ -8,9 +8,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data import sources
-from data.config import DataError, default_data_config
+from data.config import default_data_config
 from data.pipeline import make_eval_batches, make_train_iterator
 from data.tokenizer import Tokenizer
+from errors import UserError
 
 EOS = 2
 
@@ -92,14 +93,14 @@ def test_tfds_source_works_offline_and_shards_by_process(tfds_dir):
 def test_tfds_unknown_name_split_or_key_is_a_clear_error(tfds_dir):
     data_dir = tfds_dir[0]
     with pytest.raises(
-        DataError, match="data.tfds_name: cannot find TFDS dataset 'no_such_dataset'"
+        UserError, match="data.tfds_name: cannot find TFDS dataset 'no_such_dataset'"
     ):
         make_eval_batches(_tfds_config(data_dir, tfds_name="no_such_dataset"), global_batch_size=2)
     with pytest.raises(
-        DataError, match=r"data.tfds_text_key: 'text' is not a feature .*\['body'\]"
+        UserError, match=r"data.tfds_text_key: 'text' is not a feature .*\['body'\]"
     ):
         make_eval_batches(_tfds_config(data_dir, tfds_text_key="text"), global_batch_size=2)
-    with pytest.raises(DataError, match="data.tfds_eval_split: 'test' is not a split"):
+    with pytest.raises(UserError, match="data.tfds_eval_split: 'test' is not a split"):
         make_eval_batches(_tfds_config(data_dir, tfds_eval_split="test"), global_batch_size=2)
 
 
@@ -137,11 +138,11 @@ def test_missing_paths_and_empty_globs(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     cfg = _files_config(tmp_path, train_files=f"{tmp_path}/a.txt,{tmp_path}/missing/*.txt")
     with pytest.raises(
-        DataError, match=r"data.train_files: no files match '.*missing/\*.txt'. Check the glob"
+        UserError, match=r"data.train_files: no files match '.*missing/\*.txt'. Check the glob"
     ):
         make_train_iterator(cfg, global_batch_size=2, seed=0)
     cfg = _files_config(tmp_path, eval_files="")
-    with pytest.raises(DataError, match="data.eval_files: empty"):
+    with pytest.raises(UserError, match="data.eval_files: empty"):
         make_eval_batches(cfg, global_batch_size=2)
 
 
@@ -149,9 +150,9 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "a.txt").write_text("\n  \n\n")
     (tmp_path / "b.txt").write_text("")
     cfg = _files_config(tmp_path, file_format="lines")
-    with pytest.raises(DataError, match="data.train_files: process 0 of 1 got no tokens"):
+    with pytest.raises(UserError, match="data.train_files: process 0 of 1 got no tokens"):
         next(make_train_iterator(cfg, global_batch_size=2, seed=0))
-    with pytest.raises(DataError, match="data.eval_files: the eval split has no tokens"):
+    with pytest.raises(UserError, match="data.eval_files: the eval split has no tokens"):
         list(make_eval_batches(cfg, global_batch_size=2))
 
 
@@ -175,7 +176,7 @@ def test_invalid_utf8_is_replaced_counted_and_warned_once(tmp_path, caplog):
 def test_tokenizer_larger_than_model_vocab(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(
-        DataError, match="data.tokenizer: .* has 8000 pieces but the model's vocab_size is 512"
+        UserError, match="data.tokenizer: .* has 8000 pieces but the model's vocab_size is 512"
     ):
         make_train_iterator(
             _files_config(tmp_path), global_batch_size=2, seed=0, model_vocab_size=512
@@ -185,11 +186,11 @@ def test_tokenizer_larger_than_model_vocab(tmp_path):
 
 def test_batch_not_divisible_by_processes_and_bad_fields(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
-    with pytest.raises(DataError, match="global_batch_size 5 is not divisible by process_count 2"):
+    with pytest.raises(UserError, match="global_batch_size 5 is not divisible by process_count 2"):
         make_train_iterator(_files_config(tmp_path), global_batch_size=5, seed=0, process_count=2)
-    with pytest.raises(DataError, match="data.source: 'web'"):
+    with pytest.raises(UserError, match="data.source: 'web'"):
         make_train_iterator(_files_config(tmp_path, source="web"), global_batch_size=2, seed=0)
-    with pytest.raises(DataError, match="data.file_format: 'csv'"):
+    with pytest.raises(UserError, match="data.file_format: 'csv'"):
         make_train_iterator(_files_config(tmp_path, file_format="csv"), global_batch_size=2, seed=0)
 
 

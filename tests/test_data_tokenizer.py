@@ -6,8 +6,8 @@ import sysconfig
 import pytest
 import tensorflow as tf
 
-from data.config import DataError
 from data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, main
+from errors import UserError
 
 CODE = "def f(x):\n\treturn x  # naïve ✓ 漢字 🙂\n\n    pass\n"
 
@@ -71,12 +71,12 @@ def test_training_command_writes_model_with_fixed_ids(tmp_path, model_type, voca
 
 
 def test_missing_tokenizer_file_names_the_field(tmp_path):
-    with pytest.raises(DataError, match=r"data.tokenizer: no file .*nope.model"):
+    with pytest.raises(UserError, match=r"data.tokenizer: no file .*nope.model"):
         Tokenizer(str(tmp_path / "nope.model"))
 
 
 def test_file_that_is_not_a_model_is_rejected(tmp_path):
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")
-    with pytest.raises(DataError, match="not a sentencepiece model"):
+    with pytest.raises(UserError, match="not a sentencepiece model"):
         Tokenizer(str(bad))

@@ -8,8 +8,9 @@ import torch
 from flax import traverse_util
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from errors import UserError
 from model import Transformer
-from model.hf import ConversionError, config_from_hf, from_hf, params_from_hf
+from model.hf import config_from_hf, from_hf, params_from_hf
 
 VOCAB, POSITIONS, TOLERANCE = 101, 32, 1e-4
 
@@ -153,7 +154,7 @@ def test_mismatched_hidden_size_names_the_tensor():
         GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=32, n_layer=2, n_head=4)
     )
     with pytest.raises(
-        ConversionError,
+        UserError,
         match=r"'transformer\.wte\.weight' has shape \(101, 64\), "
         r"expected \(101, 32\)",
     ):
@@ -162,19 +163,19 @@ def test_mismatched_hidden_size_names_the_tensor():
 
 def test_wrong_kv_heads_names_the_tensor():
     state_dict = random_model(CASES["llama_gqa_untied"]).state_dict()
-    with pytest.raises(ConversionError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight'"):
+    with pytest.raises(UserError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight'"):
         params_from_hf(state_dict, config_from_hf(llama(tie_word_embeddings=False)))
 
 
 def test_missing_and_extra_tensors_are_named():
     state_dict = dict(random_model(CASES["llama_gqa_untied"]).state_dict())
     config = config_from_hf(CASES["llama_gqa_untied"])
-    with pytest.raises(ConversionError, match=r"'lm_head\.weight'"):  # untied but no lm_head
+    with pytest.raises(UserError, match=r"'lm_head\.weight'"):  # untied but no lm_head
         params_from_hf({k: v for k, v in state_dict.items() if k != "lm_head.weight"}, config)
     fewer_layers = config_from_hf(CASES["llama_gqa_untied"], num_layers=1)
-    with pytest.raises(ConversionError, match=r"model\.layers\.1\."):  # a layer left over
+    with pytest.raises(UserError, match=r"model\.layers\.1\."):  # a layer left over
         params_from_hf(state_dict, fewer_layers)
-    with pytest.raises(ConversionError, match="neither a GPT2LMHeadModel"):
+    with pytest.raises(UserError, match="neither a GPT2LMHeadModel"):
         params_from_hf({"foo.weight": np.zeros(3)}, config)
 
 
@@ -190,5 +191,5 @@ def test_missing_and_extra_tensors_are_named():
     ],
 )
 def test_unsupported_configs_are_refused(hf_config, what):
-    with pytest.raises(ConversionError, match=what):
+    with pytest.raises(UserError, match=what):
         config_from_hf(hf_config)

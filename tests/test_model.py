@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import ConfigError, ModelConfig, Transformer
+from errors import UserError
+from model import ModelConfig, Transformer
 from tests.helpers import LLAMA_STYLE, TINY_MODEL
 
 VARIANTS = {
@@ -87,10 +88,10 @@ def test_scan_stacks_layers_on_a_leading_axis():
     ],
 )
 def test_bad_model_configs_name_the_field(overrides, field):
-    with pytest.raises(ConfigError, match=f"model.{field}="):
+    with pytest.raises(UserError, match=f"model.{field}="):
         ModelConfig(**{**TINY_MODEL, **overrides})
 
 
 def test_unknown_model_key_is_named():
-    with pytest.raises(ConfigError, match="num_layer"):
+    with pytest.raises(UserError, match="num_layer"):
         ModelConfig.from_dict({**TINY_MODEL, "num_layer": 3})

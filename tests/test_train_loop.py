@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from model import ConfigError
+from errors import UserError
 from training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +106,7 @@ def test_default_config_trains_end_to_end(tmp_path):
     assert {"tokens_per_second", "mfu", "learning_rate", "grad_norm", "eta_seconds"} <= set(record)
 
     # The same workdir with a different model shape is refused, and nothing is overwritten.
-    with pytest.raises(ConfigError, match=r"different model: model.num_layers: 2 -> 3"):
+    with pytest.raises(UserError, match=r"different model: model.num_layers: 2 -> 3"):
         loop.train(small_config(**{"model.num_layers": 3, "train.num_steps": 40}), workdir)
     assert checkpoint_steps(workdir) == [15, 30]
 
@@ -139,8 +139,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path)
     process = start_train(workdir, **{"train.num_steps": 100000, "checkpoint.every_steps": 0})
     wait_for(
-        lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-        and len(read_metrics(workdir)) >= 3,
+        lambda: (
+            os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+            and len(read_metrics(workdir)) >= 3
+        ),
         process,
     )
     process.send_signal(signal.SIGTERM)

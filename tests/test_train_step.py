@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from model import ConfigError
+from errors import UserError
 from tests.helpers import LLAMA_STYLE, random_batch, setup, tiny_config
 from training.config import validate_config
 
@@ -92,7 +92,7 @@ def test_metrics_are_reported():
 def test_bad_configs_are_rejected_at_start_up(section, overrides, message):
     config = tiny_config()
     config[section].update(overrides)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         validate_config(config, num_devices=8)
 
 

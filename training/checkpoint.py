@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from model.config import ConfigError
+from errors import UserError
 
 
 def _gather_across_processes(value: dict) -> list[dict]:
@@ -110,7 +110,7 @@ class Checkpointer:
                 continue
             processes = restored["data"]["processes"]
             if len(processes) != jax.process_count():
-                raise ConfigError(
+                raise UserError(
                     f"Checkpoint step {step} in {self.directory} was written by {len(processes)} "
                     f"processes, but {jax.process_count()} are running; the data position cannot "
                     "be split differently. Resume with the same number of processes."
@@ -124,7 +124,7 @@ class Checkpointer:
             {k: v for k, v in current.items() if k not in self.RUNTIME_FIELDS},
         )
         if differences:
-            raise ConfigError(
+            raise UserError(
                 f"The workdir's checkpoints ({self.directory}) belong to a different model: "
                 + "; ".join(differences)
                 + ". Use a new --workdir, or restore the matching config values."

@@ -1,7 +1,8 @@
 """Start-up validation of a whole config: one clear message per mistake, naming the field."""
 
 from data import config as data_config
-from model.config import ConfigError, ModelConfig
+from errors import UserError
+from model.config import ModelConfig
 from sharding.mesh import MESH_AXES, resolve_mesh_shape
 
 
@@ -15,27 +16,27 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
     train = config.train
     batch, micro = train.global_batch_size, train.num_microbatches
     if batch <= 0 or micro <= 0 or train.num_steps <= 0:
-        raise ConfigError(
+        raise UserError(
             f"train.global_batch_size={batch}, train.num_microbatches={micro} and "
             f"train.num_steps={train.num_steps} must all be positive."
         )
     if batch % micro:
-        raise ConfigError(
+        raise UserError(
             f"train.global_batch_size={batch} is not divisible by train.num_microbatches={micro}."
         )
     per_micro = batch // micro
     if per_micro % data_parallel:
-        raise ConfigError(
+        raise UserError(
             f"train.global_batch_size={batch} / train.num_microbatches={micro} = {per_micro} "
             f"sequences per microbatch is not divisible by the data-parallel size "
             f"mesh.data*mesh.fsdp={data_parallel}."
         )
     if batch % process_count:
-        raise ConfigError(
+        raise UserError(
             f"train.global_batch_size={batch} is not divisible by the {process_count} processes."
         )
     if config.data.seq_len > model_config.max_seq_len:
-        raise ConfigError(
+        raise UserError(
             f"data.seq_len={config.data.seq_len} is longer than "
             f"model.max_seq_len={model_config.max_seq_len}."
         )

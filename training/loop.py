@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from data.pipeline import make_eval_batches, make_train_iterator
+from errors import UserError
 from training.checkpoint import Checkpointer
 from training.config import describe, tokens_per_step
 from training.hardware import peak_flops_per_device
@@ -24,8 +25,8 @@ from training.step import make_eval_step
 from training.trainer import Trainer
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite and the config says to stop."""
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite and the config says to stop (lower the learning rate)."""
 
 
 class _Preemption:

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from model.config import ConfigError
+from errors import UserError
 
 NO_DECAY_LEAVES = ("scale", "bias")
 EMBEDDINGS = ("token_embed", "pos_embed")
@@ -20,7 +20,7 @@ def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
     floor = peak * opt_config.final_lr_fraction
     warmup = opt_config.warmup_steps
     if not 0 <= warmup <= num_steps:
-        raise ConfigError(
+        raise UserError(
             f"optimizer.warmup_steps={warmup} must be between 0 and train.num_steps={num_steps}."
         )
     decay_steps = max(num_steps - warmup, 1)
@@ -31,7 +31,7 @@ def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
     elif opt_config.schedule == "constant":
         decay = optax.constant_schedule(peak)
     else:
-        raise ConfigError(
+        raise UserError(
             f"optimizer.schedule={opt_config.schedule!r}: must be cosine, linear or constant."
         )
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
