@@ -33,7 +33,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
         cfg = self.config
-        e, d = cfg.embed_dim, cfg.head_size
+        e, d = cfg.embed_dim, cfg.head_dim
 
         def project(name, heads, head_names):
             return Dense(
@@ -46,8 +46,8 @@ class Attention(nn.Module):
             )(x)
 
         query = project("query", cfg.num_heads, "heads")
-        key = project("key", cfg.kv_heads, "kv_heads")
-        value = project("value", cfg.kv_heads, "kv_heads")
+        key = project("key", cfg.num_kv_heads, "kv_heads")
+        value = project("value", cfg.num_kv_heads, "kv_heads")
         if cfg.position_embedding == "rope":
             query = apply_rope(query, positions, cfg.rope_theta)
             key = apply_rope(key, positions, cfg.rope_theta)

@@ -1,13 +1,16 @@
-"""The model's hyperparameters, one frozen dataclass, validated on construction.
+"""The model's hyperparameters: one frozen dataclass, checked and resolved on construction.
 
 Every architectural variant (GPT-2 style, Llama style, anything in between) is a
-choice of these fields; there is one model, not one per family.
+choice of these fields; there is one model, not one per family. Derived values
+are resolved once here (`num_kv_heads=0` becomes `num_heads`, `head_dim=0`
+becomes `embed_dim // num_heads`), so the rest of the code reads one name per
+quantity.
 """
 
 import dataclasses
+from typing import ClassVar
 
-import jax.numpy as jnp
-
+from configs.schema import check_fields, field, from_values
 from errors import UserError
 
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rope")
@@ -25,109 +28,88 @@ REMAT_POLICIES = (
 )
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
+POSITIVE = "[1, inf)"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer hyperparameters (field names match `config.model`)."""
 
-    vocab_size: int = 8192
-    num_layers: int = 4
-    embed_dim: int = 256
-    num_heads: int = 4
-    num_kv_heads: int = 0  # 0 = num_heads (multi-head); fewer = grouped-query attention.
-    head_dim: int = 0  # 0 = embed_dim // num_heads.
-    mlp_dim: int = 1024
-    max_seq_len: int = 1024
-    position_embedding: str = "learned"  # learned | sinusoidal | rope
-    rope_theta: float = 10000.0
-    norm: str = "layernorm"  # layernorm | rmsnorm (always pre-norm)
-    norm_eps: float = 1e-5
-    mlp_activation: str = "gelu"  # gelu (tanh approximation, as GPT-2) | swiglu
-    use_bias: bool = True
-    tie_embeddings: bool = True
-    dropout_rate: float = 0.0
-    init_std: float = 0.02
-    dtype: str = "bfloat16"  # compute dtype
-    param_dtype: str = "float32"
-    attention_implementation: str = "xla"  # xla (any device) | cudnn (NVIDIA GPUs)
-    remat_policy: str = "none"  # none | full | a jax.checkpoint_policies name
-    scan_unroll: int = 1  # layers per scan iteration; >= num_layers unrolls fully (faster on CPU)
+    vocab_size: int = field(8192, POSITIVE, "output classes; >= the tokenizer's vocabulary")
+    num_layers: int = field(4, POSITIVE, "transformer blocks")
+    embed_dim: int = field(256, POSITIVE, "model width (residual stream)")
+    num_heads: int = field(4, POSITIVE, "query heads")
+    num_kv_heads: int = field(
+        0, "[0, inf)", "key/value heads; fewer than num_heads = grouped-query; 0 = num_heads"
+    )
+    head_dim: int = field(0, "[0, inf)", "size of each head; 0 = embed_dim // num_heads")
+    mlp_dim: int = field(1024, POSITIVE, "hidden width of the MLP")
+    max_seq_len: int = field(1024, POSITIVE, "longest sequence (size of a learned position table)")
+    position_embedding: str = field("learned", POSITION_EMBEDDINGS, "how positions are encoded")
+    rope_theta: float = field(10000.0, "(0, inf)", "RoPE base wavelength")
+    norm: str = field("layernorm", NORMS, "pre-norm type")
+    norm_eps: float = field(1e-5, "(0, 1)", "epsilon of the norms")
+    mlp_activation: str = field(
+        "gelu", MLP_ACTIVATIONS, "gelu (tanh approximation, as GPT-2) or swiglu (three matrices)"
+    )
+    use_bias: bool = field(True, bool, "biases in projections and LayerNorm")
+    tie_embeddings: bool = field(True, bool, "output projection = token embedding transposed")
+    dropout_rate: float = field(0.0, "[0, 1)", "dropout on embeddings and residual branches")
+    init_std: float = field(0.02, "(0, inf)", "std of the normal initializer")
+    dtype: str = field("bfloat16", DTYPES, "compute dtype (logits and loss are float32)")
+    param_dtype: str = field("float32", DTYPES, "dtype the parameters are stored in")
+    attention_implementation: str = field(
+        "xla", ATTENTION_IMPLEMENTATIONS, "xla (any device) or cudnn (NVIDIA GPUs)"
+    )
+    remat_policy: str = field(
+        "none", REMAT_POLICIES, "activation rematerialisation: none, full or a jax policy"
+    )
+    scan_unroll: int = field(
+        1, POSITIVE, "layers per scan iteration; >= num_layers unrolls fully (faster on CPU)"
+    )
+
+    # Fields that change how the model is computed, not what its weights are: a
+    # checkpoint may be resumed or loaded with other values of these.
+    COMPUTE_ONLY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "dtype",
+        "attention_implementation",
+        "remat_policy",
+        "scan_unroll",
+        "dropout_rate",
+    )
 
     def __post_init__(self):
-        def check(ok, field, message):
-            if not ok:
-                raise UserError(f"model.{field}={getattr(self, field)!r}: {message}")
+        check_fields(self, "model")
 
-        for field in (
-            "vocab_size",
-            "num_layers",
-            "embed_dim",
-            "num_heads",
-            "mlp_dim",
-            "max_seq_len",
-        ):
-            check(getattr(self, field) > 0, field, "must be positive.")
-        check(
-            self.position_embedding in POSITION_EMBEDDINGS,
-            "position_embedding",
-            f"must be one of {POSITION_EMBEDDINGS}.",
-        )
-        check(self.norm in NORMS, "norm", f"must be one of {NORMS}.")
-        check(
-            self.mlp_activation in MLP_ACTIVATIONS,
-            "mlp_activation",
-            f"must be one of {MLP_ACTIVATIONS}.",
-        )
-        check(
-            self.remat_policy in REMAT_POLICIES, "remat_policy", f"must be one of {REMAT_POLICIES}."
-        )
-        check(
-            self.attention_implementation in ATTENTION_IMPLEMENTATIONS,
-            "attention_implementation",
-            f"must be one of {ATTENTION_IMPLEMENTATIONS}.",
-        )
-        check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}.")
-        check(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}.")
-        check(0.0 <= self.dropout_rate < 1.0, "dropout_rate", "must be in [0, 1).")
-        check(self.scan_unroll >= 1, "scan_unroll", "must be >= 1 (>= num_layers unrolls fully).")
-        check(self.num_kv_heads >= 0, "num_kv_heads", "must be >= 0 (0 means num_heads).")
-        check(
-            self.num_heads % self.kv_heads == 0,
+        def require(ok, name, message):
+            if not ok:
+                raise UserError(f"model.{name}={getattr(self, name)!r}: {message}")
+
+        num_kv_heads = self.num_kv_heads or self.num_heads
+        require(
+            self.num_heads % num_kv_heads == 0,
             "num_kv_heads",
             f"num_heads={self.num_heads} must be divisible by the number of KV heads.",
         )
         if self.head_dim == 0:
-            check(
+            require(
                 self.embed_dim % self.num_heads == 0,
                 "embed_dim",
                 f"must be divisible by num_heads={self.num_heads} (or set model.head_dim).",
             )
+        head_dim = self.head_dim or self.embed_dim // self.num_heads
         if self.position_embedding == "rope":
-            check(self.head_size % 2 == 0, "head_dim", "rotary embeddings need an even head size.")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.embed_dim // self.num_heads
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def parameter_dtype(self):
-        return jnp.dtype(self.param_dtype)
+            require(head_dim % 2 == 0, "head_dim", "rotary embeddings need an even head size.")
+        object.__setattr__(self, "num_kv_heads", num_kv_heads)
+        object.__setattr__(self, "head_dim", head_dim)
 
     @classmethod
     def from_dict(cls, values) -> "ModelConfig":
         """Builds from `config.model` (a dict or ConfigDict), naming unknown keys."""
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"Unknown model config key(s) {unknown}; known keys: {sorted(known)}.")
-        return cls(**values)
+        return from_values(cls, values, "model")
+
+    def weight_fields(self) -> dict:
+        """The fields that determine the parameters: a checkpoint fits only if these match."""
+        return {
+            k: v for k, v in dataclasses.asdict(self).items() if k not in self.COMPUTE_ONLY_FIELDS
+        }

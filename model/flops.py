@@ -30,5 +30,5 @@ def train_flops_per_token(config: ModelConfig, params, seq_len: int) -> float:
     size Q and a context of T tokens. Causal masking is not discounted (as in
     PaLM and MaxText), so MFU is comparable with theirs.
     """
-    attention = 12 * config.num_layers * config.num_heads * config.head_size * seq_len
+    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
     return 6 * matmul_params(config, params) + attention

@@ -100,7 +100,7 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
 
 
 def _gpt2_layout(cfg: ModelConfig) -> dict:
-    e, h, d, m = cfg.embed_dim, cfg.num_heads, cfg.head_size, cfg.mlp_dim
+    e, h, d, m = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
     qkv = lambda k: lambda w: w[..., k * e : (k + 1) * e].reshape(w.shape[:-1] + (h, d))
     same = None  # GPT-2's Conv1D weights are already [in, out], i.e. "x @ W".
     layout = {
@@ -141,7 +141,7 @@ def _gpt2_layout(cfg: ModelConfig) -> dict:
 
 
 def _llama_layout(cfg: ModelConfig) -> dict:
-    e, h, kv, d, m = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.mlp_dim
+    e, h, kv, d, m = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
     # nn.Linear weights are [out, in]. HF q/k rows are already in apply_rope's "rotate half" order.
     heads_in = lambda n: lambda w: w.T.reshape(e, n, d)
     p = "model.layers.{i}."
@@ -201,7 +201,7 @@ def params_from_hf(state_dict, config: ModelConfig) -> dict:
     dims = (
         f"vocab_size={config.vocab_size}, num_layers={config.num_layers}, "
         f"embed_dim={config.embed_dim}, num_heads={config.num_heads}, "
-        f"kv_heads={config.kv_heads}, head_dim={config.head_size}, mlp_dim={config.mlp_dim}, "
+        f"kv_heads={config.num_kv_heads}, head_dim={config.head_dim}, mlp_dim={config.mlp_dim}, "
         f"max_seq_len={config.max_seq_len}"
     )
 

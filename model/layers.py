@@ -28,8 +28,8 @@ def make_norm(config: ModelConfig, name: str) -> nn.Module:
     """Pre-norm layer: LayerNorm (GPT-2) or RMSNorm (Llama); statistics in float32."""
     common = dict(
         epsilon=config.norm_eps,
-        dtype=config.compute_dtype,
-        param_dtype=config.parameter_dtype,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
         name=name,
         scale_init=ones_init(("embed",)),
     )
@@ -81,15 +81,15 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         kernel = self.param(
-            "kernel", param_init(cfg, self.names, self.init_std), self.shape, cfg.parameter_dtype
+            "kernel", param_init(cfg, self.names, self.init_std), self.shape, cfg.param_dtype
         )
-        y = jnp.einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+        y = jnp.einsum(self.equation, x.astype(cfg.dtype), kernel.astype(cfg.dtype))
         if cfg.use_bias:
             out_names = self.names[-self.bias_rank :]
             bias = self.param(
-                "bias", zeros_init(out_names), self.shape[-self.bias_rank :], cfg.parameter_dtype
+                "bias", zeros_init(out_names), self.shape[-self.bias_rank :], cfg.param_dtype
             )
-            y = y + bias.astype(cfg.compute_dtype)
+            y = y + bias.astype(cfg.dtype)
         return y
 
 

@@ -80,19 +80,19 @@ class Transformer(nn.Module):
             "token_embed",
             param_init(cfg, ("vocab", "embed")),
             (cfg.vocab_size, cfg.embed_dim),
-            cfg.parameter_dtype,
+            cfg.param_dtype,
         )
-        x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
         if cfg.position_embedding == "learned":
             pos_table = self.param(
                 "pos_embed",
                 param_init(cfg, ("length", "embed")),
                 (cfg.max_seq_len, cfg.embed_dim),
-                cfg.parameter_dtype,
+                cfg.param_dtype,
             )
-            x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
+            x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.dtype)
         elif cfg.position_embedding == "sinusoidal":
-            x = x + sinusoidal_embedding(positions, cfg.embed_dim).astype(cfg.compute_dtype)
+            x = x + sinusoidal_embedding(positions, cfg.embed_dim).astype(cfg.dtype)
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
         x = nn.with_logical_constraint(x, ACTIVATION)
 
@@ -115,9 +115,9 @@ class Transformer(nn.Module):
                 "lm_head",
                 param_init(cfg, ("embed", "vocab")),
                 (cfg.embed_dim, cfg.vocab_size),
-                cfg.parameter_dtype,
+                cfg.param_dtype,
             )
         logits = jnp.einsum(
-            "bte,ev->btv", x, output.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
+            "bte,ev->btv", x, output.astype(cfg.dtype), preferred_element_type=jnp.float32
         )
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

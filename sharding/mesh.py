@@ -5,14 +5,29 @@ sharding/rules.py map them onto these mesh axes, and XLA propagates the rest.
 Changing parallelism means changing `config.mesh`, never the model.
 """
 
+import dataclasses
 import math
 
 import jax
 from jax.sharding import AxisType, Mesh
 
+from configs.schema import check_fields, field
 from errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+AXIS_SIZE = "{-1} | [1, inf)"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """`config.mesh`: devices along each mesh axis; -1 = all remaining devices."""
+
+    data: int = field(-1, AXIS_SIZE, "data parallelism (batch split, params replicated)")
+    fsdp: int = field(1, AXIS_SIZE, "fully sharded data parallelism (batch and params split)")
+    tensor: int = field(1, AXIS_SIZE, "tensor parallelism over heads, MLP and vocabulary")
+
+    def __post_init__(self):
+        check_fields(self, "mesh")
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:

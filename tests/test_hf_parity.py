@@ -104,7 +104,7 @@ def test_config_mapping():
         False,
         False,
     )
-    assert (lc.num_heads, lc.kv_heads, lc.head_size, lc.rope_theta, lc.norm_eps) == (
+    assert (lc.num_heads, lc.num_kv_heads, lc.head_dim, lc.rope_theta, lc.norm_eps) == (
         4,
         2,
         16,
@@ -141,7 +141,7 @@ def test_params_tree_matches_model_init(name):
 def test_gqa_heads_land_on_the_right_kv_head():
     model = random_model(CASES["llama_gqa_untied"])
     config, params = from_hf(model)
-    assert (config.num_heads, config.kv_heads, config.head_size) == (4, 2, 16)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (4, 2, 16)
     k_proj = model.model.layers[1].self_attn.k_proj.weight.detach().numpy()  # [kv * d, e]
     np.testing.assert_array_equal(
         params["layers"]["attn"]["key"]["kernel"][1, :, 1, :], k_proj[16:32].T

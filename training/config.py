@@ -1,25 +1,119 @@
-"""Start-up validation of a whole config: one clear message per mistake, naming the field."""
+"""The training sections of a config, and start-up validation of a whole config.
 
-from data import config as data_config
+`validate_config` checks every field of every section (each section's dataclass
+declares its fields' defaults, allowed values and meaning; see configs/schema.py)
+and then the relations between sections, before anything is compiled or written.
+"""
+
+import dataclasses
+
+from configs.schema import check_fields, field, from_values
+from data.config import DataConfig
 from errors import UserError
 from model.config import ModelConfig
-from sharding.mesh import MESH_AXES, resolve_mesh_shape
+from sharding.mesh import MESH_AXES, MeshConfig, resolve_mesh_shape
+from sharding.rules import logical_rules
+
+POSITIVE, NON_NEGATIVE = "[1, inf)", "[0, inf)"
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The top-level fields of a config."""
+
+    seed: int = field(0, "[0, 4294967295]", "seeds init, data order and dropout")
+    sharding_rules: str = field(
+        "", str, "overrides of sharding/rules.py, e.g. 'vocab=,embed=fsdp' ('' = none)"
+    )
+
+    def __post_init__(self):
+        check_fields(self, "config")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = field(3e-4, "(0, inf)", "peak learning rate")
+    schedule: str = field("cosine", SCHEDULES, "decay after warmup")
+    warmup_steps: int = field(100, NON_NEGATIVE, "linear warmup from 0; <= train.num_steps")
+    final_lr_fraction: float = field(0.1, "[0, 1]", "the decay's floor, as a fraction of the peak")
+    b1: float = field(0.9, "[0, 1)", "Adam's first-moment decay")
+    b2: float = field(0.95, "[0, 1)", "Adam's second-moment decay")
+    eps: float = field(1e-8, "(0, inf)", "Adam's epsilon")
+    weight_decay: float = field(0.1, NON_NEGATIVE, "AdamW decoupled weight decay (matmul kernels)")
+    decay_embeddings: bool = field(False, bool, "apply weight decay to the embeddings too")
+    grad_clip_norm: float = field(1.0, NON_NEGATIVE, "clip the global gradient norm; 0 = off")
+
+    def __post_init__(self):
+        check_fields(self, "optimizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    num_steps: int = field(1000, POSITIVE, "optimizer steps in the whole run")
+    global_batch_size: int = field(32, POSITIVE, "sequences per optimizer step, over all hosts")
+    num_microbatches: int = field(1, POSITIVE, "gradient accumulation: microbatches per step")
+    z_loss_weight: float = field(0.0, NON_NEGATIVE, "weight of PaLM's z-loss (log Z)^2")
+    skip_nonfinite_updates: bool = field(
+        False, bool, "skip updates with a NaN/inf loss instead of stopping the run"
+    )
+    log_every: int = field(10, POSITIVE, "steps between progress lines and metrics records")
+    eval_every: int = field(200, NON_NEGATIVE, "steps between evaluations; 0 = only at the end")
+
+    def __post_init__(self):
+        check_fields(self, "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = field(200, NON_NEGATIVE, "steps between checkpoints; 0 = only at the end")
+    keep: int = field(3, POSITIVE, "newest checkpoints kept")
+    async_save: bool = field(True, bool, "write checkpoints in the background")
+    allow_optimizer_reset: bool = field(
+        False,
+        bool,
+        "when the newest checkpoint's optimizer state does not fit the current optimizer "
+        "config, resume its params, step and data position with a fresh optimizer state "
+        "instead of stopping",
+    )
+
+    def __post_init__(self):
+        check_fields(self, "checkpoint")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    start_step: int = field(0, NON_NEGATIVE, "first step traced by jax.profiler; 0 = off")
+    num_steps: int = field(3, POSITIVE, "steps traced")
+
+    def __post_init__(self):
+        check_fields(self, "profile")
+
+
+# Every section of a config and the dataclass that declares and checks its fields.
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "mesh": MeshConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "profile": ProfileConfig,
+}
 
 
 def validate_config(config, num_devices: int, process_count: int = 1) -> ModelConfig:
     """Checks everything that can be checked before compiling; returns the ModelConfig."""
-    model_config = ModelConfig.from_dict(config.model)
-    data_config.validate(config.data)
+    top_level = {k: v for k, v in config.items() if k not in SECTIONS}
+    from_values(RunConfig, top_level, "config")
+    checked = {name: from_values(cls, config[name], name) for name, cls in SECTIONS.items()}
+    model_config, data = checked["model"], checked["data"]
+    logical_rules(config.sharding_rules)
     mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(config.mesh, num_devices)))
     data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
 
     train = config.train
     batch, micro = train.global_batch_size, train.num_microbatches
-    if batch <= 0 or micro <= 0 or train.num_steps <= 0:
-        raise UserError(
-            f"train.global_batch_size={batch}, train.num_microbatches={micro} and "
-            f"train.num_steps={train.num_steps} must all be positive."
-        )
     if batch % micro:
         raise UserError(
             f"train.global_batch_size={batch} is not divisible by train.num_microbatches={micro}."
@@ -35,9 +129,14 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
         raise UserError(
             f"train.global_batch_size={batch} is not divisible by the {process_count} processes."
         )
-    if config.data.seq_len > model_config.max_seq_len:
+    if config.optimizer.warmup_steps > train.num_steps:
         raise UserError(
-            f"data.seq_len={config.data.seq_len} is longer than "
+            f"optimizer.warmup_steps={config.optimizer.warmup_steps} is longer than "
+            f"train.num_steps={train.num_steps}."
+        )
+    if data.seq_len > model_config.max_seq_len:
+        raise UserError(
+            f"data.seq_len={data.seq_len} is longer than "
             f"model.max_seq_len={model_config.max_seq_len}."
         )
     return model_config
@@ -57,5 +156,5 @@ def describe(config, model_config: ModelConfig, num_params: int, num_devices: in
         f"tokens/step={tokens:,}  microbatch={microbatch}"
         f"  steps={config.train.num_steps:,}  total tokens={tokens * config.train.num_steps:,}  "
         f"warmup={config.optimizer.warmup_steps}  layers={model_config.num_layers} "
-        f"width={model_config.embed_dim} heads={model_config.num_heads}/{model_config.kv_heads}"
+        f"width={model_config.embed_dim} heads={model_config.num_heads}/{model_config.num_kv_heads}"
     )
