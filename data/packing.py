@@ -12,6 +12,8 @@ weights are derived from those ids per batch, in numpy.
 import numpy as np
 import tensorflow as tf
 
+from data.batch import make_batch
+
 PAD_DOC = -1  # document id of padding tokens
 
 
@@ -61,7 +63,7 @@ def pad_rows(tokens: np.ndarray, doc_ids: np.ndarray, rows: int):
 
 
 def batch_features(tokens: np.ndarray, doc_ids: np.ndarray, pack_documents: bool) -> dict:
-    """Windows [B, T+1] -> the model batch, each array [B, T].
+    """Windows [B, T+1] -> the model batch (data/batch.py), each array [B, T].
 
     segment_ids: per input token, 1-based within the row, 0 = padding.
     positions: restart at 0 at each document start (pack_documents), else 0..T-1.
@@ -81,10 +83,10 @@ def batch_features(tokens: np.ndarray, doc_ids: np.ndarray, pack_documents: bool
         weights &= doc_target == doc_in
     else:
         segment_ids, positions = np.ones(inputs.shape, np.int32), index
-    return {
-        "inputs": inputs.astype(np.int32),
-        "targets": targets.astype(np.int32),
-        "segment_ids": np.where(real, segment_ids, 0).astype(np.int32),
-        "positions": np.where(real, positions, 0).astype(np.int32),
-        "weights": weights.astype(np.float32),
-    }
+    return make_batch(
+        inputs=inputs,
+        targets=targets,
+        segment_ids=np.where(real, segment_ids, 0),
+        positions=np.where(real, positions, 0),
+        weights=weights,
+    )

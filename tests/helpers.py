@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 
 from configs.base import get_base_config
+from data import batch as data_batch
 from training.trainer import Trainer
 
 # Llama-style choices (untied, GQA with 4 KV heads for TINY_MODEL's 8 query heads).
@@ -38,26 +39,9 @@ def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
 
 
 def random_batch(config, batch_size=None, seed=0, packed=True) -> dict:
-    """A batch of random tokens; with `packed`, each row holds two documents."""
-    rng = np.random.default_rng(seed)
-    b, t = batch_size or config.train.global_batch_size, config.data.seq_len
-    tokens = rng.integers(1, config.model.vocab_size, (b, t + 1), dtype=np.int32)
-    segment_ids = np.ones((b, t), np.int32)
-    positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
-    weights = np.ones((b, t), np.float32)
-    if packed:
-        split = t // 2 + 1
-        segment_ids[:, split:] = 2
-        positions[:, split:] -= split
-        weights[:, split - 1] = 0.0  # last token of doc 1 does not predict doc 2
-        weights[-1, -3:] = 0.0  # and some padding-like zero weights
-    return dict(
-        inputs=tokens[:, :-1],
-        targets=tokens[:, 1:],
-        segment_ids=segment_ids,
-        positions=positions,
-        weights=weights,
-    )
+    """A random batch of `config`'s shape (data/batch.py); packed rows hold two documents."""
+    b = batch_size or config.train.global_batch_size
+    return data_batch.random_batch(b, config.data.seq_len, config.model.vocab_size, seed, packed)
 
 
 def setup(config, mesh_shape=(8, 1, 1)):

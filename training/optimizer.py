@@ -1,5 +1,10 @@
 """The optimizer: global-norm clipping, then AdamW on a warmup + decay schedule.
 
+The learning rate is a pure function of the train state's step, passed to
+`tx.update(..., step=state.step)`, not a count kept inside the optimizer state:
+so the rate applied is always the rate logged, also after a skipped update (see
+`train.skip_nonfinite_updates`), and a resumed run continues the schedule exactly.
+
 Weight decay applies to matmul kernels only: never to norm scales or biases,
 and to the embeddings only when `optimizer.decay_embeddings` is set.
 """
@@ -8,32 +13,24 @@ import flax.linen as nn
 import jax
 import optax
 
-from errors import UserError
-
 NO_DECAY_LEAVES = ("scale", "bias")
 EMBEDDINGS = ("token_embed", "pos_embed")
 
 
 def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then cosine or linear decay to a floor."""
+    """Linear warmup from 0 to the peak, then cosine, linear or no decay to a floor."""
     peak = opt_config.learning_rate
-    floor = peak * opt_config.final_lr_fraction
     warmup = opt_config.warmup_steps
-    if not 0 <= warmup <= num_steps:
-        raise UserError(
-            f"optimizer.warmup_steps={warmup} must be between 0 and train.num_steps={num_steps}."
-        )
     decay_steps = max(num_steps - warmup, 1)
-    if opt_config.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt_config.final_lr_fraction)
-    elif opt_config.schedule == "linear":
-        decay = optax.linear_schedule(peak, floor, decay_steps)
-    elif opt_config.schedule == "constant":
-        decay = optax.constant_schedule(peak)
-    else:
-        raise UserError(
-            f"optimizer.schedule={opt_config.schedule!r}: must be cosine, linear or constant."
-        )
+    decay = {
+        "cosine": lambda: optax.cosine_decay_schedule(
+            peak, decay_steps, alpha=opt_config.final_lr_fraction
+        ),
+        "linear": lambda: optax.linear_schedule(
+            peak, peak * opt_config.final_lr_fraction, decay_steps
+        ),
+        "constant": lambda: optax.constant_schedule(peak),
+    }[opt_config.schedule]()
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
@@ -51,19 +48,30 @@ def weight_decay_mask(params, decay_embeddings: bool):
     )
 
 
+def scale_by_step_schedule(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """Multiplies updates by -schedule(step), with `step` given to `update` by the caller."""
+
+    def update(updates, state, params=None, *, step, **extra_args):
+        del params, extra_args
+        rate = schedule(step)
+        return jax.tree.map(lambda u: -rate * u, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
     opt_config, num_steps: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
+) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+    """(tx, schedule): call `tx.update(grads, opt_state, params, step=step)`."""
     schedule = learning_rate_schedule(opt_config, num_steps)
-    adamw = optax.adamw(
-        schedule,
-        b1=opt_config.b1,
-        b2=opt_config.b2,
-        eps=opt_config.eps,
-        weight_decay=opt_config.weight_decay,
-        mask=lambda params: weight_decay_mask(params, opt_config.decay_embeddings),
-    )
-    transforms = [adamw]
+    transforms = [
+        optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps),
+        optax.add_decayed_weights(
+            opt_config.weight_decay,
+            mask=lambda params: weight_decay_mask(params, opt_config.decay_embeddings),
+        ),
+        scale_by_step_schedule(schedule),
+    ]
     if opt_config.grad_clip_norm > 0:
         transforms.insert(0, optax.clip_by_global_norm(opt_config.grad_clip_norm))
     return optax.chain(*transforms), schedule

@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from data.batch import BATCH_FIELDS
 from sharding import activate, batch_sharding, replicated
 from training.loss import cross_entropy_sums
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
 def _split_microbatches(batch, num_microbatches: int):
@@ -90,7 +89,7 @@ def make_train_step(
         denominator = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         loss, grad_norm = total / denominator, optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
         new_state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
@@ -114,7 +113,7 @@ def make_train_step(
         }
         return new_state, metrics
 
-    batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_KEYS}
+    batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS}
     jitted = jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings),
@@ -137,7 +136,7 @@ def make_eval_step(model, mesh, rules, state_shardings):
         _, ce_sum, weight_sum = _forward_sums(model, params, batch, None, 0.0)
         return {"ce_sum": ce_sum, "weight_sum": weight_sum}
 
-    batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_KEYS}
+    batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS}
     jitted = jax.jit(
         step, in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated(mesh)
     )

@@ -9,13 +9,14 @@ import time
 import jax
 import numpy as np
 
+from data.batch import batch_spec
 from model import Transformer
 from model.flops import train_flops_per_token
 from sharding import activate, batch_sharding, logical_rules, make_mesh
 from training.config import validate_config
 from training.optimizer import make_optimizer
 from training.state import TrainState, init_train_state, state_shardings
-from training.step import BATCH_KEYS, make_train_step
+from training.step import make_train_step
 
 
 def _with_shardings(abstract, shardings):
@@ -98,14 +99,19 @@ class Trainer:
             self.seq_len,
         )
 
+    def resumed_state(self, restored) -> TrainState:
+        """The train state of a restored checkpoint; a fresh optimizer state if it had none."""
+        opt_state = restored.opt_state
+        if opt_state is None:
+            init = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)
+            with activate(self.mesh, self.rules):
+                opt_state = init(restored.params)
+        step = jax.device_put(np.int32(restored.step), self.shardings.step)
+        return TrainState(step=step, params=restored.params, opt_state=opt_state)
+
     def abstract_batch(self) -> dict:
-        shape = (self.config.train.global_batch_size, self.seq_len)
-        return {
-            key: jax.ShapeDtypeStruct(
-                shape, np.float32 if key == "weights" else np.int32, sharding=self.batch_sharding
-            )
-            for key in BATCH_KEYS
-        }
+        """The global batch's shapes, dtypes and sharding (data/batch.py)."""
+        return batch_spec(self.config.train.global_batch_size, self.seq_len, self.batch_sharding)
 
     def to_global(self, local_batch: dict) -> dict:
         """This process's numpy rows -> global arrays sharded over the mesh."""
