@@ -4,7 +4,8 @@
     python train.py --config=configs/gpt2_small.py --workdir=... --config.train.num_steps=100
     python train.py --workdir=... --dry_run                     # compile, report memory, exit
 
-Re-running with the same --workdir resumes from its latest checkpoint.
+Re-running with the same --workdir resumes from its latest checkpoint. A mistake
+in the config, the data or the workdir ends the run with one `error: ...` line.
 """
 
 import json
@@ -17,6 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from data.pipeline import hide_accelerators_from_tf
 from errors import UserError
 from training import loop
 from training.trainer import Trainer
@@ -42,8 +44,15 @@ _DRY_RUN = flags.DEFINE_bool(
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
-    "Call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters).",
+    "Start JAX's multi-process runtime first (jax.distributed.initialize): one process per "
+    "host of a TPU pod slice or GPU cluster. Detected from the environment on TPU and SLURM; "
+    "elsewhere give --coordinator_address, --num_processes and --process_id.",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, with --distributed."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0-based; with --distributed.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -54,21 +63,23 @@ class _QuietLibraries(logging_lib.Filter):
         return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
 
 
-def main(argv):
-    del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
-    logging.info(
-        "JAX %s: %d processes, %d devices (%s)",
-        jax.__version__,
-        jax.process_count(),
-        jax.device_count(),
-        jax.devices()[0].device_kind,
+def start_distributed():
+    """jax.distributed.initialize with the flags given (None = detect from the environment)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU devices use it
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
     )
+
+
+def run(config, workdir: str, dry_run: bool = False) -> None:
+    """Trains (or only compiles, with `dry_run`); a UserError becomes one `error:` line."""
     try:
-        if _DRY_RUN.value:
-            report = Trainer(_CONFIG.value).dry_run()
+        if not workdir.strip():
+            raise UserError("--workdir is empty: name a directory for checkpoints and metrics.")
+        if dry_run:
+            report = Trainer(config).dry_run()
             memory = report.get("per_device_bytes", 0) / 2**30
             print(
                 f"{report['num_params']:,} parameters; train step compiled in "
@@ -77,7 +88,7 @@ def main(argv):
             )
             print(json.dumps(report))
             return
-        result = loop.train(_CONFIG.value, _WORKDIR.value)
+        result = loop.train(config, workdir)
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
     logging.info(
@@ -85,6 +96,22 @@ def main(argv):
         result["step"],
         {k: round(v, 4) for k, v in result.items() if k in ("loss", "eval_loss")},
     )
+
+
+def main(argv):
+    del argv
+    hide_accelerators_from_tf()  # before anything builds a TensorFlow op
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if _DISTRIBUTED.value:
+        start_distributed()
+    logging.info(
+        "JAX %s: %d processes, %d devices (%s)",
+        jax.__version__,
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
+    run(_CONFIG.value, _WORKDIR.value, _DRY_RUN.value)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
     loop.train(config, workdir)
     assert checkpoint_steps(workdir) == [3, 6]
     for path in glob.glob(
-        os.path.join(workdir, "checkpoints", "6", "state", "**", "*"), recursive=True
+        os.path.join(workdir, "checkpoints", "6", "params", "**", "*"), recursive=True
     ):
         if os.path.isfile(path):
             with open(path, "r+b") as f:

@@ -1,19 +1,38 @@
 """Checkpoints: an orbax CheckpointManager in `<workdir>/checkpoints`.
 
-Each checkpoint holds the train state (params, optimizer state, step), the
-data iterator position of every process, and metadata (the model config and
-seed; the dropout RNG is a pure function of seed and step, so it needs nothing
-more). Orbax writes into a temporary directory and renames it only once the
-save is complete, so a crash mid-save never leaves a half-written step that
-looks finished. A finished step that cannot be read (truncated on disk, say) is
-moved aside to `<workdir>/checkpoints_unreadable/` — never deleted — and the
-previous one is used.
+Each checkpoint step holds four items:
+
+    params      the model parameters (orbax StandardSave)
+    opt_state   the optimizer state
+    data        every process's data iterator position (JSON)
+    meta        the step, the resolved model config and the run's full config (JSON)
+
+Params and optimizer state are separate items so that params alone can be
+loaded (a fresh optimizer, sampling, fine-tuning) without reading the rest. The
+dropout RNG is a pure function of seed and step, so it needs nothing more.
+
+What happens on restore, newest step first:
+  * a step that cannot be read (truncated or corrupt files) is moved aside to
+    `<workdir>/checkpoints_unreadable/` (never deleted) and the previous one is
+    tried; every process takes the same decision;
+  * a readable step of another model (fields that change the weights differ) is
+    refused with a message naming the fields;
+  * a readable step whose optimizer state does not fit the current config (the
+    optimizer chain changed) is refused with a message naming the config fields
+    that changed and the ways forward, unless `checkpoint.allow_optimizer_reset`
+    asks to resume its params, step and data position with a fresh optimizer state;
+  * otherwise it is restored onto the current mesh, and every config value that
+    changed since it was written is logged as `field: old -> new`.
+A workdir that holds checkpoints is never silently trained from scratch.
 """
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -22,6 +41,18 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from errors import UserError
+
+ITEMS = ("params", "opt_state", "data", "meta")
+
+
+@dataclasses.dataclass
+class Restored:
+    """What a checkpoint gave back; `opt_state` is None when a fresh one must be made."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    data_state: dict
 
 
 def _gather_across_processes(value: dict) -> list[dict]:
@@ -36,45 +67,81 @@ def _gather_across_processes(value: dict) -> list[dict]:
     return [json.loads(bytes(row[: int(n)])) for row, n in zip(gathered, length.ravel())]
 
 
-def _model_differences(saved: dict, current: dict) -> list[str]:
-    keys = sorted(set(saved) | set(current))
+def _all_processes_ok(ok: bool) -> bool:
+    """True only if `ok` on every process, so all take the same branch (no hang)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.array([int(ok)])).min())
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """{"train": {"num_steps": 3}} -> {"train.num_steps": 3}."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """`field: old -> new` for every field whose value differs between two config dicts."""
+    saved, current = flatten_config(saved), flatten_config(current)
     return [
-        f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}"
-        for k in keys
+        f"{k}: {saved.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
+        for k in sorted(set(saved) | set(current))
         if saved.get(k) != current.get(k)
     ]
 
 
-class Checkpointer:
-    """Saves and restores (state, data iterator state) at given steps."""
+def _shapes(tree) -> dict:
+    """Flat {path: (shape, dtype)} of arrays or orbax array metadata."""
+    flat = ocp.tree.to_flat_dict(tree, sep="/")
+    return {path: (tuple(x.shape), np.dtype(x.dtype)) for path, x in flat.items()}
 
-    # Fields that change only how a model is computed, not what its weights are:
-    # a checkpoint may be resumed with different values of these.
-    RUNTIME_FIELDS = (
-        "dtype",
-        "attention_implementation",
-        "remat_policy",
-        "scan_unroll",
-        "dropout_rate",
+
+def _tree_differences(saved, expected) -> list[str]:
+    saved, expected = _shapes(saved), _shapes(expected)
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    shapes = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+    return (
+        [f"{k} not in the checkpoint" for k in missing[:3]]
+        + [f"{k} only in the checkpoint" for k in extra[:3]]
+        + [f"{k}: {saved[k]} in the checkpoint, {expected[k]} now" for k in shapes[:3]]
     )
+
+
+class Checkpointer:
+    """Saves and restores (state, data iterator state, config) at given steps."""
 
     def __init__(self, workdir: str, keep: int, async_save: bool):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.quarantine = os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
+        handlers = {
+            "params": ocp.StandardCheckpointHandler(),
+            "opt_state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
         self.manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers=handlers,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
         )
 
-    def save(self, step: int, state, data_state: dict, model_config: dict, seed: int):
-        meta = {"step": step, "model": model_config, "seed": seed}
-        self.manager.save(
+    def save(self, step: int, state, data_state: dict, config: dict, model_config: dict) -> bool:
+        """Starts saving `state` at `step` (in the background when async); False if not saved."""
+        meta = {"step": step, "model": model_config, "config": config}
+        return self.manager.save(
             step,
             force=True,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
                 data=ocp.args.JsonSave({"processes": _gather_across_processes(data_state)}),
                 meta=ocp.args.JsonSave(meta),
             ),
@@ -83,30 +150,43 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore_latest(self, abstract_state, model_config: dict):
-        """(state, this process's data state) of the newest readable checkpoint, or None.
+    def restore_latest(
+        self,
+        abstract_state,
+        config: dict,
+        model_config: dict,
+        allow_optimizer_reset: bool = False,
+    ) -> Restored | None:
+        """The newest readable checkpoint that fits, or None if the workdir has none.
 
         `abstract_state` carries the *current* shardings, so a checkpoint written on
-        another mesh is resharded onto this one.
+        another mesh is resharded onto this one. `config` is the current run's full
+        config and `model_config` the fields of ModelConfig that change the weights.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                meta = self.manager.restore(
-                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-                )["meta"]
-            except Exception as error:  # noqa: BLE001 -- any unreadable step is set aside
-                self._set_aside(step, error)
+            ok, found = self._read(step, functools.partial(self._read_meta_and_layout, step))
+            if not ok:
                 continue
-            self._check_compatible(meta["model"], model_config)
-            try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-                    ),
+            meta, params_tree, opt_tree = found
+            self._check_same_model(step, meta, model_config)
+            if _tree_differences(params_tree, abstract_state.params):
+                raise UserError(
+                    f"Checkpoint step {step} in {self.directory} holds parameters of another "
+                    f"shape ({'; '.join(_tree_differences(params_tree, abstract_state.params))}). "
+                    "Use a new --workdir."
                 )
-            except Exception as error:  # noqa: BLE001
-                self._set_aside(step, error)
+            fresh_optimizer = bool(_tree_differences(opt_tree, abstract_state.opt_state))
+            if fresh_optimizer and not allow_optimizer_reset:
+                raise self._optimizer_mismatch(step, meta, config, opt_tree, abstract_state)
+            items = {"params": ocp.args.StandardRestore(abstract_state.params)}
+            if not fresh_optimizer:
+                items["opt_state"] = ocp.args.StandardRestore(abstract_state.opt_state)
+            items["data"] = ocp.args.JsonRestore()
+            restore = functools.partial(
+                self.manager.restore, step, args=ocp.args.Composite(**items)
+            )
+            ok, restored = self._read(step, restore)
+            if not ok:
                 continue
             processes = restored["data"]["processes"]
             if len(processes) != jax.process_count():
@@ -115,29 +195,81 @@ class Checkpointer:
                     f"processes, but {jax.process_count()} are running; the data position cannot "
                     "be split differently. Resume with the same number of processes."
                 )
-            return restored["state"], processes[jax.process_index()]
+            if fresh_optimizer:
+                logging.warning(
+                    "checkpoint.allow_optimizer_reset: step %d's optimizer state does not fit the "
+                    "current optimizer config; resuming its params, step and data position with a "
+                    "fresh optimizer state.",
+                    step,
+                )
+            for change in config_changes(meta.get("config", {}), config):
+                logging.info("Config changed since checkpoint step %d: %s", step, change)
+            return Restored(
+                step=int(meta["step"]),
+                params=restored["params"],
+                opt_state=None if fresh_optimizer else restored["opt_state"],
+                data_state=processes[jax.process_index()],
+            )
         return None
 
-    def _check_compatible(self, saved: dict, current: dict):
-        differences = _model_differences(
-            {k: v for k, v in saved.items() if k not in self.RUNTIME_FIELDS},
-            {k: v for k, v in current.items() if k not in self.RUNTIME_FIELDS},
-        )
+    def _read_meta_and_layout(self, step: int):
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        layout = self.manager.item_metadata(step)
+        if layout["params"] is None or layout["opt_state"] is None:
+            raise ValueError("params or opt_state item missing")
+        return meta["meta"], layout["params"].tree, layout["opt_state"].tree
+
+    def _read(self, step: int, read):
+        """(True, read()) or, if any process failed to read, (False, None) with step set aside."""
+        try:
+            result, error = read(), None
+        except Exception as e:  # noqa: BLE001 -- any failure to read sets the step aside
+            result, error = None, e
+        if _all_processes_ok(error is None):
+            return True, result
+        self._set_aside(step, error)
+        return False, None
+
+    def _check_same_model(self, step: int, meta: dict, model_config: dict):
+        saved = meta.get("model", {})
+        differences = [
+            f"model.{k}: {saved.get(k)!r} -> {v!r}"
+            for k, v in model_config.items()
+            if saved.get(k) != v
+        ]
         if differences:
             raise UserError(
-                f"The workdir's checkpoints ({self.directory}) belong to a different model: "
-                + "; ".join(differences)
-                + ". Use a new --workdir, or restore the matching config values."
+                f"The workdir's checkpoints ({self.directory}, step {step}) belong to a different "
+                f"model: {'; '.join(differences)}. Use a new --workdir, or restore the matching "
+                "config values."
             )
 
-    def _set_aside(self, step: int, error: Exception):
+    def _optimizer_mismatch(self, step, meta, config, opt_tree, abstract_state) -> UserError:
+        changes = [
+            c for c in config_changes(meta.get("config", {}), config) if c.startswith("optimizer.")
+        ]
+        named = "; ".join(changes) or "none of its optimizer fields (the code changed)"
+        layout = "; ".join(_tree_differences(opt_tree, abstract_state.opt_state))
+        return UserError(
+            f"Checkpoint step {step} in {self.directory} is readable, but its optimizer state "
+            f"does not fit the current config ({layout}). Config fields changed since it was "
+            f"written: {named}. Either restore the old values, use a new --workdir, or pass "
+            "--config.checkpoint.allow_optimizer_reset=True to resume its params, step and data "
+            "position with a fresh optimizer state."
+        )
+
+    def _set_aside(self, step: int, error: Exception | None):
+        reason = (
+            f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            if error
+            else "another process could not read it"
+        )
         logging.warning(
-            "Checkpoint step %d in %s cannot be read (%s: %s); moving it to %s and "
-            "trying the previous one.",
+            "Checkpoint step %d in %s cannot be read (%s); moving it to %s and trying the "
+            "previous one.",
             step,
             self.directory,
-            type(error).__name__,
-            str(error).splitlines()[0][:200],
+            reason,
             self.quarantine,
         )
         if jax.process_index() == 0:

@@ -6,9 +6,9 @@ runs. The host only waits for the current step when it must: before saving a
 checkpoint (so a non-finite loss never reaches the disk) and before evaluating.
 """
 
+import json
 import math
 import os
-import signal
 import time
 
 import jax
@@ -21,27 +21,13 @@ from training.checkpoint import Checkpointer
 from training.config import describe, tokens_per_step
 from training.hardware import peak_flops_per_device
 from training.metrics import MetricsWriter
+from training.preemption import Preemption
 from training.step import make_eval_step
 from training.trainer import Trainer
 
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite and the config says to stop (lower the learning rate)."""
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: finishing the current step, then saving.")
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 class _ProfileWindow:
@@ -87,6 +73,30 @@ def evaluate(trainer: Trainer, eval_step, params, eval_stream) -> dict:
     }
 
 
+class StepClock:
+    """Seconds per train step between two reports, leaving out compilation, evaluation and saves.
+
+    `restart(step)` after anything that is not training (the compiling first step,
+    an evaluation, a checkpoint save): the next report divides only the time since
+    then by only the steps since then.
+    """
+
+    def __init__(self, step: int):
+        self.restart(step)
+
+    def restart(self, step: int):
+        self.step, self.time = step, now()
+
+    def seconds_per_step(self, step: int) -> float:
+        seconds = (now() - self.time) / max(step - self.step, 1)
+        self.restart(step)
+        return seconds
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
 def _write_config(config, workdir):
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -94,12 +104,12 @@ def _write_config(config, workdir):
 
 
 def train(config, workdir: str) -> dict:
-    """Trains (or resumes) `config` in `workdir`; returns the last logged metrics."""
-    os.makedirs(workdir, exist_ok=True)
+    """Trains (or resumes) `config` in `workdir`; returns the last logged metrics.
+
+    Everything is validated (config fields, data files, tokenizer) before anything
+    is written to `workdir`.
+    """
     trainer = Trainer(config)
-    logging.info(
-        "%s", describe(config, trainer.model_config, trainer.num_params, jax.device_count())
-    )
     train_cfg = config.train
     data_kwargs = dict(
         global_batch_size=train_cfg.global_batch_size,
@@ -109,17 +119,29 @@ def train(config, workdir: str) -> dict:
     )
     train_iter = make_train_iterator(config.data, seed=config.seed, **data_kwargs)
     eval_stream = make_eval_batches(config.data, **data_kwargs)
+    logging.info(
+        "%s", describe(config, trainer.model_config, trainer.num_params, jax.device_count())
+    )
 
+    os.makedirs(workdir, exist_ok=True)
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
-    model_dict = config.model.to_dict()
-    restored = checkpointer.restore_latest(trainer.abstract_state, model_dict)
+    config_dict = json.loads(config.to_json_best_effort())
+    model_dict = trainer.model_config.weight_fields()
+    try:
+        restored = checkpointer.restore_latest(
+            trainer.abstract_state,
+            config_dict,
+            model_dict,
+            allow_optimizer_reset=config.checkpoint.allow_optimizer_reset,
+        )
+    except BaseException:
+        checkpointer.close()
+        raise
     if restored is None:
-        state = trainer.init_state()
-        step = 0
+        state, step = trainer.init_state(), 0
     else:
-        state, data_state = restored
-        train_iter.set_state(data_state)
-        step = int(state.step)
+        state, step = trainer.resumed_state(restored), restored.step
+        train_iter.set_state(restored.data_state)
         logging.info("Restored checkpoint at step %d from %s", step, checkpointer.directory)
     _write_config(config, workdir)
 
@@ -127,17 +149,16 @@ def train(config, workdir: str) -> dict:
     eval_step = make_eval_step(trainer.model, trainer.mesh, trainer.rules, trainer.shardings)
     peak_flops, peak_source = peak_flops_per_device(trainer.model_config.dtype)
     logging.info("MFU is relative to %.3g FLOP/s per device (%s)", peak_flops, peak_source)
-    preemption = _Preemption()
+    preemption = Preemption()
     num_steps = train_cfg.num_steps
     profiler = _ProfileWindow(config.profile, workdir)
-    # The last timed step and when it finished. The first step (compilation) is timed
-    # on its own and then left out of later averages.
-    clock = {"step": step, "time": time.perf_counter(), "compiled": False}
+    clock = StepClock(step)
+    compiled = False  # the first step compiles: it is timed on its own, then left out
     last = {}
 
     def finish(step_done: int, metrics) -> None:
         """Reads step `step_done`'s metrics (blocking until it ran); logs; checks finiteness."""
-        nonlocal last
+        nonlocal last, compiled
         metrics = jax.device_get(metrics)
         if not metrics["finite"]:
             if not train_cfg.skip_nonfinite_updates:
@@ -148,18 +169,19 @@ def train(config, workdir: str) -> dict:
                     "train.skip_nonfinite_updates=True to skip such updates."
                 )
             logging.warning("Non-finite loss at step %d: update skipped.", step_done)
-        now = time.perf_counter()
         if step_done % train_cfg.log_every and step_done != num_steps:
-            if not clock["compiled"]:  # restart the clock after the compiling step
-                clock.update(step=step_done, time=now, compiled=True)
+            if not compiled:
+                clock.restart(step_done)
+                compiled = True
             return
-        step_time = (now - clock["time"]) / max(step_done - clock["step"], 1)
+        compiled = True
+        step_time = clock.seconds_per_step(step_done)
         tokens_per_second = tokens_per_step(config) / step_time
-        loss = float(metrics["loss"])
+        cross_entropy = float(metrics["cross_entropy"])
         last = {
-            "loss": loss,
-            "perplexity": math.exp(min(loss, 50.0)),
-            "cross_entropy": float(metrics["cross_entropy"]),
+            "loss": float(metrics["loss"]),
+            "cross_entropy": cross_entropy,
+            "perplexity": math.exp(min(cross_entropy, 50.0)),
             "learning_rate": float(metrics["learning_rate"]),
             "grad_norm": float(metrics["grad_norm"]),
             "param_norm": float(metrics["param_norm"]),
@@ -171,9 +193,9 @@ def train(config, workdir: str) -> dict:
         }
         writer.write(step_done, last)
         writer.console(step_done, num_steps, last)
-        clock.update(step=step_done, time=now, compiled=True)
 
     pending = None
+    preempted = False
     try:
         while step < num_steps:
             profiler.before_step(step + 1)
@@ -185,30 +207,35 @@ def train(config, workdir: str) -> dict:
             pending = (step, metrics)
             profiler.after_step(step, state, last_step=step == num_steps)
             every_eval, every_ckpt = train_cfg.eval_every, config.checkpoint.every_steps
-            eval_due = step == num_steps or (every_eval and step % every_eval == 0)
-            save_due = (
-                step == num_steps or preemption.requested or (every_ckpt and step % every_ckpt == 0)
-            )
-            if eval_due or save_due:
-                finish(*pending)  # never save or evaluate past a non-finite loss
+            if step == num_steps or (every_eval and step % every_eval == 0):
+                finish(*pending)  # never evaluate past a non-finite loss
                 pending = None
-            if eval_due:
                 eval_metrics = evaluate(trainer, eval_step, state.params, eval_stream)
                 writer.write(step, eval_metrics)
                 writer.console(step, num_steps, eval_metrics)
                 last.update(eval_metrics)
-                clock["time"] = time.perf_counter()  # keep eval time out of step times
-            if save_due:
-                checkpointer.save(step, state, train_iter.get_state(), model_dict, config.seed)
-            if preemption.requested:
-                logging.info("Preempted: checkpoint saved at step %d; exiting.", step)
+                clock.restart(step)
+            # Asked after evaluating, so a SIGTERM that arrived during evaluation saves too.
+            preempted = preemption.reached(step)
+            if step == num_steps or preempted or (every_ckpt and step % every_ckpt == 0):
+                if pending is not None:
+                    finish(*pending)  # never save past a non-finite loss
+                    pending = None
+                checkpointer.save(step, state, train_iter.get_state(), config_dict, model_dict)
+                clock.restart(step)
+            if preempted:
                 break
         if pending is not None:
             finish(*pending)
     finally:
         profiler.close()
-        preemption.restore()
+        preemption.close()
         checkpointer.close()  # waits for asynchronous saves: the last good one reaches disk
         writer.close()
+    if preempted:
+        if checkpointer.latest_step() == step:
+            logging.info("Preempted at step %d: checkpoint saved; exiting.", step)
+        else:
+            logging.error("Preempted at step %d, but no checkpoint was saved.", step)
     last["step"] = step
     return last
