@@ -9,27 +9,33 @@ from tests.helpers import LLAMA_STYLE, random_batch, setup, tiny_config
 from training.config import validate_config
 
 
-def run_two_steps(config, mesh_shape):
+def run_three_steps(config, mesh_shape):
+    """Three steps on one batch, from the warmup-free peak rate, so every step moves the params."""
     _, state, step = setup(config, mesh_shape)
+    initial = jax.device_get(state.params)
+    batch = random_batch(config, seed=0)
     losses = []
-    for seed in range(2):
-        state, metrics = step(state, random_batch(config, seed=seed))
+    for _ in range(3):
+        state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state.params)
+    return losses, jax.device_get(state.params), initial
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_sharded_training_matches_a_single_device(family):
     config = tiny_config(**(LLAMA_STYLE if family == "llama" else {}))
-    ref_losses, ref_params = run_two_steps(config, (1, 1, 1))
+    config.optimizer.warmup_steps = 0
+    ref_losses, ref_params, initial = run_three_steps(config, (1, 1, 1))
+    assert ref_losses[2] < ref_losses[1] < ref_losses[0]  # the steps train, not just run
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), ref_params, initial)
+    assert all(jax.tree.leaves(changed))  # so agreeing params means agreeing updates
     meshes = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
     if family == "gpt2":
         meshes.append((1, 1, 8))  # 8 heads, 8 KV heads: tensor=8 divides them
     for mesh_shape in meshes:
-        losses, params = run_two_steps(config, mesh_shape)
+        losses, params, _ = run_three_steps(config, mesh_shape)
         np.testing.assert_allclose(losses, ref_losses, atol=1e-5, err_msg=str(mesh_shape))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)
-    assert ref_losses[1] < ref_losses[0] + 0.5  # the step trains, not just runs
 
 
 def test_fsdp_shards_params_and_optimizer_state():
@@ -47,8 +53,10 @@ def test_fsdp_shards_params_and_optimizer_state():
 
 def test_gradient_accumulation_equals_one_large_batch():
     config = tiny_config()
+    config.optimizer.warmup_steps = 0  # a zero step-0 rate would leave both params unchanged
     batch = random_batch(config, seed=3)
     _, state, step = setup(config, (2, 2, 2))
+    initial = jax.device_get(state.params)
     one_batch, m1 = step(state, batch)
     config.train.num_microbatches = 4
     _, state, step = setup(config, (2, 2, 2))
@@ -61,6 +69,56 @@ def test_gradient_accumulation_equals_one_large_batch():
         jax.device_get(accumulated.params),
     )
     assert float(m4["num_tokens"]) == batch["weights"].sum()
+    moved = jax.tree.map(
+        lambda a, b: bool(np.any(a != b)), jax.device_get(one_batch.params), initial
+    )
+    assert all(jax.tree.leaves(moved))  # so agreeing params means agreeing updates
+
+
+def test_a_skipped_update_keeps_the_learning_rate_on_schedule():
+    """With skip_nonfinite_updates, step 2 (a NaN loss) is skipped; step 3 must then apply
+    the rate of step index 2, the rate it logs, not the rate of the one update before it."""
+    config = tiny_config()
+    config.train.skip_nonfinite_updates = True
+    config.optimizer.warmup_steps = 3  # rates 0, 1/3, 2/3 of the peak: each step differs
+    good = random_batch(config, seed=1)
+    nan = dict(good, weights=np.full_like(good["weights"], np.nan))
+    _, state, step = setup(config, (1, 1, 1))
+    state, _ = step(state, random_batch(config, seed=0))
+    after_one = jax.device_get(state)
+    state, skipped = step(state, nan)
+    assert not bool(skipped["finite"]) and int(state.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), after_one.params)
+    state, metrics = step(state, good)
+    _, _, schedule = make_optimizer_for(config)
+    assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(2)))
+
+    # The same update from the step-1 state with its step counter set to 2 is identical...
+    _, reference, step = setup(config, (1, 1, 1))
+    reference = jax.device_put(
+        after_one.replace(step=np.int32(2)), jax.tree.map(lambda x: x.sharding, reference)
+    )
+    reference, _ = step(reference, good)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(state.params),
+        jax.device_get(reference.params),
+    )
+    # ...and differs from applying the step-1 rate, which the skipped step must not leave behind.
+    _, lagging, step = setup(config, (1, 1, 1))
+    lagging = jax.device_put(after_one, jax.tree.map(lambda x: x.sharding, lagging))
+    lagging, _ = step(lagging, good)
+    assert not np.allclose(
+        jax.device_get(lagging.params)["final_norm"]["scale"],
+        jax.device_get(state.params)["final_norm"]["scale"],
+    )
+
+
+def make_optimizer_for(config):
+    from training.optimizer import make_optimizer
+
+    tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
+    return config, tx, schedule
 
 
 def test_metrics_are_reported():
