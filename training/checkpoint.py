@@ -38,6 +38,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from errors import UserError
@@ -213,11 +214,13 @@ class Checkpointer:
         return None
 
     def _read_meta_and_layout(self, step: int):
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        """This process's own read of a step's metadata: plain file reads, no cross-process
+        barrier, so a failure on one host cannot leave the others waiting in one."""
+        meta = ocp.JsonCheckpointHandler().restore(epath.Path(self.directory) / str(step) / "meta")
         layout = self.manager.item_metadata(step)
         if layout["params"] is None or layout["opt_state"] is None:
             raise ValueError("params or opt_state item missing")
-        return meta["meta"], layout["params"].tree, layout["opt_state"].tree
+        return meta, layout["params"].tree, layout["opt_state"].tree
 
     def _read(self, step: int, read):
         """(True, read()) or, if any process failed to read, (False, None) with step set aside."""
