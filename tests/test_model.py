@@ -1,5 +1,7 @@
 """The model's behaviour: causality, segment isolation, variants, logical names."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,3 +97,12 @@ def test_bad_model_configs_name_the_field(overrides, field):
 def test_unknown_model_key_is_named():
     with pytest.raises(UserError, match="num_layer"):
         ModelConfig.from_dict({**TINY_MODEL, "num_layer": 3})
+
+
+def test_derived_values_are_resolved_once_with_one_name_each():
+    config = ModelConfig(**{**TINY_MODEL, "num_kv_heads": 0, "head_dim": 0})
+    assert (config.num_kv_heads, config.head_dim) == (8, 4)  # num_heads, embed_dim // num_heads
+    gqa = ModelConfig(**{**TINY_MODEL, "num_kv_heads": 2, "head_dim": 6})
+    assert (gqa.num_kv_heads, gqa.head_dim) == (2, 6)
+    assert ModelConfig.from_dict(dataclasses.asdict(gqa)) == gqa  # resolving again is a no-op
+    assert "dtype" not in gqa.weight_fields() and "num_layers" in gqa.weight_fields()
