@@ -34,7 +34,7 @@ def time_saves(trainer, state, async_save: bool) -> dict:
         checkpointer = Checkpointer(workdir, keep=2, async_save=async_save)
         for step in range(1, _REPEATS.value + 1):
             start = time.perf_counter()
-            checkpointer.save(step, state, {"epoch": 0, "batch": step}, config={}, model_config={})
+            checkpointer.save(step, state, {"epoch": 0, "window": step}, config={}, model_config={})
             blocking.append(time.perf_counter() - start)
             checkpointer.wait()
             total.append(time.perf_counter() - start)

@@ -10,12 +10,14 @@ instead has every process read the whole eval split and keep its rows of each
 global batch, so all processes see the same number of eval steps.
 
 Resumable state: the train stream is deterministic given (seed, epoch), so its
-state is two integers, {"epoch", "batch"} (plus what must match on restore).
-Restoring rebuilds that epoch's pipeline and skips `batch` batches inside
-tf.data; the skipped batches are tokenized again but never leave the graph.
+state is two integers, {"epoch", "window"}: the packed windows of the epoch
+already read (plus what must match on restore). Restoring rebuilds that epoch's
+pipeline and skips `window` windows inside tf.data; the skipped windows are
+tokenized again but never leave the graph. Counting windows rather than batches
+lets a run resume with another batch size exactly where it stopped.
 The state stays ~200 bytes of JSON per process, where a tf.data iterator
 checkpoint of the same pipeline measured 8.3 MB (shuffle and map buffers); the
-price is restore time: ~2 s plus re-tokenizing the epoch up to `batch`, bounded
+price is restore time: ~2 s plus re-tokenizing the epoch up to `window`, bounded
 by one epoch (see BENCHMARKS.md, "Input pipeline").
 """
 
@@ -31,7 +33,7 @@ from data.tokenizer import Tokenizer
 from errors import UserError
 
 DOCS_PER_OP = 128  # documents tokenized per tensorflow-text call
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @functools.cache
@@ -103,7 +105,7 @@ class TrainIterator:
         self._batch_size, self._seed = batch_size, seed
         self._process_index, self._process_count = process_index, process_count
         self._report = sources.InvalidUtf8Report()
-        self._epoch, self._batch, self._it = 0, 0, None
+        self._epoch, self._window, self._it = 0, 0, None
         self._dataset(0)  # builds (does not run) the graph, so bad sources fail here, not at step 1
 
     @property
@@ -120,15 +122,15 @@ class TrainIterator:
             process_count=self._process_count,
             shuffle_seed=_seed(self._seed, epoch, 0),
         )
-        windows = windows.shuffle(
+        return windows.shuffle(
             self._cfg.shuffle_buffer,
             seed=_seed(self._seed, epoch, 1),
             reshuffle_each_iteration=False,
         )
-        return windows.batch(self._batch_size)
 
     def _open(self) -> None:
-        self._it = self._dataset(self._epoch).skip(self._batch).prefetch(2).as_numpy_iterator()
+        windows = self._dataset(self._epoch).skip(self._window)
+        self._it = windows.batch(self._batch_size).prefetch(2).as_numpy_iterator()
 
     def __iter__(self):
         return self
@@ -139,15 +141,15 @@ class TrainIterator:
         try:
             tokens, doc_ids = next(self._it)
         except StopIteration:
-            if self._batch == 0:
+            if self._window == 0:
                 raise UserError(
                     f"{_split_field(self._cfg, 'train')}: process {self._process_index} of {self._process_count} "
                     "got no tokens (empty corpus or all documents empty). Add text or use fewer processes."
                 ) from None
-            self._epoch, self._batch = self._epoch + 1, 0
+            self._epoch, self._window = self._epoch + 1, 0
             self._open()
             return next(self)
-        self._batch += 1
+        self._window += tokens.shape[0]
         tokens, doc_ids = packing.pad_rows(tokens, doc_ids, self._batch_size)
         return packing.batch_features(tokens, doc_ids, self._cfg.pack_documents)
 
@@ -157,7 +159,6 @@ class TrainIterator:
             "seed": self._seed,
             "process_index": self._process_index,
             "process_count": self._process_count,
-            "batch_size": self._batch_size,
             "seq_len": c.seq_len,
             "shuffle_buffer": c.shuffle_buffer,
             "source": c.source,
@@ -169,7 +170,7 @@ class TrainIterator:
         return {
             "version": STATE_VERSION,
             "epoch": self._epoch,
-            "batch": self._batch,
+            "window": self._window,
             **self._identity(),
         }
 
@@ -179,9 +180,9 @@ class TrainIterator:
         if mismatch:
             raise UserError(
                 f"data iterator state does not match this pipeline (saved, current): {mismatch}. "
-                "Resume with the same seed, batch size, process count and data config."
+                "Resume with the same seed, process count and data config."
             )
-        self._epoch, self._batch, self._it = int(state["epoch"]), int(state["batch"]), None
+        self._epoch, self._window, self._it = int(state["epoch"]), int(state["window"]), None
 
 
 class EvalStream:

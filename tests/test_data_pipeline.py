@@ -100,6 +100,7 @@ def test_whole_file_documents(tmp_path, tok):
     cfg.update(
         source="files",
         file_format="document",
+        train_files=str(tmp_path / "f*.txt"),
         eval_files=str(tmp_path / "f*.txt"),
         seq_len=8,
         pack_documents=False,
@@ -202,6 +203,18 @@ def test_resume_continues_with_the_identical_next_batch(tmp_path):
     ahead = _take(it, 3)
     rebuilt.set_state(epoch1_state)
     _assert_same(_take(rebuilt, 3), ahead)
+
+
+def test_resume_with_another_batch_size_continues_at_the_same_window(tmp_path):
+    cfg = _config(tmp_path, _docs(30), files=3)
+    reference = np.concatenate(
+        [b["inputs"] for b in _take(make_train_iterator(cfg, global_batch_size=2, seed=3), 9)]
+    )
+    it = make_train_iterator(cfg, global_batch_size=4, seed=3)
+    _take(it, 3)  # windows 0..11
+    bigger = make_train_iterator(cfg, global_batch_size=6, seed=3)
+    bigger.set_state(it.get_state())
+    np.testing.assert_array_equal(next(bigger)["inputs"], reference[12:18])
 
 
 def test_state_from_another_setup_is_rejected(tmp_path):

@@ -81,7 +81,7 @@ def test_compatible_changes_resume_and_are_logged(tmp_path, caplog):
     workdir = str(tmp_path)
     loop.train(small_config(**FAST), workdir)
     changed = small_config(
-        **{**FAST, "train.num_steps": 5},
+        **{**FAST, "train.num_steps": 5, "train.global_batch_size": 16},
         **{"optimizer.learning_rate": 1e-3, "mesh.data": 4, "mesh.fsdp": 2},
     )
     with caplog.at_level(logging.INFO):
@@ -91,6 +91,7 @@ def test_compatible_changes_resume_and_are_logged(tmp_path, caplog):
     assert "Restored checkpoint at step 3" in logged
     for change in (
         "train.num_steps: 3 -> 5",
+        "train.global_batch_size: 8 -> 16",
         "optimizer.learning_rate: 0.003 -> 0.001",
         "mesh.data: -1 -> 4",
         "mesh.fsdp: 1 -> 2",

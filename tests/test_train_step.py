@@ -35,7 +35,9 @@ def test_sharded_training_matches_a_single_device(family):
     for mesh_shape in meshes:
         losses, params, _ = run_three_steps(config, mesh_shape)
         np.testing.assert_allclose(losses, ref_losses, atol=1e-5, err_msg=str(mesh_shape))
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)
+        # Adam turns float-rounding differences of near-zero gradients into small update
+        # differences; a wrong sharding would differ by the update size (~1e-2).
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, ref_params)
 
 
 def test_fsdp_shards_params_and_optimizer_state():
