@@ -150,6 +150,7 @@ class TrainIterator:
             self._open()
             return next(self)
         self._window += tokens.shape[0]
+        self._report.warn_once()
         tokens, doc_ids = packing.pad_rows(tokens, doc_ids, self._batch_size)
         return packing.batch_features(tokens, doc_ids, self._cfg.pack_documents)
 
@@ -210,6 +211,7 @@ class EvalStream:
         empty = True
         for tokens, doc_ids in self._dataset.as_numpy_iterator():
             empty = False
+            self._report.warn_once()
             tokens, doc_ids = packing.pad_rows(tokens, doc_ids, self._global_batch_size)
             yield packing.batch_features(
                 tokens[self._rows], doc_ids[self._rows], self._cfg.pack_documents
