@@ -1,4 +1,13 @@
-"""Training FLOPs per token, for throughput and MFU reporting."""
+"""Training FLOPs per token, for throughput and MFU reporting.
+
+Two conventions for causal attention are in use, and MFU numbers only compare
+within one:
+  * PaLM (Chowdhery et al. 2022, appendix B): attention FLOPs counted as if
+    every query attended to every key, 12·L·H·Q·T per token. The training log
+    and BENCHMARKS.md use this one unless they say otherwise.
+  * MaxText (current): the causal mask skips half of the score matrix, so the
+    attention term is halved, 6·L·H·Q·T per token (`causal_discount=True`).
+"""
 
 import jax
 import numpy as np
@@ -21,14 +30,17 @@ def matmul_params(config: ModelConfig, params) -> int:
     return total - lookups
 
 
-def train_flops_per_token(config: ModelConfig, params, seq_len: int) -> float:
-    """6N + 12 * L * H * Q * T (PaLM, appendix B).
+def train_flops_per_token(
+    config: ModelConfig, params, seq_len: int, causal_discount: bool = False
+) -> float:
+    """6N + 12·L·H·Q·T (PaLM), or 6N + 6·L·H·Q·T with `causal_discount` (MaxText).
 
     6N: forward (2N) and backward (4N) multiply-adds of every matmul weight.
-    12*L*H*Q*T: the attention scores and weighted values (QK^T and AV, 2 matmuls,
-    each 2*H*Q*T FLOPs forward and twice that backward) for L layers, H heads of
-    size Q and a context of T tokens. Causal masking is not discounted (as in
-    PaLM and MaxText), so MFU is comparable with theirs.
+    12·L·H·Q·T: the attention scores and weighted values (QK^T and AV, 2 matmuls,
+    each 2·H·Q·T FLOPs forward and twice that backward) for L layers, H heads of
+    size Q and a context of T tokens; halved when only the causal half is counted.
     """
     attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    if causal_discount:
+        attention //= 2
     return 6 * matmul_params(config, params) + attention

@@ -6,24 +6,27 @@ CPU MFU is relative to what this machine's matmul actually reaches.
 """
 
 import functools
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip, matched against jax.Device.device_kind (lower case).
+# Dense bf16 peak FLOP/s per chip. Each pattern must match jax.Device.device_kind
+# (lower case) in full: the same chip name covers parts with different peaks (an H100
+# PCIe card has 756 TFLOP/s, an H100 NVL 835, the SXM module 989).
 PEAK_BF16_FLOPS = (
-    ("h200", 989e12),
-    ("h100", 989e12),
-    ("a100", 312e12),
-    ("tpu v4", 275e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),
-    ("tpu v6 lite", 918e12),  # v6e (Trillium)
-    ("tpu v6e", 918e12),
+    (r"nvidia h100( 80gb hbm3| sxm5?.*)?", 989e12),  # SXM
+    (r"nvidia h100 pcie", 756e12),
+    (r"nvidia h100 nvl", 835e12),
+    (r"nvidia h200( sxm.*)?", 989e12),
+    (r"nvidia h200 nvl", 835e12),
+    (r"nvidia a100.*", 312e12),  # SXM and PCIe, 40 and 80 GB
+    (r"tpu v4", 275e12),
+    (r"tpu v5 ?(lite|e)", 197e12),  # v5e
+    (r"tpu v5p?", 459e12),
+    (r"tpu v6 ?(lite|e)", 918e12),  # v6e (Trillium)
 )
 
 
@@ -42,9 +45,13 @@ def measured_matmul_flops(dtype: str, size: int = 2048, repeats: int = 5) -> flo
 
 
 def peak_flops_per_device(dtype: str = "bfloat16") -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number comes from)."""
+    """(peak FLOP/s of one device, which peak that is and where it comes from)."""
     kind = jax.devices()[0].device_kind.lower()
-    for name, flops in sorted(PEAK_BF16_FLOPS, key=lambda row: -len(row[0])):  # "v5 lite" > "v5"
-        if name in kind:
-            return flops, f"{kind}: published dense bf16 peak"
-    return measured_matmul_flops(dtype), f"{kind}: measured 2048^3 {dtype} matmul"
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if re.fullmatch(pattern, kind):
+            return flops, f"{kind}: published dense bf16 peak, {flops / 1e12:.0f} TFLOP/s"
+    flops = measured_matmul_flops(dtype)
+    return (
+        flops,
+        f"{kind}: not in the table; measured 2048^3 {dtype} matmul, {flops / 1e12:.3g} TFLOP/s",
+    )

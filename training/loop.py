@@ -148,7 +148,12 @@ def train(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir)
     eval_step = make_eval_step(trainer.model, trainer.mesh, trainer.rules, trainer.shardings)
     peak_flops, peak_source = peak_flops_per_device(trainer.model_config.dtype)
-    logging.info("MFU is relative to %.3g FLOP/s per device (%s)", peak_flops, peak_source)
+    logging.info(
+        "MFU: model FLOPs with causal attention counted in full (PaLM's convention), relative "
+        "to %.3g FLOP/s per device (%s)",
+        peak_flops,
+        peak_source,
+    )
     preemption = Preemption()
     num_steps = train_cfg.num_steps
     profiler = _ProfileWindow(config.profile, workdir)
