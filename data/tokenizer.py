@@ -13,6 +13,7 @@ Train a tokenizer:
 """
 
 import argparse
+import itertools
 import os
 from typing import Iterable, Iterator
 
@@ -24,6 +25,8 @@ from errors import UserError
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_TOKENIZER = os.path.join(ASSETS_DIR, "stdlib_bpe8k.model")
+# Special ids and the newline piece, plus 256 byte-fallback pieces for bpe and unigram.
+MIN_VOCAB_SIZE = {"char": 6, "bpe": 262, "unigram": 262}
 
 
 class Tokenizer:
@@ -85,13 +88,44 @@ def train_tokenizer(
     model_type: str = "bpe",
     max_sentences: int = 2_000_000,
 ) -> Tokenizer:
-    """Trains a sentencepiece model on the lines of `texts` and writes `output`."""
+    """Trains a sentencepiece model on the lines of `texts` and writes `output`.
+
+    `output` may name the file with or without `.model` (sentencepiece appends it);
+    its directory is created if needed. The returned Tokenizer's path is the file written.
+    """
     if model_type not in ("bpe", "unigram", "char"):
         raise UserError(f"--model_type: {model_type!r} is not one of bpe, unigram, char.")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    prefix = output[: -len(".model")] if output.endswith(".model") else output
+    minimum = MIN_VOCAB_SIZE[model_type]
+    if vocab_size < minimum:
+        raise UserError(
+            f"--vocab_size={vocab_size}: a {model_type} model needs at least {minimum} pieces "
+            "(4 special ids and a newline" + (", plus 256 byte pieces)." if minimum > 6 else ").")
+        )
+    if max_sentences < 1:
+        raise UserError(f"--max_sentences={max_sentences}: must be at least 1.")
+    path = output if output.endswith(".model") else output + ".model"
+    prefix = path[: -len(".model")]
+    lines = _lines(texts)
+    first = next(lines, None)
+    if first is None:
+        raise UserError("--input: no text in the input (every document is empty).")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _train(itertools.chain([first], lines), prefix, vocab_size, model_type, max_sentences)
+    except OSError as error:
+        raise UserError(f"--output={output!r}: cannot write there ({error}).") from None
+    except RuntimeError as error:  # sentencepiece's own checks, e.g. a vocabulary too large
+        reason = str(error).strip().splitlines()[-1]
+        raise UserError(
+            f"sentencepiece cannot train this model: {reason} (check --vocab_size)."
+        ) from None
+    os.remove(prefix + ".vocab")
+    return Tokenizer(path)
+
+
+def _train(sentences, prefix: str, vocab_size: int, model_type: str, max_sentences: int):
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(texts),
+        sentence_iterator=sentences,
         model_prefix=prefix,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -113,10 +147,6 @@ def train_tokenizer(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    if prefix != output:
-        os.replace(prefix + ".model", output)
-    os.remove(prefix + ".vocab")
-    return Tokenizer(output)
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -149,6 +179,7 @@ def source_texts(
             tfds_data_dir=tfds_data_dir,
         )
     else:
+        sources.expand_globs(source, "--input")  # names the flag when a glob matches nothing
         cfg.update(source="files", train_files=source, file_format=file_format)
     for _, text in sources.documents(cfg, "train").as_numpy_iterator():
         yield text.decode("utf-8", errors="replace")
@@ -174,21 +205,24 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--output", required=True, help="path of the .model file to write")
     args = parser.parse_args(argv)
-    texts = source_texts(
-        args.input,
-        file_format=args.file_format,
-        tfds_split=args.tfds_split,
-        tfds_text_key=args.tfds_text_key,
-        tfds_data_dir=args.tfds_data_dir,
-    )
-    tok = train_tokenizer(
-        texts,
-        args.output,
-        vocab_size=args.vocab_size,
-        model_type=args.model_type,
-        max_sentences=args.max_sentences,
-    )
-    print(f"wrote {args.output}: {tok.vocab_size} pieces, {os.path.getsize(args.output)} bytes")
+    try:
+        texts = source_texts(
+            args.input,
+            file_format=args.file_format,
+            tfds_split=args.tfds_split,
+            tfds_text_key=args.tfds_text_key,
+            tfds_data_dir=args.tfds_data_dir,
+        )
+        tok = train_tokenizer(
+            texts,
+            args.output,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            max_sentences=args.max_sentences,
+        )
+    except UserError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"wrote {tok.path}: {tok.vocab_size} pieces, {os.path.getsize(tok.path)} bytes")
 
 
 if __name__ == "__main__":

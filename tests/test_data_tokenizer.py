@@ -1,6 +1,8 @@
 """Tokenizer: the bundled model, in-graph tokenization, and the training command."""
 
 import os
+import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -80,3 +82,61 @@ def test_file_that_is_not_a_model_is_rejected(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(UserError, match="not a sentencepiece model"):
         Tokenizer(str(bad))
+
+
+@pytest.mark.parametrize("name", ["tok", "tok.model"])
+def test_output_path_with_or_without_model_suffix(tmp_path, capsys, name):
+    (tmp_path / "a.txt").write_text("some text to learn from\n" * 50)
+    main(
+        [
+            f"--input={tmp_path}/a.txt",
+            "--model_type=char",
+            "--vocab_size=30",
+            f"--output={tmp_path}/new/{name}",
+        ]
+    )
+    assert Tokenizer(str(tmp_path / "new" / "tok.model")).vocab_size <= 30
+    assert f"wrote {tmp_path}/new/tok.model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--vocab_size=0"], "--vocab_size=0"),
+        (["--vocab_size=-5"], "--vocab_size=-5"),
+        (["--vocab_size=100", "--model_type=bpe"], "--vocab_size=100"),  # < 256 byte pieces
+        (["--vocab_size=100000", "--model_type=bpe"], "--vocab_size"),  # more than the text has
+        (["--max_sentences=0"], "--max_sentences=0"),
+        (["--input=/no/such/dir/*.txt"], "--input"),
+        (["--input={empty}"], "--input: no text"),
+    ],
+)
+def test_bad_command_line_values_are_one_line_and_write_nothing(tmp_path, flags, named):
+    (tmp_path / "a.txt").write_text("some text to learn from\n" * 50)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    args = [f"--input={tmp_path}/a.txt", "--model_type=char", "--vocab_size=30"]
+    args += [f.format(empty=tmp_path / "empty.txt") for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"--output={tmp_path}/out/tok.model"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and named in message and "\n" not in message, message
+    assert not os.path.exists(tmp_path / "out" / "tok.model")
+
+
+def test_the_command_prints_no_traceback(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data.tokenizer",
+            "--input=/no/such/*.txt",
+            f"--output={tmp_path}/t",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: --input" in result.stderr
