@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from errors import UserError  # noqa: E402
 from training.checkpoint import Checkpointer  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
@@ -45,7 +46,10 @@ def time_saves(trainer, state, async_save: bool) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    trainer = Trainer(_CONFIG.value)
+    try:
+        trainer = Trainer(_CONFIG.value)
+    except UserError as error:  # a bad --config value: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
     state = trainer.init_state()
     size = sum(x.nbytes for x in jax.tree.leaves(state))
     result = {"params": trainer.num_params, "state_bytes": size}

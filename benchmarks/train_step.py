@@ -26,6 +26,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from data import batch as data_batch  # noqa: E402
+from errors import UserError  # noqa: E402
 from model.flops import train_flops_per_token  # noqa: E402
 from training.config import tokens_per_step  # noqa: E402
 from training.hardware import peak_flops_per_device  # noqa: E402
@@ -82,7 +83,10 @@ def time_steps(trainer, compiled) -> list[float]:
 def main(argv):
     del argv
     config = FLAGS.config
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except UserError as error:  # a bad --config value: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
     model_config = trainer.model_config
     compiled, compile_s = trainer.compile()
     memory = memory_report(compiled)

@@ -154,3 +154,16 @@ def test_bad_sharding_rules_are_refused(tmp_path):
 def test_path_kinds_are_all_exercised():
     kinds = {spec.allowed for _, _, spec, _ in all_fields() if spec.allowed in PATH_KINDS}
     assert kinds == set(PATH_KINDS)
+
+
+@pytest.mark.parametrize("script", ["benchmarks/train_step.py", "benchmarks/checkpoint_save.py"])
+def test_benchmarks_refuse_bad_values_without_a_traceback(script):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, script), "--config.model.num_heads=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: model.num_heads=0" in result.stderr
