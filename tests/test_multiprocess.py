@@ -47,6 +47,18 @@ def start_processes(workdir, num_processes=2, extra_env=None, **overrides):
     ]
 
 
+def successful_outputs(processes, timeout=300) -> list[str]:
+    """Every process's output once all have exited 0 (each is killed if anything fails)."""
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for index, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"process {index}:\n{output[-3000:]}"
+    return outputs
+
+
 def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
     workdir = str(tmp_path)
     processes = start_processes(
@@ -63,12 +75,10 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
             timeout=300,
         )
         processes[1].send_signal(signal.SIGTERM)  # only the second process is told
-        outputs = [p.communicate(timeout=180)[0] for p in processes]
+        outputs = successful_outputs(processes)
     finally:
         for p in processes:
             p.kill()
-    for index, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"process {index}:\n{output[-3000:]}"
     saved = [
         int(re.search(r"Preempted at step (\d+): checkpoint saved", o).group(1)) for o in outputs
     ]
@@ -107,13 +117,7 @@ def test_a_read_error_on_one_process_sets_the_step_aside_on_all(tmp_path):
     processes = start_processes(
         workdir, extra_env={1: {"PYTHONPATH": str(hook)}}, **{**short, "train.num_steps": 8}
     )
-    try:
-        outputs = [p.communicate(timeout=300)[0] for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    for index, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"process {index}:\n{output[-3000:]}"
+    for index, output in enumerate(successful_outputs(processes)):
         assert "Restored checkpoint at step 3" in output, f"process {index}"
     set_aside = os.listdir(os.path.join(workdir, "checkpoints_unreadable"))
     assert [name.split("-")[0] for name in set_aside] == ["6"]
