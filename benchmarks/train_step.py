@@ -7,6 +7,8 @@
 Runs on the real devices (all of them, on the config's mesh) with random token batches of
 the config's shape. MFU is measured against a table of bf16 dense peaks per chip; on CPU or
 an unknown chip the peak is measured with a large jitted matmul in the model's compute dtype.
+MFU is printed in two conventions: PaLM's (causal attention counted in full; JSON `mfu`, the
+one train.py logs) and MaxText's (causal attention halved; JSON `mfu_causal_halved`).
 `--compare_depth` compiles the same width at 4 and 48 layers (scan_unroll=1): with nn.scan
 the compile time should barely grow. Prints readable lines, then one JSON line with every number.
 """
@@ -91,12 +93,17 @@ def main(argv):
     compiled, compile_s = trainer.compile()
     memory = memory_report(compiled)
     tokens = tokens_per_step(config)
+    # PaLM counts causal attention in full (train.py logs this one); MaxText halves it.
+    causal_flops = train_flops_per_token(
+        model_config, trainer.abstract_state.params, config.data.seq_len, causal_discount=True
+    )
     result = dict(
         device_kind=jax.devices()[0].device_kind,
         num_devices=jax.device_count(),
         mesh=dict(zip(trainer.mesh.axis_names, trainer.mesh.devices.shape)),
         params=trainer.num_params,
         flops_per_token=trainer.flops_per_token,
+        flops_per_token_causal_halved=causal_flops,
         tokens_per_step=tokens,
         compute_dtype=model_config.dtype,
         num_layers=model_config.num_layers,
@@ -112,7 +119,8 @@ def main(argv):
     )
     print(
         f"params: {trainer.num_params:,} ({trainer.num_params / 1e6:.2f}M)"
-        f"   train FLOPs/token: {trainer.flops_per_token:.4g}"
+        f"   train FLOPs/token: {trainer.flops_per_token:.4g} (PaLM: causal attention in full),"
+        f" {causal_flops:.4g} (MaxText: causal attention halved)"
     )
     print(
         f"batch: {config.train.global_batch_size} x {config.data.seq_len} = {tokens:,} tokens/step"
@@ -132,9 +140,6 @@ def main(argv):
             peak, peak_source = peak_flops_per_device(model_config.dtype)
         tokens_per_s = tokens / step_s
         mfu = tokens_per_s * trainer.flops_per_token / (peak * jax.device_count())
-        causal_flops = train_flops_per_token(
-            model_config, trainer.abstract_state.params, config.data.seq_len, causal_discount=True
-        )
         mfu_causal = tokens_per_s * causal_flops / (peak * jax.device_count())
         result.update(
             step_s=step_s,
@@ -146,7 +151,6 @@ def main(argv):
             peak_source=peak_source,
             mfu=mfu,
             mfu_causal_halved=mfu_causal,
-            flops_per_token_causal_halved=causal_flops,
         )
         print(
             f"step time: median {step_s * 1e3:.1f} ms over {FLAGS.steps} steps "

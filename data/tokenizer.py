@@ -13,7 +13,9 @@ Train a tokenizer:
 """
 
 import argparse
+import glob
 import itertools
+import logging
 import os
 from typing import Iterable, Iterator
 
@@ -27,6 +29,7 @@ ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_TOKENIZER = os.path.join(ASSETS_DIR, "stdlib_bpe8k.model")
 # Special ids and the newline piece, plus 256 byte-fallback pieces for bpe and unigram.
 MIN_VOCAB_SIZE = {"char": 6, "bpe": 262, "unigram": 262}
+MAX_INT = 2**31 - 1  # sentencepiece's options are int32
 
 
 class Tokenizer:
@@ -91,8 +94,38 @@ def train_tokenizer(
     """Trains a sentencepiece model on the lines of `texts` and writes `output`.
 
     `output` may name the file with or without `.model` (sentencepiece appends it);
-    its directory is created if needed. The returned Tokenizer's path is the file written.
+    its directory is created if needed, and removed again if training fails.
+    The returned Tokenizer's path is the file written.
     """
+    check_training_flags(vocab_size, model_type, max_sentences)
+    path = output_path(output)
+    prefix = path[: -len(".model")]
+    lines = _lines(texts)
+    first = next(lines, None)
+    if first is None:
+        raise UserError(
+            "--input: no text in the input (every document is empty); give files that hold text."
+        )
+    created = []
+    try:
+        _make_parents(path, created)
+        _train(itertools.chain([first], lines), prefix, vocab_size, model_type, max_sentences)
+    except OSError as error:
+        _remove_dirs(created)
+        raise UserError(f"--output={output!r}: cannot write there ({error}).") from None
+    except RuntimeError as error:  # sentencepiece's own checks, e.g. a vocabulary too large
+        _remove_dirs(created)
+        reason = str(error).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # drop its source line
+        raise UserError(
+            f"--vocab_size={vocab_size}: sentencepiece cannot train a {model_type} model "
+            f"of this size on this input: {reason}"
+        ) from None
+    os.remove(prefix + ".vocab")
+    return Tokenizer(path)
+
+
+def check_training_flags(vocab_size: int, model_type: str, max_sentences: int) -> None:
+    """Raises UserError for a vocabulary size, model type or sentence count that cannot train."""
     if model_type not in ("bpe", "unigram", "char"):
         raise UserError(f"--model_type: {model_type!r} is not one of bpe, unigram, char.")
     minimum = MIN_VOCAB_SIZE[model_type]
@@ -101,26 +134,47 @@ def train_tokenizer(
             f"--vocab_size={vocab_size}: a {model_type} model needs at least {minimum} pieces "
             "(4 special ids and a newline" + (", plus 256 byte pieces)." if minimum > 6 else ").")
         )
-    if max_sentences < 1:
-        raise UserError(f"--max_sentences={max_sentences}: must be at least 1.")
+    if vocab_size > MAX_INT:
+        raise UserError(f"--vocab_size={vocab_size}: must be at most {MAX_INT}.")
+    if not 1 <= max_sentences <= MAX_INT:
+        raise UserError(f"--max_sentences={max_sentences}: must be in [1, {MAX_INT}].")
+
+
+def output_path(output: str) -> str:
+    """The .model file `output` names; UserError if it cannot be written. Creates nothing."""
     path = output if output.endswith(".model") else output + ".model"
-    prefix = path[: -len(".model")]
-    lines = _lines(texts)
-    first = next(lines, None)
-    if first is None:
-        raise UserError("--input: no text in the input (every document is empty).")
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _train(itertools.chain([first], lines), prefix, vocab_size, model_type, max_sentences)
-    except OSError as error:
-        raise UserError(f"--output={output!r}: cannot write there ({error}).") from None
-    except RuntimeError as error:  # sentencepiece's own checks, e.g. a vocabulary too large
-        reason = str(error).strip().splitlines()[-1]
-        raise UserError(
-            f"sentencepiece cannot train this model: {reason} (check --vocab_size)."
-        ) from None
-    os.remove(prefix + ".vocab")
-    return Tokenizer(path)
+    if os.path.basename(path) == ".model":
+        raise UserError(f"--output={output!r}: give a file name, e.g. --output=dir/tok.model.")
+    if os.path.isdir(path):
+        raise UserError(f"--output={output!r}: {path!r} is a directory; give a file in it.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # created later, by train_tokenizer
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--output={output!r}: {parent!r} is a file, not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output={output!r}: cannot write in {parent!r}; choose another path.")
+    return path
+
+
+def _make_parents(path: str, created: list[str]) -> None:
+    """Creates the missing directories above `path`, appending each to `created`."""
+    missing = []
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in reversed(missing):
+        os.mkdir(directory)
+        created.append(directory)
+
+
+def _remove_dirs(created: list[str]) -> None:
+    for directory in reversed(created):
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty: something else wrote there meanwhile
+            break
 
 
 def _train(sentences, prefix: str, vocab_size: int, model_type: str, max_sentences: int):
@@ -164,31 +218,110 @@ def source_texts(
     tfds_text_key: str = "text",
     tfds_data_dir: str = "",
 ) -> Iterator[str]:
-    """Training documents of 'stdlib', comma-separated globs, or 'tfds:NAME', via data.sources."""
-    from data import sources  # imports TensorFlow; only the command needs it
+    """Training documents of 'stdlib', comma-separated globs, or 'tfds:NAME', via data.sources.
 
+    The source is checked now (a UserError names the flag); its documents are read lazily.
+    """
     cfg = default_data_config()
     if source == "stdlib":
         cfg.source = "stdlib"
     elif source.startswith("tfds:"):
+        name = source[len("tfds:") :]
+        check_tfds_input(name, tfds_split, tfds_text_key, tfds_data_dir)
         cfg.update(
             source="tfds",
-            tfds_name=source[len("tfds:") :],
+            tfds_name=name,
             tfds_train_split=tfds_split,
             tfds_text_key=tfds_text_key,
             tfds_data_dir=tfds_data_dir,
         )
     else:
-        sources.expand_globs(source, "--input")  # names the flag when a glob matches nothing
+        check_input_files(source)
         cfg.update(source="files", train_files=source, file_format=file_format)
+    return _documents(cfg)
+
+
+def _documents(cfg) -> Iterator[str]:
+    from data import sources  # imports TensorFlow; only the command needs it
+
     for _, text in sources.documents(cfg, "train").as_numpy_iterator():
         yield text.decode("utf-8", errors="replace")
 
 
+def check_input_files(globs: str) -> None:
+    """Raises UserError unless every one of the comma-separated `globs` matches readable files."""
+    patterns = [g.strip() for g in globs.split(",") if g.strip()]
+    if not patterns:
+        raise UserError(
+            "--input: empty; give 'stdlib', comma-separated file globs, or 'tfds:NAME'."
+        )
+    for pattern in patterns:
+        files = [p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p)]
+        if not files:
+            raise UserError(
+                f"--input: no files match {pattern!r}; check the glob "
+                "(or give 'stdlib' or 'tfds:NAME')."
+            )
+        for path in files:
+            if not os.access(path, os.R_OK):
+                raise UserError(f"--input: cannot read {path!r}; check its permissions.")
+
+
+def check_tfds_input(name: str, split: str, text_key: str, data_dir: str) -> None:
+    """Raises UserError unless TFDS dataset `name` is prepared locally, with `split` and `text_key`.
+
+    Never downloads anything: the command reads only a dataset that is already prepared.
+    """
+    import tensorflow_datasets as tfds  # imported lazily: slow, and only needed here
+
+    flag = f"--input=tfds:{name}"
+    if not name:
+        raise UserError(f"{flag}: give a dataset name, e.g. --input=tfds:lm1b.")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as error:  # tfds raises several types (DatasetNotFoundError, ...)
+        raise UserError(
+            f"{flag}: no such TFDS dataset ({_first_line(error)}); "
+            "check the name and --tfds_data_dir."
+        ) from None
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # is_prepared() warns about each missing version folder
+    try:
+        prepared = builder.is_prepared()
+    finally:
+        absl_log.setLevel(level)
+    if not prepared:
+        raise UserError(
+            f"{flag}: not prepared in {builder.data_dir!r}, and this command does not download; "
+            f"prepare it first (`tfds build {name} --data_dir=DIR`) or set --tfds_data_dir to "
+            "the directory that holds it."
+        )
+    features = builder.info.features
+    if text_key not in features:
+        raise UserError(
+            f"--tfds_text_key={text_key!r}: not a feature of {name!r}; "
+            f"its features are {sorted(features.keys())}."
+        )
+    try:
+        builder.info.splits[split]  # parses slices too, e.g. train[:10%]
+    except Exception as error:  # tfds raises ValueError or KeyError
+        raise UserError(f"--tfds_split={split!r}: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports a bad or missing flag as one line `error: ...`, like every other mistake."""
+
+    def error(self, message):
+        raise SystemExit(f"error: {message} (see --help).")
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.tokenizer", description=__doc__.split("\n\n")[0]
-    )
+    parser = _ArgumentParser(prog="python -m data.tokenizer", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--input", default="stdlib", help="'stdlib', comma-separated file globs, or 'tfds:NAME'"
     )
@@ -197,15 +330,24 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--tfds_split", default="train")
     parser.add_argument("--tfds_text_key", default="text")
-    parser.add_argument("--tfds_data_dir", default="")
+    parser.add_argument(
+        "--tfds_data_dir", default="", help="where the prepared TFDS dataset is (never downloaded)"
+    )
     parser.add_argument("--vocab_size", type=int, default=8000)
     parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char"])
     parser.add_argument(
         "--max_sentences", type=int, default=2_000_000, help="lines sampled for training"
     )
-    parser.add_argument("--output", required=True, help="path of the .model file to write")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="the .model file to write ('.model' may be left out); its directory is created",
+    )
     args = parser.parse_args(argv)
     try:
+        # Cheap checks first: the flags, then the input (globs, TFDS dataset), then the slow work.
+        check_training_flags(args.vocab_size, args.model_type, args.max_sentences)
+        output_path(args.output)
         texts = source_texts(
             args.input,
             file_format=args.file_format,

@@ -3,10 +3,14 @@
 Two conventions for causal attention are in use, and MFU numbers only compare
 within one:
   * PaLM (Chowdhery et al. 2022, appendix B): attention FLOPs counted as if
-    every query attended to every key, 12·L·H·Q·T per token. The training log
-    and BENCHMARKS.md use this one unless they say otherwise.
-  * MaxText (current): the causal mask skips half of the score matrix, so the
-    attention term is halved, 6·L·H·Q·T per token (`causal_discount=True`).
+    every query attended to every key, 12·L·H·Q·T per token. This is the
+    default, and what the training log and BENCHMARKS.md report unless they
+    say otherwise.
+  * MaxText (current `calculate_tflops_training_per_device`,
+    `causal_attention_flops = noncausal_attention_flops / 2`): the causal mask
+    leaves half of the score matrix unused, so the attention term is halved,
+    6·L·H·Q·T per token (`causal_discount=True`).
+The 6N term is the same in both.
 """
 
 import jax
@@ -33,12 +37,14 @@ def matmul_params(config: ModelConfig, params) -> int:
 def train_flops_per_token(
     config: ModelConfig, params, seq_len: int, causal_discount: bool = False
 ) -> float:
-    """6N + 12·L·H·Q·T (PaLM), or 6N + 6·L·H·Q·T with `causal_discount` (MaxText).
+    """Training FLOPs per token: PaLM's 6N + 12·L·H·Q·T by default (the training log's MFU).
 
     6N: forward (2N) and backward (4N) multiply-adds of every matmul weight.
     12·L·H·Q·T: the attention scores and weighted values (QK^T and AV, 2 matmuls,
     each 2·H·Q·T FLOPs forward and twice that backward) for L layers, H heads of
-    size Q and a context of T tokens; halved when only the causal half is counted.
+    size Q and a context of T tokens, counted in full as in PaLM appendix B.
+    `causal_discount=True` halves it to 6·L·H·Q·T, as MaxText does for the causal
+    mask; use it only to compare with MFU numbers that were computed that way.
     """
     attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
     if causal_discount:

@@ -137,9 +137,7 @@ def _files_config(tmp_path, **overrides):
 def test_missing_paths_and_empty_globs(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     cfg = _files_config(tmp_path, train_files=f"{tmp_path}/a.txt,{tmp_path}/missing/*.txt")
-    with pytest.raises(
-        UserError, match=r"data.train_files=.*'.*missing/\*.txt' matches no file"
-    ):
+    with pytest.raises(UserError, match=r"data.train_files=.*'.*missing/\*.txt' matches no file"):
         make_train_iterator(cfg, global_batch_size=2, seed=0)
     cfg = _files_config(tmp_path, eval_files="")
     with pytest.raises(UserError, match="data.eval_files='': is empty"):

@@ -1,5 +1,6 @@
 """Tokenizer: the bundled model, in-graph tokenization, and the training command."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -84,46 +85,121 @@ def test_file_that_is_not_a_model_is_rejected(tmp_path):
         Tokenizer(str(bad))
 
 
+def _small_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("some text to learn from\n" * 50)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "plain_file").write_text("x")
+    (tmp_path / "dir.model").mkdir()
+
+
+def _all_files(root):
+    return sorted(os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
 @pytest.mark.parametrize("name", ["tok", "tok.model"])
 def test_output_path_with_or_without_model_suffix(tmp_path, capsys, name):
-    (tmp_path / "a.txt").write_text("some text to learn from\n" * 50)
+    _small_corpus(tmp_path)
     main(
         [
             f"--input={tmp_path}/a.txt",
             "--model_type=char",
             "--vocab_size=30",
-            f"--output={tmp_path}/new/{name}",
+            f"--output={tmp_path}/new/{name}",  # its directory is created
         ]
     )
     assert Tokenizer(str(tmp_path / "new" / "tok.model")).vocab_size <= 30
-    assert f"wrote {tmp_path}/new/tok.model" in capsys.readouterr().out
+    assert os.listdir(tmp_path / "new") == ["tok.model"]
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path}/new/tok.model: ")
 
 
 @pytest.mark.parametrize(
     "flags, named",
     [
-        (["--vocab_size=0"], "--vocab_size=0"),
-        (["--vocab_size=-5"], "--vocab_size=-5"),
-        (["--vocab_size=100", "--model_type=bpe"], "--vocab_size=100"),  # < 256 byte pieces
-        (["--vocab_size=100000", "--model_type=bpe"], "--vocab_size"),  # more than the text has
-        (["--max_sentences=0"], "--max_sentences=0"),
-        (["--input=/no/such/dir/*.txt"], "--input"),
-        (["--input={empty}"], "--input: no text"),
+        (["--vocab_size=0"], "--vocab_size=0: "),
+        (["--vocab_size=-5"], "--vocab_size=-5: "),
+        (["--vocab_size=5"], "--vocab_size=5: "),  # < 4 special ids and the newline
+        (["--vocab_size=100", "--model_type=bpe"], "--vocab_size=100: "),  # < 256 byte pieces
+        (["--vocab_size=100000", "--model_type=bpe"], "--vocab_size=100000: "),  # > the text has
+        (["--vocab_size=3000000000"], "--vocab_size=3000000000: "),  # not an int32
+        (["--vocab_size=abc"], "--vocab_size: invalid int value"),
+        (["--max_sentences=0"], "--max_sentences=0: "),
+        (["--max_sentences=-1"], "--max_sentences=-1: "),
+        (["--max_sentences=3000000000"], "--max_sentences=3000000000: "),
+        (["--model_type=word"], "--model_type: invalid choice"),
+        (["--file_format=csv"], "--file_format: invalid choice"),
+        (["--input=/no/such/dir/*.txt"], "--input: no files match '/no/such/dir/*.txt'"),
+        (["--input={tmp}/a.txt,{tmp}/nope*.txt"], "--input: no files match"),  # every glob
+        (["--input= , "], "--input: empty"),
+        (["--input={tmp}/empty.txt"], "--input: no text"),
+        (["--input=tfds:no_such_dataset"], "--input=tfds:no_such_dataset: "),
+        (
+            ["--input=tfds:mnist", "--tfds_data_dir={tmp}/tfds"],
+            "set --tfds_data_dir",
+        ),  # no download
+        (["--input=tfds:"], "--input=tfds:: give a dataset name"),
+        (["--vocab_size=0", "--input=tfds:mnist"], "--vocab_size=0: "),  # flags before input
+        (["--output={tmp}/plain_file/tok", "--input=tfds:mnist"], "--output="),
+        (["--output={tmp}/"], "--output="),  # no file name
+        (["--output={tmp}/dir"], "--output="),  # dir.model is a directory
+        (["--output={tmp}/plain_file/tok"], "is a file, not a directory"),
     ],
 )
-def test_bad_command_line_values_are_one_line_and_write_nothing(tmp_path, flags, named):
-    (tmp_path / "a.txt").write_text("some text to learn from\n" * 50)
-    (tmp_path / "empty.txt").write_text("\n  \n")
+def test_bad_command_line_values_are_one_line_and_write_nothing(
+    tmp_path, capsys, caplog, flags, named
+):
+    _small_corpus(tmp_path)
+    before = _all_files(tmp_path)
     args = [f"--input={tmp_path}/a.txt", "--model_type=char", "--vocab_size=30"]
-    args += [f.format(empty=tmp_path / "empty.txt") for f in flags]
+    args += [f"--output={tmp_path}/out/tok.model"]  # its directory does not exist yet
     with pytest.raises(SystemExit) as exit_info:
-        main([*args, f"--output={tmp_path}/out/tok.model"])
+        main(args + [f.format(tmp=tmp_path) for f in flags])  # the last of a flag wins
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and named in message and "\n" not in message, message
-    assert not os.path.exists(tmp_path / "out" / "tok.model")
+    assert capsys.readouterr().out == ""
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert _all_files(tmp_path) == before  # nothing written, not even the output's directory
 
 
-def test_the_command_prints_no_traceback(tmp_path):
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A tiny TFDS dataset, prepared locally."""
+    import tensorflow_datasets as tfds
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="tiny_text",
+        version="1.0.0",
+        features=tfds.features.FeaturesDict({"body": tfds.features.Text()}),
+        split_datasets={"train": [(i, {"body": f"document {i}"}) for i in range(8)]},
+        data_dir=data_dir,
+    )
+    return data_dir
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--tfds_text_key=text"], "--tfds_text_key='text': not a feature"),
+        (["--tfds_split=test"], "--tfds_split='test': "),
+        (["--tfds_split=train[abc]"], "--tfds_split='train[abc]': "),
+        ([], None),  # a prepared dataset trains
+    ],
+)
+def test_tfds_input_is_checked_before_reading(tfds_dir, tmp_path, flags, named):
+    args = ["--input=tfds:tiny_text", f"--tfds_data_dir={tfds_dir}", "--tfds_text_key=body"]
+    args += ["--model_type=char", "--vocab_size=40", f"--output={tmp_path}/tok", *flags]
+    if named is None:
+        main(args)
+        assert 3 not in Tokenizer(f"{tmp_path}/tok.model").encode("document 7")
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: {named}") and "\n" not in message, message
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_command_prints_one_error_line_and_no_traceback(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
         [
@@ -131,7 +207,7 @@ def test_the_command_prints_no_traceback(tmp_path):
             "-m",
             "data.tokenizer",
             "--input=/no/such/*.txt",
-            f"--output={tmp_path}/t",
+            f"--output={tmp_path}/out/t",
         ],
         cwd=repo,
         capture_output=True,
@@ -139,4 +215,6 @@ def test_the_command_prints_no_traceback(tmp_path):
         timeout=120,
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "error: --input" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --input: no files match"), lines
+    assert result.stdout == "" and os.listdir(tmp_path) == []

@@ -1,33 +1,52 @@
 """Peak FLOP/s of the devices we train on, for MFU.
 
-Accelerators: the vendor's dense bf16 peak per chip. CPUs (and anything not in
-the table): measured once with a large jitted matmul in the compute dtype, so
-CPU MFU is relative to what this machine's matmul actually reaches.
+Accelerators: the vendor's dense bf16 peak per chip, looked up by the exact
+`jax.Device.device_kind`. CPUs (and any kind not in the table): measured once with
+a large jitted matmul in the compute dtype, so CPU MFU is relative to what this
+machine's matmul actually reaches. Matching is exact, not by prefix, because one
+chip name covers parts with different peaks (H100 SXM 989, NVL 835, PCIe 756
+TFLOP/s): an unlisted variant must be measured, not given a neighbour's peak.
 """
 
 import functools
-import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip. Each pattern must match jax.Device.device_kind
-# (lower case) in full: the same chip name covers parts with different peaks (an H100
-# PCIe card has 756 TFLOP/s, an H100 NVL 835, the SXM module 989).
+# (table row, dense bf16 FLOP/s per chip, the device_kind strings jax reports for it).
+# NVIDIA: the datasheets' sparse figures halved; Google: Cloud TPU system architecture pages.
 PEAK_BF16_FLOPS = (
-    (r"nvidia h100( 80gb hbm3| sxm5?.*)?", 989e12),  # SXM
-    (r"nvidia h100 pcie", 756e12),
-    (r"nvidia h100 nvl", 835e12),
-    (r"nvidia h200( sxm.*)?", 989e12),
-    (r"nvidia h200 nvl", 835e12),
-    (r"nvidia a100.*", 312e12),  # SXM and PCIe, 40 and 80 GB
-    (r"tpu v4", 275e12),
-    (r"tpu v5 ?(lite|e)", 197e12),  # v5e
-    (r"tpu v5p?", 459e12),
-    (r"tpu v6 ?(lite|e)", 918e12),  # v6e (Trillium)
+    ("H100 SXM", 989e12, ("NVIDIA H100 80GB HBM3",)),
+    ("H100 NVL", 835e12, ("NVIDIA H100 NVL",)),
+    ("H100 PCIe", 756e12, ("NVIDIA H100 PCIe",)),
+    ("H200 SXM", 989e12, ("NVIDIA H200",)),
+    ("H200 NVL", 835e12, ("NVIDIA H200 NVL",)),
+    (
+        "A100",  # SXM and PCIe have the same tensor-core peak
+        312e12,
+        (
+            "NVIDIA A100-SXM4-40GB",
+            "NVIDIA A100-SXM4-80GB",
+            "NVIDIA A100-PCIE-40GB",
+            "NVIDIA A100 80GB PCIe",
+        ),
+    ),
+    ("TPU v4", 275e12, ("TPU v4",)),  # not "TPU v4 lite" (v4i)
+    ("TPU v5e", 197e12, ("TPU v5 lite", "TPU v5e")),
+    ("TPU v5p", 459e12, ("TPU v5", "TPU v5p")),
+    ("TPU v6e", 918e12, ("TPU v6 lite", "TPU v6e")),
 )
+
+
+def table_peak(device_kind: str) -> tuple[str, float] | None:
+    """(table row, FLOP/s) for exactly this device kind (case and outer spaces ignored)."""
+    kind = device_kind.strip().lower()
+    for row, flops, kinds in PEAK_BF16_FLOPS:
+        if kind in (k.lower() for k in kinds):
+            return row, flops
+    return None
 
 
 @functools.cache
@@ -45,13 +64,15 @@ def measured_matmul_flops(dtype: str, size: int = 2048, repeats: int = 5) -> flo
 
 
 def peak_flops_per_device(dtype: str = "bfloat16") -> tuple[float, str]:
-    """(peak FLOP/s of one device, which peak that is and where it comes from)."""
-    kind = jax.devices()[0].device_kind.lower()
-    for pattern, flops in PEAK_BF16_FLOPS:
-        if re.fullmatch(pattern, kind):
-            return flops, f"{kind}: published dense bf16 peak, {flops / 1e12:.0f} TFLOP/s"
+    """(peak FLOP/s of one device, which peak that is: the table row and value, or measured)."""
+    kind = jax.devices()[0].device_kind
+    found = table_peak(kind)
+    if found:
+        row, flops = found
+        return flops, f"table row {row}: {flops / 1e12:.0f} TFLOP/s dense bf16 (device {kind!r})"
     flops = measured_matmul_flops(dtype)
     return (
         flops,
-        f"{kind}: not in the table; measured 2048^3 {dtype} matmul, {flops / 1e12:.3g} TFLOP/s",
+        f"measured: 2048^3 {dtype} matmul, {flops / 1e12:.3g} TFLOP/s "
+        f"(device {kind!r} is not in the table)",
     )
