@@ -19,13 +19,23 @@ Parameter paths (stable; the Hugging Face converters and later LoRA address them
     layers/mlp/wo/kernel                [layers, mlp, embed]      (+ biases when use_bias)
     final_norm/{scale,bias}             [embed]
     lm_head                             [embed, vocab]            untied embeddings only
+
+Decoding passes a KV cache (model/decode.py makes one):
+
+    {"key", "value": [layers, batch, cache_len, kv_heads, head_dim],
+     "segment_ids": [batch, cache_len], "index": int32 scalar}
+
+The new tokens are written at `index`; the call returns `(logits, cache)` with the
+index advanced past them. The per-layer keys and values travel through the same
+layer scan as the parameters (scanned over their leading axis).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from model.attention import Attention, attention_mask
+from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import Mlp, make_norm, param_init, sinusoidal_embedding
 
@@ -39,16 +49,19 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask, positions):
+    def __call__(self, x, layer_cache, positions, segment_ids, key_segment_ids, cache_index):
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         h = make_norm(cfg, "attn_norm")(x)
-        x = x + dropout(Attention(cfg, name="attn")(h, mask, positions))
+        h, layer_cache = Attention(cfg, name="attn")(
+            h, positions, segment_ids, key_segment_ids, cache_index, layer_cache
+        )
+        x = x + dropout(h)
         x = nn.with_logical_constraint(x, ACTIVATION)
         h = make_norm(cfg, "mlp_norm")(x)
         x = x + dropout(Mlp(cfg, name="mlp")(h))
         x = nn.with_logical_constraint(x, ACTIVATION)
-        return x, None
+        return x, layer_cache
 
 
 def _remat(block_cls, policy_name: str):
@@ -59,7 +72,12 @@ def _remat(block_cls, policy_name: str):
 
 
 class Transformer(nn.Module):
-    """`apply(params, tokens, segment_ids=None, positions=None) -> float32 logits`."""
+    """`apply(params, tokens, segment_ids=None, positions=None) -> float32 logits`.
+
+    With `cache=`: `-> (logits, cache)`. With `return_hidden=True`: the final-norm
+    hidden states and the output projection [embed, vocab] instead of logits, for a
+    loss that computes the logits a chunk at a time (training/loss.py).
+    """
 
     config: ModelConfig
 
@@ -70,7 +88,9 @@ class Transformer(nn.Module):
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
         deterministic: bool = True,
-    ) -> jax.Array:
+        cache: dict | None = None,
+        return_hidden: bool = False,
+    ):
         cfg = self.config
         batch, length = tokens.shape
         if positions is None:
@@ -96,16 +116,28 @@ class Transformer(nn.Module):
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
         x = nn.with_logical_constraint(x, ACTIVATION)
 
+        if cache is None:
+            layer_caches, key_segment_ids, cache_index = None, segment_ids, 0
+        else:
+            if segment_ids is None:
+                segment_ids = jnp.ones_like(tokens)
+            cache_index = cache["index"]
+            key_segment_ids = lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
+            )
+            layer_caches = {"key": cache["key"], "value": cache["value"]}
         layers = nn.scan(
             _remat(Block, cfg.remat_policy),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             unroll=cfg.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, deterministic, name="layers")
-        x, _ = layers(x, attention_mask(segment_ids, length), positions)
+        x, layer_caches = layers(
+            x, layer_caches, positions, segment_ids, key_segment_ids, cache_index
+        )
 
         x = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
@@ -117,7 +149,12 @@ class Transformer(nn.Module):
                 (cfg.embed_dim, cfg.vocab_size),
                 cfg.param_dtype,
             )
-        logits = jnp.einsum(
-            "bte,ev->btv", x, output.astype(cfg.dtype), preferred_element_type=jnp.float32
-        )
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        output = output.astype(cfg.dtype)
+        if return_hidden:
+            return x, output
+        logits = jnp.einsum("bte,ev->btv", x, output, preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        cache = dict(layer_caches, segment_ids=key_segment_ids, index=cache_index + length)
+        return logits, cache

@@ -1,0 +1,136 @@
+"""Autoregressive generation with a KV cache, as one traceable function.
+
+    tokens, lengths = left_pad(prompts, pad_id)
+    new_tokens, num_new = generate(model, params, tokens, lengths, rng, max_new_tokens=64)
+
+The prompts are left-padded to one length P, so every row's last prompt token
+sits at index P-1 and one scalar cache index serves the whole batch; each row
+keeps its own positions (0 at its first real token) and padding is segment 0,
+which no real token attends to. The whole prompt is prefilled in one forward
+pass, then one token per step is decoded inside a `lax.while_loop`: the
+decode position is data, not a static argument, so nothing is re-traced per
+token. Sampling: greedy (temperature 0), or temperature, then top-k, then
+top-p (nucleus), as in Hugging Face's `generate`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from model.attention import CACHE_AXES
+from model.config import ModelConfig
+
+CACHE_LOGICAL_AXES = {
+    "key": ("layers",) + CACHE_AXES,
+    "value": ("layers",) + CACHE_AXES,
+    "segment_ids": ("batch", "length"),
+    "index": (),
+}
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
+    """An empty cache for `length` tokens: keys and values in the compute dtype."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    cache = {
+        "key": jnp.zeros(shape, config.dtype),
+        "value": jnp.zeros(shape, config.dtype),
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),  # 0: nothing there yet
+        "index": jnp.zeros((), jnp.int32),
+    }
+    return {k: nn.with_logical_constraint(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
+
+
+def cache_bytes_per_token(config: ModelConfig) -> int:
+    """Bytes the cache holds per token of one sequence: keys and values of every layer."""
+    per_layer = 2 * config.num_kv_heads * config.head_dim * np.dtype(config.dtype).itemsize
+    return config.num_layers * per_layer
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, length: int = 0):
+    """(tokens [batch, max(length, longest)] int32 left-padded, lengths [batch] int32)."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = max(length, int(lengths.max()))
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt) :] = prompt
+    return tokens, lengths
+
+
+def sample_next(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+    """Next token ids [batch] from float32 logits [batch, vocab].
+
+    temperature 0 is greedy (argmax; top_k and top_p are then irrelevant). Otherwise
+    logits / temperature, keeping the `top_k` largest (0 = all), then the smallest
+    set of tokens whose probability reaches `top_p` (1 = all).
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth_largest = lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
+    if top_p < 1.0:
+        descending = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(descending, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p, descending, jnp.inf)  # the top token always stays
+        logits = jnp.where(logits >= kept.min(axis=-1, keepdims=True), logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    model,
+    params,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int = -1,
+    pad_id: int = 0,
+):
+    """(new tokens [batch, max_new_tokens], number generated per row [batch]).
+
+    `tokens` [batch, P] are left-padded prompts of `lengths` tokens (see left_pad).
+    A row stops after its first `eos_id` (which is kept); later slots hold `pad_id`.
+    Traceable: jit it, with the sampling arguments static.
+    """
+    batch, prompt_len = tokens.shape
+    pad = prompt_len - lengths[:, None]
+    index = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]
+    segment_ids = (index >= pad).astype(jnp.int32)
+    positions = jnp.maximum(index - pad, 0)
+    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+    variables = {"params": params}
+    sample = lambda logits, step: sample_next(
+        logits[:, -1], jax.random.fold_in(rng, step), temperature, top_k, top_p
+    )
+
+    logits, cache = model.apply(variables, tokens, segment_ids, positions, cache=cache)
+    first = sample(logits, 0)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = first == eos_id
+
+    def more(state):
+        step, _, _, done = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def decode_one(state):
+        step, out, cache, done = state
+        previous = lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)
+        logits, cache = model.apply(
+            variables, previous, jnp.ones_like(previous), (lengths + step - 1)[:, None], cache=cache
+        )
+        token = jnp.where(done, pad_id, sample(logits, step))
+        out = lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+        return step + 1, out, cache, done | (token == eos_id)
+
+    step, out, _, _ = lax.while_loop(more, decode_one, (jnp.int32(1), out, cache, done))
+    first_eos = jnp.argmax(out == eos_id, axis=1)
+    num_new = jnp.where(jnp.any(out == eos_id, axis=1), first_eos + 1, step)
+    return out, num_new.astype(jnp.int32)
