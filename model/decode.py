@@ -32,7 +32,7 @@ CACHE_LOGICAL_AXES = {
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
     """An empty cache for `length` tokens: keys and values in the compute dtype."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
     cache = {
         "key": jnp.zeros(shape, config.dtype),
         "value": jnp.zeros(shape, config.dtype),

@@ -22,12 +22,12 @@ Parameter paths (stable; the Hugging Face converters and later LoRA address them
 
 Decoding passes a KV cache (model/decode.py makes one):
 
-    {"key", "value": [layers, batch, cache_len, kv_heads, head_dim],
+    {"key", "value": [layers, batch, kv_heads, cache_len, head_dim],
      "segment_ids": [batch, cache_len], "index": int32 scalar}
 
 The new tokens are written at `index`; the call returns `(logits, cache)` with the
-index advanced past them. The per-layer keys and values travel through the same
-layer scan as the parameters (scanned over their leading axis).
+index advanced past them. The cache rides in the layer scan's carry, and each
+layer writes its own slice in place.
 """
 
 import flax.linen as nn
@@ -43,25 +43,30 @@ ACTIVATION = ("batch", "length", "embed")
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer; shaped as a scan body: (carry, xs) -> (carry, ys)."""
+    """One pre-norm transformer layer; shaped as a scan body: (carry, xs) -> (carry, ys).
+
+    The carry is (activations, KV cache or None): the whole cache rides in the carry so
+    each layer updates its slice in place; xs is the layer's index into it.
+    """
 
     config: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, segment_ids, key_segment_ids, cache_index):
+    def __call__(self, carry, layer, positions, segment_ids, key_segment_ids, cache_index):
         cfg = self.config
+        x, cache = carry
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         h = make_norm(cfg, "attn_norm")(x)
-        h, layer_cache = Attention(cfg, name="attn")(
-            h, positions, segment_ids, key_segment_ids, cache_index, layer_cache
+        h, cache = Attention(cfg, name="attn")(
+            h, positions, segment_ids, key_segment_ids, cache_index, cache, layer
         )
         x = x + dropout(h)
         x = nn.with_logical_constraint(x, ACTIVATION)
         h = make_norm(cfg, "mlp_norm")(x)
         x = x + dropout(Mlp(cfg, name="mlp")(h))
         x = nn.with_logical_constraint(x, ACTIVATION)
-        return x, layer_cache
+        return (x, cache), None
 
 
 def _remat(block_cls, policy_name: str):
@@ -117,7 +122,7 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, ACTIVATION)
 
         if cache is None:
-            layer_caches, key_segment_ids, cache_index = None, segment_ids, 0
+            kv, key_segment_ids, cache_index = None, segment_ids, 0
         else:
             if segment_ids is None:
                 segment_ids = jnp.ones_like(tokens)
@@ -125,7 +130,7 @@ class Transformer(nn.Module):
             key_segment_ids = lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
             )
-            layer_caches = {"key": cache["key"], "value": cache["value"]}
+            kv = {"key": cache["key"], "value": cache["value"]}
         layers = nn.scan(
             _remat(Block, cfg.remat_policy),
             variable_axes={"params": 0},
@@ -135,8 +140,9 @@ class Transformer(nn.Module):
             unroll=cfg.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, deterministic, name="layers")
-        x, layer_caches = layers(
-            x, layer_caches, positions, segment_ids, key_segment_ids, cache_index
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, kv), _ = layers(
+            (x, kv), layer_ids, positions, segment_ids, key_segment_ids, cache_index
         )
 
         x = make_norm(cfg, "final_norm")(x)
@@ -156,5 +162,5 @@ class Transformer(nn.Module):
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        cache = dict(layer_caches, segment_ids=key_segment_ids, index=cache_index + length)
+        cache = dict(kv, segment_ids=key_segment_ids, index=cache_index + length)
         return logits, cache

@@ -15,7 +15,7 @@ from model import Transformer
 from model.config import ModelConfig
 from model.decode import init_cache, left_pad, sample_next
 from model.hf import from_hf
-from sample import Sampler, SamplingConfig
+from model.sampler import Sampler, SamplingConfig
 from tests.helpers import LLAMA_STYLE, TINY_MODEL
 
 STYLES = {"gpt2": {}, "llama": LLAMA_STYLE}
