@@ -149,7 +149,9 @@ class Sampler:
         )
 
 
-def load_sampler(workdir: str, mesh_sizes) -> tuple["Sampler", ml_collections.ConfigDict]:
+def load_sampler(
+    workdir: str, mesh_sizes, devices=None
+) -> tuple["Sampler", ml_collections.ConfigDict]:
     """A Sampler with the newest checkpoint of `workdir`, and that run's config."""
     from training import checkpoint  # orbax: only needed here
 
@@ -161,5 +163,6 @@ def load_sampler(workdir: str, mesh_sizes) -> tuple["Sampler", ml_collections.Co
         lambda abstract: checkpoint.load_params(workdir, step, abstract),
         mesh_sizes,
         config.get("sharding_rules", ""),
+        devices,
     )
     return sampler, config
