@@ -1,8 +1,12 @@
 """GPT-2 small (124M): the GPT-2 architecture at its original size.
 
-    python train.py --config=configs/gpt2_small.py --workdir=/tmp/gpt2 \
+    python -m data.prepare --config=configs/gpt2_small.py \
         --config.data.source=tfds --config.data.tfds_name=<dataset> \
-        --config.data.tokenizer=<your .model>
+        --config.data.tokenizer=<your .model>     # once: the token cache, on all cores
+    python train.py --config=configs/gpt2_small.py --workdir=/tmp/gpt2 <the same --config.data flags>
+
+(The first training run prepares a missing cache itself; `--config.data.pipeline=stream`
+tokenizes while training instead, for a corpus too large to cache.)
 
 Learned positions, LayerNorm, GELU, biases, tied embeddings, 1024-token
 context, batch 0.5M tokens (accumulated over microbatches where memory needs),

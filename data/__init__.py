@@ -1,1 +1,1 @@
-"""Input pipeline: sentencepiece tokenizer and tf.data streams of packed batches."""
+"""Input pipeline: sources, tokenizer, the token cache, and batches from it (or streamed)."""

@@ -8,6 +8,8 @@ from configs.schema import check_fields, defaults, field, from_values
 
 SOURCES = ("stdlib", "files", "tfds")
 FILE_FORMATS = ("document", "lines", "paragraphs")
+PIPELINES = ("cache", "stream")
+SAMPLINGS = ("permutation", "random_offsets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +18,24 @@ class DataConfig:
 
     source: str = field(
         "stdlib", SOURCES, "stdlib (this Python's standard library), files, or tfds"
+    )
+    pipeline: str = field(
+        "cache",
+        PIPELINES,
+        "cache: tokenized once into data.cache_dir, windows read by index in a global shuffle; "
+        "stream: tokenized on the fly with a local shuffle buffer (corpora too large to cache)",
+    )
+    cache_dir: str = field(
+        "",
+        str,
+        "the token cache (pipeline=cache), prepared on first use or by `python -m data.prepare`; "
+        "'' = ~/.cache/meshlm/tokens/<source>-<hash of source and tokenizer>",
+    )
+    sampling: str = field(
+        "permutation",
+        SAMPLINGS,
+        "pipeline=cache: each epoch a seeded permutation of all windows, or windows at "
+        "uniformly random token offsets",
     )
     train_files: str = field(
         "", "globs", "comma-separated globs of training text", needed_if="source=files"
@@ -42,7 +62,9 @@ class DataConfig:
     pack_documents: bool = field(
         True, bool, "segment ids + per-document positions: attention never crosses documents"
     )
-    shuffle_buffer: int = field(1024, "[1, inf)", "shuffle buffer, in packed windows")
+    shuffle_buffer: int = field(
+        1024, "[1, inf)", "pipeline=stream: a local shuffle buffer of packed windows, not global"
+    )
     eval_max_batches: int = field(0, "[0, inf)", "evaluation batches; 0 = the whole eval split")
 
     def __post_init__(self):
@@ -50,7 +72,7 @@ class DataConfig:
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """Defaults: a small code model on the Python standard library, offline."""
+    """Defaults: a small code model on the Python standard library, offline, from a token cache."""
     return ml_collections.ConfigDict(defaults(DataConfig))
 
 

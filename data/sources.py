@@ -9,9 +9,10 @@ Three sources, chosen by `data.source`:
   * "tfds": any TFDS dataset by name, split and text feature key.
 
 `origin` (a file path or "tfds:name/split") lets the pipeline name the file that
-held invalid UTF-8. Sharding over processes happens here, before any
-tokenization: files by index (documents by index when there are fewer files than
-processes), TFDS splits by `tfds.even_splits`.
+held invalid UTF-8. The token cache (data.prepare) reads a whole split; the
+stream pipeline shards it over processes here, before any tokenization: files by
+index (documents by index when there are fewer files than processes), TFDS
+splits by `tfds.even_splits`.
 """
 
 import glob
@@ -75,6 +76,22 @@ def clean_utf8(origins: tf.Tensor, texts: tf.Tensor, report: InvalidUtf8Report) 
     cleaned = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace")
     with tf.control_dependencies(report.record(origins, tf.not_equal(cleaned, texts))):
         return tf.identity(cleaned)
+
+
+def clean_documents(origins: tf.Tensor, texts: tf.Tensor, report: InvalidUtf8Report) -> tf.Tensor:
+    """A batch of documents as both pipelines tokenize them: valid UTF-8, empty ones dropped."""
+    texts = clean_utf8(origins, texts, report)
+    return tf.boolean_mask(texts, tf.strings.length(tf.strings.strip(texts)) > 0)
+
+
+def split_field(cfg, split: str) -> str:
+    """The config field that names `split` ('train' or 'eval') of the source, for messages."""
+    train = split == "train"
+    return {
+        "stdlib": "data.source",
+        "files": "data.train_files" if train else "data.eval_files",
+        "tfds": "data.tfds_train_split" if train else "data.tfds_eval_split",
+    }[cfg.source]
 
 
 def stdlib_files(split: str) -> list[str]:

@@ -14,6 +14,7 @@ Train a tokenizer:
 
 import argparse
 import glob
+import hashlib
 import itertools
 import logging
 import os
@@ -44,6 +45,7 @@ class Tokenizer:
             )
         with open(self.path, "rb") as f:
             self.model_proto = f.read()
+        self.sha256 = hashlib.sha256(self.model_proto).hexdigest()  # names it in token caches
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         except Exception as e:
@@ -66,6 +68,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
+
+    def encode_documents(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        """Each text's ids followed by eos, tokenized on `num_threads` threads."""
+        return self._sp.encode(texts, add_eos=True, num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -1,4 +1,7 @@
-"""Train/eval streams from local text files: packing, masks, sharding, resume, determinism."""
+"""Train/eval streams from local text files: packing, masks, sharding, resume, determinism.
+
+Tests of what both pipelines share run on both; the stream pipeline's own sharding, resume
+and reshuffling are tested here, the cache pipeline's in test_data_cache.py."""
 
 import collections
 import json
@@ -31,7 +34,18 @@ def _docs(n, seed=0):
     ]
 
 
-def _config(tmp_path, train_docs, eval_docs=None, file_format="lines", files=1, **overrides):
+PIPELINES = ["stream", "cache"]
+
+
+def _config(
+    tmp_path,
+    train_docs,
+    eval_docs=None,
+    file_format="lines",
+    files=1,
+    pipeline="stream",
+    **overrides,
+):
     """Writes documents into `files` files per split; returns a files-source config."""
     cfg = default_data_config()
     sep = {"lines": "\n", "paragraphs": "\n\n  \n"}[file_format]
@@ -39,13 +53,17 @@ def _config(tmp_path, train_docs, eval_docs=None, file_format="lines", files=1, 
         for f in range(files):
             (tmp_path / f"{split}{f}.txt").write_text(sep.join(docs[f::files]) + "\n")
     cfg.update(
-        source="files",
-        file_format=file_format,
-        train_files=str(tmp_path / "train*.txt"),
-        eval_files=str(tmp_path / "eval*.txt"),
-        seq_len=SEQ_LEN,
-        shuffle_buffer=64,
-        **overrides,
+        {
+            "source": "files",
+            "file_format": file_format,
+            "train_files": str(tmp_path / "train*.txt"),
+            "eval_files": str(tmp_path / "eval*.txt"),
+            "seq_len": SEQ_LEN,
+            "shuffle_buffer": 64,
+            "pipeline": pipeline,
+            "cache_dir": str(tmp_path / "cache"),
+            **overrides,
+        }
     )
     return cfg
 
@@ -75,12 +93,15 @@ def _counts(batches):
     return collections.Counter(t for b in batches for row in _real_windows(b) for t in row.tolist())
 
 
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("file_format", ["lines", "paragraphs"])
-def test_packing_keeps_every_token_and_adds_only_eos(tmp_path, tok, file_format):
+def test_packing_keeps_every_token_and_adds_only_eos(tmp_path, tok, file_format, pipeline):
     docs = (
         _docs(30) + ["", "   "] + [" ".join(["longdocument"] * 60)]
     )  # empty docs; one spans several windows
-    cfg = _config(tmp_path, docs, file_format=file_format, files=2, pack_documents=False)
+    cfg = _config(
+        tmp_path, docs, file_format=file_format, files=2, pack_documents=False, pipeline=pipeline
+    )
     stream = [
         t
         for b in make_eval_batches(cfg, global_batch_size=4)
@@ -92,7 +113,8 @@ def test_packing_keeps_every_token_and_adds_only_eos(tmp_path, tok, file_format)
     assert stream == expected
 
 
-def test_whole_file_documents(tmp_path, tok):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_whole_file_documents(tmp_path, tok, pipeline):
     docs = ["first file\n\nwith blank lines\n", "", "third file"]
     for i, d in enumerate(docs):
         (tmp_path / f"f{i}.txt").write_text(d)
@@ -104,6 +126,8 @@ def test_whole_file_documents(tmp_path, tok):
         eval_files=str(tmp_path / "f*.txt"),
         seq_len=8,
         pack_documents=False,
+        pipeline=pipeline,
+        cache_dir=str(tmp_path / "cache"),
     )
     stream = [
         t
@@ -114,26 +138,30 @@ def test_whole_file_documents(tmp_path, tok):
     assert stream == _expected_stream(tok, docs)
 
 
-def test_document_aware_segments_positions_and_weights(tmp_path):
-    cfg = _config(tmp_path, _docs(40))
+def assert_document_masks(b):
+    """Segment ids, positions and weights of a pack_documents batch agree with its eos tokens."""
+    inputs, seg, pos, w = b["inputs"], b["segment_ids"], b["positions"], b["weights"]
+    real = seg > 0
+    after_eos = np.concatenate([np.zeros_like(inputs[:, :1], bool), inputs[:, :-1] == EOS], axis=1)
+    new_doc = after_eos.copy()
+    new_doc[:, 0] = True
+    expected_seg = np.cumsum(new_doc, axis=1)
+    np.testing.assert_array_equal(seg, np.where(real, expected_seg, 0))
+    np.testing.assert_array_equal(pos[new_doc & real], 0)
+    inside = ~new_doc[:, 1:] & real[:, 1:]  # positions count up inside a document
+    np.testing.assert_array_equal(pos[:, 1:][inside], (pos[:, :-1] + 1)[inside])
+    # eos never predicts the next document's first token; every other real target counts.
+    # target t is input t+1; only the last target's reality is not visible in the inputs.
+    real_target = np.concatenate([real[:, 1:], w[:, -1:] > 0], axis=1)
+    np.testing.assert_array_equal(w > 0, real_target & (inputs != EOS))
+    assert b["targets"].dtype == np.int32 and w.dtype == np.float32
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_document_aware_segments_positions_and_weights(tmp_path, pipeline):
+    cfg = _config(tmp_path, _docs(40), pipeline=pipeline)
     for b in make_eval_batches(cfg, global_batch_size=4):
-        inputs, seg, pos, w = b["inputs"], b["segment_ids"], b["positions"], b["weights"]
-        real = seg > 0
-        after_eos = np.concatenate(
-            [np.zeros_like(inputs[:, :1], bool), inputs[:, :-1] == EOS], axis=1
-        )
-        new_doc = after_eos.copy()
-        new_doc[:, 0] = True
-        expected_seg = np.cumsum(new_doc, axis=1)
-        np.testing.assert_array_equal(seg, np.where(real, expected_seg, 0))
-        np.testing.assert_array_equal(pos[new_doc & real], 0)
-        inside = ~new_doc[:, 1:] & real[:, 1:]  # positions count up inside a document
-        np.testing.assert_array_equal(pos[:, 1:][inside], (pos[:, :-1] + 1)[inside])
-        # eos never predicts the next document's first token; every other real target counts.
-        # target t is input t+1; only the last target's reality is not visible in the inputs.
-        real_target = np.concatenate([real[:, 1:], w[:, -1:] > 0], axis=1)
-        np.testing.assert_array_equal(w > 0, real_target & (inputs != EOS))
-        assert b["targets"].dtype == np.int32 and w.dtype == np.float32
+        assert_document_masks(b)
 
 
 def test_batch_features_at_document_boundaries():
@@ -151,8 +179,9 @@ def test_batch_features_at_document_boundaries():
     np.testing.assert_array_equal(flat["weights"], [[1, 1, 1, 1, 1, 0, 0, 0]])
 
 
-def test_pack_documents_false_gives_plain_positions(tmp_path):
-    cfg = _config(tmp_path, _docs(20), pack_documents=False)
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_pack_documents_false_gives_plain_positions(tmp_path, pipeline):
+    cfg = _config(tmp_path, _docs(20), pack_documents=False, pipeline=pipeline)
     b = next(make_train_iterator(cfg, global_batch_size=2, seed=0))
     np.testing.assert_array_equal(b["segment_ids"], 1)
     np.testing.assert_array_equal(b["positions"], np.broadcast_to(np.arange(SEQ_LEN), (2, SEQ_LEN)))
@@ -237,8 +266,9 @@ def test_same_seed_same_batches_other_seed_other_order_and_epochs_reshuffle(tmp_
     assert any((x["inputs"] != y["inputs"]).any() for x, y in zip(b, b_next))
 
 
-def test_eval_is_finite_repeatable_padded_and_capped(tmp_path):
-    cfg = _config(tmp_path, _docs(8), _docs(9, seed=1))
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_eval_is_finite_repeatable_padded_and_capped(tmp_path, pipeline):
+    cfg = _config(tmp_path, _docs(8), _docs(9, seed=1), pipeline=pipeline)
     stream = make_eval_batches(cfg, global_batch_size=4)
     first, second = list(stream), list(stream)
     _assert_same(first, second)
@@ -259,11 +289,12 @@ def test_eval_is_finite_repeatable_padded_and_capped(tmp_path):
             np.testing.assert_array_equal(whole[k], np.concatenate([h0[k], h1[k]]))
 
 
-def test_batches_feed_a_sharded_jax_array(tmp_path):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_batches_feed_a_sharded_jax_array(tmp_path, pipeline):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    cfg = _config(tmp_path, _docs(20))
+    cfg = _config(tmp_path, _docs(20), pipeline=pipeline)
     batch = next(make_train_iterator(cfg, global_batch_size=8, seed=0))
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, PartitionSpec("data"))

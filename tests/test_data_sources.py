@@ -2,6 +2,7 @@
 
 import collections
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ def _tfds_config(data_dir, **overrides):
     cfg.update(
         {
             **dict(
+                pipeline="stream",
                 source="tfds",
                 tfds_name="local_text",
                 tfds_data_dir=data_dir,
@@ -90,18 +92,42 @@ def test_tfds_source_works_offline_and_shards_by_process(tfds_dir):
     assert shards[0] + shards[1] == expected(train)
 
 
-def test_tfds_unknown_name_split_or_key_is_a_clear_error(tfds_dir):
+def test_tfds_source_prepares_a_token_cache_offline(tfds_dir, tmp_path):
+    data_dir, train, valid = tfds_dir
+    tok = Tokenizer()
+    cfg = _tfds_config(data_dir, pipeline="cache", cache_dir=str(tmp_path / "cache"))
+    eval_tokens = _tokens(make_eval_batches(cfg, global_batch_size=2))
+    expected = lambda docs: collections.Counter(t for d in docs for t in tok.encode(d) + [EOS])
+    assert collections.Counter(eval_tokens) == expected(valid)
+    assert eval_tokens == _tokens(make_eval_batches(_tfds_config(data_dir), global_batch_size=2))
+    it = make_train_iterator(cfg, global_batch_size=1, seed=0)
+    epoch = [next(it)]
+    while it.get_state()["epoch"] == 0:  # its position: that of the next window
+        epoch.append(next(it))
+    assert collections.Counter(_tokens(epoch)) == expected(train)
+
+
+@pytest.mark.parametrize("pipeline", ["stream", "cache"])
+def test_tfds_unknown_name_split_or_key_is_a_clear_error(tfds_dir, tmp_path, pipeline):
     data_dir = tfds_dir[0]
+    where = dict(pipeline=pipeline, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(
         UserError, match="data.tfds_name: cannot find TFDS dataset 'no_such_dataset'"
     ):
-        make_eval_batches(_tfds_config(data_dir, tfds_name="no_such_dataset"), global_batch_size=2)
+        make_eval_batches(
+            _tfds_config(data_dir, tfds_name="no_such_dataset", **where), global_batch_size=2
+        )
     with pytest.raises(
         UserError, match=r"data.tfds_text_key: 'text' is not a feature .*\['body'\]"
     ):
-        make_eval_batches(_tfds_config(data_dir, tfds_text_key="text"), global_batch_size=2)
+        make_eval_batches(
+            _tfds_config(data_dir, tfds_text_key="text", **where), global_batch_size=2
+        )
     with pytest.raises(UserError, match="data.tfds_eval_split: 'test' is not a split"):
-        make_eval_batches(_tfds_config(data_dir, tfds_eval_split="test"), global_batch_size=2)
+        make_eval_batches(
+            _tfds_config(data_dir, tfds_eval_split="test", **where), global_batch_size=2
+        )
+    assert not os.path.exists(tmp_path / "cache")  # nothing half-prepared is left
 
 
 def test_stdlib_default_has_disjoint_nonempty_splits():
@@ -122,6 +148,8 @@ def _files_config(tmp_path, **overrides):
     cfg.update(
         {
             **dict(
+                pipeline="stream",
+                cache_dir=str(tmp_path / "cache"),
                 source="files",
                 train_files=str(tmp_path / "*.txt"),
                 eval_files=str(tmp_path / "*.txt"),
@@ -152,14 +180,17 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
         next(make_train_iterator(cfg, global_batch_size=2, seed=0))
     with pytest.raises(UserError, match="data.eval_files: the eval split has no tokens"):
         list(make_eval_batches(cfg, global_batch_size=2))
+    # The cache pipeline's case is in test_data_cache.py.
 
 
-def test_invalid_utf8_is_replaced_counted_and_warned_once(tmp_path, caplog):
+@pytest.mark.parametrize("pipeline", ["stream", "cache"])
+def test_invalid_utf8_is_replaced_counted_and_warned_once(tmp_path, caplog, pipeline):
     (tmp_path / "a.txt").write_bytes(b"good text\n")
     (tmp_path / "b.txt").write_bytes(b"bad \xff\xfe bytes\n")
     (tmp_path / "c.txt").write_bytes(b"also \xc3 bad\n")
-    stream = make_eval_batches(_files_config(tmp_path, pack_documents=False), global_batch_size=2)
+    cfg = _files_config(tmp_path, pack_documents=False, pipeline=pipeline)
     with caplog.at_level(logging.WARNING, logger="data.sources"):
+        stream = make_eval_batches(cfg, global_batch_size=2)  # the cache is prepared here
         tokens = _tokens(stream)
     tok = Tokenizer()
     assert (
