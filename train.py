@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from data.pipeline import hide_accelerators_from_tf
 from errors import UserError
 from training import loop
+from training.memory import describe
 from training.trainer import Trainer
 
 try:  # config_flags applies --config.* overrides here, at import, and names unknown fields
@@ -39,8 +40,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run",
     False,
-    "Compile the train step, print parameter count "
-    "and per-device memory, then exit without training.",
+    "Compile the train step, print parameter count and per-device memory (parameters, "
+    "optimizer state, temporaries, the largest arrays and the knobs that shrink them), "
+    "then exit without training.",
 )
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
@@ -90,6 +92,7 @@ def run(config, workdir: str, dry_run: bool = False) -> None:
                 f"{report['compile_seconds']:.1f} s; needs at most {memory:.2f} GiB per device "
                 f"({jax.device_count()} x {jax.devices()[0].device_kind})."
             )
+            print("\n".join(describe(report)))
             print(json.dumps(report))
             return
         result = loop.train(config, workdir, hold=_DATA_STREAMS)

@@ -66,6 +66,7 @@ class Attention(nn.Module):
                 segment_ids,
                 key_segment_ids,
                 implementation=cfg.attention_implementation,
+                block_size=cfg.attention_block_size,
             )
         else:  # written in place: a decode step moves one token's keys, not the cache
             start = (layer, 0, 0, cache_index, 0)

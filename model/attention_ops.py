@@ -15,10 +15,33 @@ if and only if
 
 Segment ids of None mean one segment. Padding is segment 0 and attends to other
 padding only, so no row is ever fully masked and no NaN can appear.
+
+Implementations (`model.attention_implementation`; memory per layer for b
+sequences of t tokens, h heads):
+
+    xla        the reference: dense [b, h, t, t] float32 scores and mask. Any backend.
+    blockwise  flash-style tiles in plain JAX (model/blockwise_attention.py): memory
+               linear in t for forward and backward. Any backend, any shape.
+    cudnn      NVIDIA's fused kernel through jax.nn.dot_product_attention (GPU, bf16/f16).
+               Its documented API has no segment ids: with packed documents the
+               segment rule goes in as a [b, 1, t, t] mask (cuDNN adds it as a bias
+               and returns its gradient), quadratic in t but not per head.
+    splash     the TPU Pallas splash-attention kernel (model/splash_attention.py),
+               with native segment ids: linear in t.
+
+cudnn and splash take training shapes only (q_len == k_len at a static offset 0);
+decoding shapes (a few queries at a traced offset over a KV cache) go to the
+reference, which at one query per step is already linear in the cache length.
 """
 
 import jax
 import jax.numpy as jnp
+
+from errors import UserError
+from model.blockwise_attention import blockwise_attention
+from model.splash_attention import splash_attention
+
+DEFAULT_BLOCK_SIZE = 512
 
 
 def attention_mask(
@@ -33,12 +56,15 @@ def attention_mask(
     causal = (jnp.arange(k_len, dtype=jnp.int32)[None, :] <= query_index[:, None])[None, None]
     if query_segment_ids is None and key_segment_ids is None:
         return causal
+    return causal & _segment_mask(query_segment_ids, key_segment_ids, q_len, k_len)
+
+
+def _segment_mask(query_segment_ids, key_segment_ids, q_len, k_len):
     if query_segment_ids is None:
         query_segment_ids = jnp.ones(key_segment_ids.shape[:1] + (q_len,), jnp.int32)
     if key_segment_ids is None:
         key_segment_ids = jnp.ones(query_segment_ids.shape[:1] + (k_len,), jnp.int32)
-    same = query_segment_ids[:, None, :, None] == key_segment_ids[:, None, None, :]
-    return causal & same
+    return query_segment_ids[:, None, :, None] == key_segment_ids[:, None, None, :]
 
 
 def attend(
@@ -49,13 +75,50 @@ def attend(
     key_segment_ids: jax.Array | None = None,
     query_offset: jax.Array | int = 0,
     implementation: str = "xla",
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> jax.Array:
     """[batch, q_len, heads, head_dim] attention output, in `query`'s dtype.
 
-    "xla": the reference, `jax.nn.dot_product_attention` with a dense boolean mask
-    (scores and softmax in float32); "cudnn": the same call with NVIDIA's fused kernel.
+    `block_size`: queries and keys per tile of blockwise and splash attention.
     """
+    args = (query, key, value, query_segment_ids, key_segment_ids)
+    if implementation == "blockwise":
+        return blockwise_attention(*args, query_offset, block_size)
+    training_shape = query.shape[1] == key.shape[1] and _is_zero(query_offset)
+    if implementation == "cudnn" and training_shape:
+        return _cudnn(*args)
+    if implementation == "splash" and training_shape:
+        _require_backend("splash", "tpu", "a TPU")
+        return splash_attention(*args, block_size)
     mask = attention_mask(
         query_segment_ids, key_segment_ids, query.shape[1], key.shape[1], query_offset
     )
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+
+
+def _is_zero(offset) -> bool:
+    return isinstance(offset, int) and offset == 0
+
+
+def _require_backend(implementation, backend, what):
+    if jax.default_backend() != backend:
+        raise UserError(
+            f"model.attention_implementation={implementation} needs {what}, not "
+            f"{jax.default_backend()}; use blockwise (any backend) or xla."
+        )
+
+
+def _cudnn(query, key, value, query_segment_ids, key_segment_ids):
+    _require_backend("cudnn", "gpu", "an NVIDIA GPU")
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        raise UserError(
+            f"model.attention_implementation=cudnn needs model.dtype=bfloat16 or float16, "
+            f"not {query.dtype}."
+        )
+    mask = None
+    if query_segment_ids is not None or key_segment_ids is not None:
+        length = query.shape[1]
+        mask = _segment_mask(query_segment_ids, key_segment_ids, length, length)
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=mask, is_causal=True, implementation="cudnn"
+    )

@@ -26,7 +26,7 @@ REMAT_POLICIES = (
     "nothing_saveable",
     "everything_saveable",
 )
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 POSITIVE = "[1, inf)"
 
@@ -59,7 +59,18 @@ class ModelConfig:
     dtype: str = field("bfloat16", DTYPES, "compute dtype (logits and loss are float32)")
     param_dtype: str = field("float32", DTYPES, "dtype the parameters are stored in")
     attention_implementation: str = field(
-        "xla", ATTENTION_IMPLEMENTATIONS, "xla (any device) or cudnn (NVIDIA GPUs)"
+        "xla",
+        ATTENTION_IMPLEMENTATIONS,
+        "xla (dense reference), blockwise (flash-style, linear memory, any device), "
+        "cudnn (NVIDIA GPUs) or splash (TPUs); see model/attention_ops.py",
+    )
+    attention_block_size: int = field(
+        512, POSITIVE, "queries and keys per tile of blockwise and splash attention"
+    )
+    loss_chunk_size: int = field(
+        0,
+        "[0, inf)",
+        "sequence positions whose logits the loss computes at a time; 0 = all at once",
     )
     remat_policy: str = field(
         "none", REMAT_POLICIES, "activation rematerialisation: none, full or a jax policy"
@@ -73,6 +84,8 @@ class ModelConfig:
     COMPUTE_ONLY_FIELDS: ClassVar[tuple[str, ...]] = (
         "dtype",
         "attention_implementation",
+        "attention_block_size",
+        "loss_chunk_size",
         "remat_policy",
         "scan_unroll",
         "dropout_rate",

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import train
-from configs import default, gpt2_small, llama_1b
+from configs import default, gpt2_small, llama_1b, llama_8b
 from configs.base import field_table, get_base_config
 from configs.schema import PATH_KINDS, number_allowed, specs
 from tests.test_train_loop import REPO, SMALL, small_config
@@ -106,7 +106,7 @@ def test_a_bad_value_is_refused_with_one_line_naming_the_field(
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
-@pytest.mark.parametrize("module", [default, gpt2_small, llama_1b])
+@pytest.mark.parametrize("module", [default, gpt2_small, llama_1b, llama_8b])
 def test_presets_declare_no_unknown_field_and_validate(module):
     from training.config import validate_config
 

@@ -1,6 +1,7 @@
 """The jitted, sharded train and eval steps.
 
-One train step = forward in the compute dtype, masked cross-entropy in float32,
+One train step = forward in the compute dtype, masked cross-entropy in float32
+(from whole logits, or a chunk of positions at a time with `model.loss_chunk_size`),
 gradients (accumulated over microbatches with `lax.scan` when asked), one optax
 update. The state is donated, so its buffers are reused for the new state.
 """
@@ -12,7 +13,7 @@ import optax
 
 from data.batch import BATCH_FIELDS
 from sharding import activate, batch_sharding, replicated
-from training.loss import cross_entropy_sums
+from training.loss import chunked_cross_entropy_sums, cross_entropy_sums
 
 
 def _split_microbatches(batch, num_microbatches: int):
@@ -29,16 +30,24 @@ def _split_microbatches(batch, num_microbatches: int):
     return jax.tree.map(split, batch)
 
 
-def _forward_sums(model, params, batch, rng, z_loss_weight):
-    logits = model.apply(
+def forward_sums(model, params, batch, rng, z_loss_weight):
+    """(total loss, cross-entropy, weight) sums of one batch: the model, then the loss."""
+    chunk_size = model.config.loss_chunk_size
+    out = model.apply(
         {"params": params},
         batch["inputs"],
         batch["segment_ids"],
         batch["positions"],
         deterministic=rng is None or model.config.dropout_rate == 0.0,
         rngs={} if rng is None else {"dropout": rng},
+        return_hidden=chunk_size > 0,
     )
-    return cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss_weight)
+    if chunk_size > 0:
+        hidden, output = out
+        return chunked_cross_entropy_sums(
+            hidden, output, batch["targets"], batch["weights"], z_loss_weight, chunk_size
+        )
+    return cross_entropy_sums(out, batch["targets"], batch["weights"], z_loss_weight)
 
 
 def make_train_step(
@@ -58,7 +67,7 @@ def make_train_step(
 
     def loss_and_grads(params, batch, rng):
         def loss_fn(p):
-            total, ce_sum, weight_sum = _forward_sums(model, p, batch, rng, z_loss_weight)
+            total, ce_sum, weight_sum = forward_sums(model, p, batch, rng, z_loss_weight)
             return total, (ce_sum, weight_sum)
 
         (total, (ce_sum, weight_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -133,7 +142,7 @@ def make_eval_step(model, mesh, rules, state_shardings):
     """Returns `eval_step(params, batch) -> {"ce_sum", "weight_sum"}` (sums, to be accumulated)."""
 
     def step(params, batch):
-        _, ce_sum, weight_sum = _forward_sums(model, params, batch, None, 0.0)
+        _, ce_sum, weight_sum = forward_sums(model, params, batch, None, 0.0)
         return {"ce_sum": ce_sum, "weight_sum": weight_sum}
 
     batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS}

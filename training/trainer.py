@@ -14,6 +14,7 @@ from model import Transformer
 from model.flops import train_flops_per_token
 from sharding import activate, batch_sharding, logical_rules, make_mesh
 from training.config import validate_config
+from training.memory import breakdown
 from training.optimizer import make_optimizer
 from training.state import TrainState, init_train_state, state_shardings
 from training.step import make_train_step
@@ -129,7 +130,8 @@ class Trainer:
         return compiled, time.perf_counter() - start
 
     def dry_run(self) -> dict:
-        """Parameter count, FLOPs/token, compile time and per-device memory of the step."""
+        """Parameter count, FLOPs/token, compile time and per-device memory of the step:
+        totals, parameters, optimizer state, batch and the largest arrays (training/memory.py)."""
         compiled, seconds = self.compile()
         report = {
             "num_params": self.num_params,
@@ -137,4 +139,5 @@ class Trainer:
             "compile_seconds": seconds,
         }
         report.update(memory_report(compiled))
+        report.update(breakdown(self, compiled))
         return report

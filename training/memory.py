@@ -1,0 +1,166 @@
+"""Where a compiled train step's per-device memory goes, for `train.py --dry_run`.
+
+XLA reports totals (`compiled.memory_analysis()`: arguments, outputs, temporaries).
+Here the arguments are split into parameters, optimizer state and batch from their
+shardings; the activations saved for the backward pass are the residuals of
+`jax.vjp` of the loss on one device's share of a microbatch; and the temporaries
+are illustrated by the largest arrays of the compiled program (partitioned
+already, so per device), each with the JAX operation that made it and, where it
+is recognisable, the knob that shrinks it.
+"""
+
+import math
+import re
+
+import jax
+import numpy as np
+
+from training.step import forward_sums
+
+# `%name = f32[8,128,256]{2,1,0} opcode(...)`, with op_name metadata when JAX gave one.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?\S+ = (\w+)\[([\d,]*)\]\S* ([\w-]+)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_CALLED = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+_NOT_ALLOCATED = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
+
+KNOBS = {
+    "attention": "model.attention_implementation, model.attention_block_size",
+    "logits": "model.loss_chunk_size",
+    "saved per layer": "model.remat_policy, train.num_microbatches",
+    "mlp": "train.num_microbatches, model.remat_policy",
+}
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def largest_arrays(hlo_text: str, count: int = 8) -> list[dict]:
+    """The `count` largest distinct arrays a compiled program computes.
+
+    Each: bytes, dtype, shape, op (JAX's op_name, else the HLO opcode) and count
+    (arrays of that shape made by that op). Values inside fusions and reducers
+    never reach memory and are skipped, as are parameters, tuples and views.
+    """
+    called = set(_CALLED.findall(hlo_text))
+    found, skip = {}, False
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            skip = header.group(1) in called
+            continue
+        match = _INSTRUCTION.match(line)
+        if skip or not match or match.group(3) in _NOT_ALLOCATED:
+            continue
+        dtype, shape = match.group(1), tuple(int(d) for d in match.group(2).split(",") if d)
+        op = _OP_NAME.search(line)
+        key = (dtype, shape, _short(op.group(1)) if op else match.group(3))
+        found[key] = found.get(key, 0) + 1
+    rows = [
+        dict(bytes=math.prod(shape) * _itemsize(dtype), dtype=dtype, shape=shape, op=op, count=n)
+        for (dtype, shape, op), n in found.items()
+    ]
+    return sorted(rows, key=lambda r: -r["bytes"])[:count]
+
+
+def _short(op_name: str) -> str:
+    """'jit(step)/transpose(jvp(Transformer))/while/body/closed_call/layers/mlp/...' ->
+    'backward/layers/mlp/...'."""
+    op_name = re.sub(r"^jit\(step\)/", "", op_name)
+    op_name = re.sub(r"transpose\(jvp\([^/]*\)\)/", "backward/", op_name)
+    op_name = re.sub(r"jvp\([^/]*\)/", "forward/", op_name)
+    return re.sub(r"(while/body|closed_call|checkpoint|rematted_computation)/", "", op_name)
+
+
+def _itemsize(dtype: str) -> int:
+    """HLO element types: pred, s8, bf16, f32, ...: the bits are in the name."""
+    bits = re.search(r"\d+", dtype)
+    return max(1, int(bits.group()) // 8) if bits else 1
+
+
+def kind(row: dict, num_layers: int, embed_dim: int, vocab_dims: set[int]) -> str:
+    """What an array most likely is (a key of KNOBS), or "" when the op does not say."""
+    op, shape = row["op"], row["shape"]
+    if "/attn/" in op:
+        return "attention"
+    if "/mlp/" in op:
+        return "mlp"
+    if vocab_dims & set(shape) and embed_dim not in shape:  # not the embedding or its gradient
+        return "logits"
+    if len(shape) >= 3 and shape[0] == num_layers:
+        return "saved per layer"
+    return ""
+
+
+def saved_activation_bytes(trainer) -> int:
+    """Bytes of the loss's residuals for one device's rows of a microbatch (shapes only).
+
+    Parameters kept for the backward pass are counted under parameters, not here;
+    tensor parallelism (which also splits some activations) is not applied.
+    """
+    config, mesh = trainer.config, trainer.mesh
+    rows = config.train.global_batch_size // config.train.num_microbatches
+    rows //= mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = {
+        k: jax.ShapeDtypeStruct((rows, v.shape[1]), v.dtype)
+        for k, v in trainer.abstract_batch().items()
+    }
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainer.abstract_state.params
+    )
+    z_loss = config.train.z_loss_weight
+    loss = lambda p, b: forward_sums(trainer.model, p, b, None, z_loss)[0]
+    residuals = jax.eval_shape(lambda p, b: jax.vjp(lambda p: loss(p, b), p)[1], params, batch)
+    param_like = {(a.shape, a.dtype) for a in jax.tree.leaves(params)}
+    return sum(
+        math.prod(r.shape) * r.dtype.itemsize
+        for r in jax.tree.leaves(residuals)
+        if (r.shape, r.dtype) not in param_like
+    )
+
+
+def breakdown(trainer, compiled) -> dict:
+    """Per-device bytes of parameters, optimizer state, batch and saved activations, and the
+    largest arrays."""
+    cfg = trainer.model_config
+    tensor = trainer.mesh.shape["tensor"]
+    vocab_dims = {cfg.vocab_size, -(-cfg.vocab_size // tensor)}
+    rows = largest_arrays(compiled.as_text())
+    for row in rows:
+        row["kind"] = kind(row, cfg.num_layers, cfg.embed_dim, vocab_dims)
+    return {
+        "params_bytes": shard_bytes(trainer.abstract_state.params),
+        "opt_state_bytes": shard_bytes(trainer.abstract_state.opt_state),
+        "batch_bytes": shard_bytes(trainer.abstract_batch()),
+        "saved_activation_bytes": saved_activation_bytes(trainer),
+        "largest_arrays": rows,
+    }
+
+
+def describe(report: dict) -> list[str]:
+    """The dry run's memory lines: totals by kind, then the largest arrays with their knobs."""
+    gib = lambda n: f"{n / 2**30:8.2f} GiB"
+    lines = [
+        "Per device:",
+        f"  parameters       {gib(report['params_bytes'])}",
+        f"  optimizer state  {gib(report['opt_state_bytes'])}",
+        f"  batch            {gib(report['batch_bytes'])}",
+        f"  temporaries      {gib(report.get('temp_bytes', 0))}  (all the step computes)",
+        f"    of which saved for the backward pass {gib(report['saved_activation_bytes'])}  "
+        "(activations; model.remat_policy, train.num_microbatches)",
+        "Largest arrays (per device, not all live at once; XLA:CPU computes bfloat16 matmuls "
+        "in float32 and keeps float32 copies, so a CPU dry run overstates a GPU's or TPU's):",
+    ]
+    for row in report["largest_arrays"]:
+        shape = ",".join(map(str, row["shape"]))
+        what = f"  [{row['kind']}: {KNOBS[row['kind']]}]" if row["kind"] else ""
+        times = f" x{row['count']}" if row["count"] > 1 else ""
+        lines.append(f"  {gib(row['bytes'])}  {row['dtype']}[{shape}]{times}  {row['op']}{what}")
+    lines.append("What each knob costs and saves: docs/MEMORY.md.")
+    return lines
