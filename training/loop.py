@@ -145,7 +145,8 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
         state, step = trainer.init_state(), 0
     else:
         state, step = trainer.resumed_state(restored), restored.step
-        train_iter.set_state(restored.data_state)
+        if restored.data_state is not None:  # None: a params-only step, the data starts over
+            train_iter.set_state(restored.data_state)
         logging.info("Restored checkpoint at step %d from %s", step, checkpointer.directory)
     _write_config(config, workdir)
 

@@ -1,0 +1,20 @@
+"""A config saved as JSON: a workdir's config.json (a run's, or an imported model's).
+
+    python train.py --config=configs/json_file.py:W/config.json --workdir=W --config.train.num_steps=100
+
+The path after ':' names the file; overrides apply on top of it as usual.
+"""
+
+import json
+
+import ml_collections
+
+
+def get_config(path: str) -> ml_collections.ConfigDict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError) as error:  # read while flags are parsed: no UserError handler yet
+        raise SystemExit(
+            f"error: --config=configs/json_file.py:{path}: cannot read it ({error})."
+        ) from None
