@@ -26,6 +26,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),  # the scanned-layers axis stays whole on every device
+    ("trials", "data"),  # sweep.py --vectorized: trials stacked on a leading axis
 )
 
 

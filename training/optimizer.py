@@ -60,10 +60,14 @@ def scale_by_step_schedule(schedule: optax.Schedule) -> optax.GradientTransforma
 
 
 def make_optimizer(
-    opt_config, num_steps: int
+    opt_config, num_steps: int, schedule: optax.Schedule | None = None
 ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
-    """(tx, schedule): call `tx.update(grads, opt_state, params, step=step)`."""
-    schedule = learning_rate_schedule(opt_config, num_steps)
+    """(tx, schedule): call `tx.update(grads, opt_state, params, step=step)`.
+
+    `schedule` replaces learning_rate_schedule's, e.g. one whose rate and warmup
+    are traced per trial (training/vectorized.py).
+    """
+    schedule = schedule or learning_rate_schedule(opt_config, num_steps)
     transforms = [
         optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps),
         optax.add_decayed_weights(

@@ -1,0 +1,120 @@
+"""A sweep's bookkeeping, shared by sweep.py's modes and its summary.
+
+`<workdir>/sweep.json` lists the trials (name -> overrides); each trial's own
+directory `<workdir>/<name>/` holds train.py's config.json and metrics.jsonl plus
+`status.json`: {"status": "done" | "failed" | "interrupted", "error": ...}.
+"""
+
+import importlib.util
+import json
+import os
+import re
+
+from errors import UserError
+
+SWEEP_FILE = "sweep.json"
+STATUS_FILE = "status.json"
+
+
+def _load(flag: str, path: str, function: str):
+    """Calls `function()` of the Python file `path` (a config or a sweep file)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--{flag}={path}: no such file.")
+    spec = importlib.util.spec_from_file_location(f"{flag}_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, function):
+        raise UserError(f"--{flag}={path}: defines no {function}().")
+    return getattr(module, function)()
+
+
+def load_config(path: str):
+    return _load("config", path, "get_config")
+
+
+def load_sweep(path: str) -> list[dict]:
+    """The trials of a sweep file: `get_sweep()` -> a non-empty list of override dicts."""
+    trials = _load("sweep", path, "get_sweep")
+    if not trials or not all(isinstance(t, dict) and t for t in trials):
+        raise UserError(f"--sweep={path}: get_sweep() must return a non-empty list of dicts.")
+    return trials
+
+
+def trial_name(overrides: dict) -> str:
+    """A directory name from the overrides' last field names and values: learning_rate=0.001,..."""
+    parts = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items()]
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts))
+
+
+def name_trials(trials: list[dict], sweep_path: str) -> dict[str, dict]:
+    """{name: overrides}; two trials with one name would share a directory, so that is an error."""
+    named = {trial_name(t): t for t in trials}
+    if len(named) != len(trials):
+        raise UserError(f"--sweep={sweep_path}: some trials repeat the same overrides.")
+    return named
+
+
+def apply_overrides(config, overrides: dict):
+    """A copy of `config` with `{"section.field": value}` set, like --config.section.field=value."""
+    config = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        *sections, field = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        if field not in node:
+            raise UserError(f"sweep override {key}={value!r}: the config has no field {key}.")
+        node[field] = value
+    return config
+
+
+def write_sweep(workdir: str, named: dict[str, dict]) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, SWEEP_FILE), "w") as f:
+        json.dump({"trials": named}, f, indent=2)
+
+
+def read_sweep(workdir: str) -> dict[str, dict]:
+    path = os.path.join(workdir, SWEEP_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"--summarize={workdir}: no {SWEEP_FILE}; is this a sweep's workdir?")
+    with open(path) as f:
+        return json.load(f)["trials"]
+
+
+def write_status(trial_dir: str, status: str, error: str = "") -> None:
+    os.makedirs(trial_dir, exist_ok=True)
+    with open(os.path.join(trial_dir, STATUS_FILE), "w") as f:
+        json.dump({"status": status, "error": error}, f)
+
+
+def read_status(trial_dir: str) -> dict:
+    """{"status", "error"}; "pending" if the trial never started."""
+    path = os.path.join(trial_dir, STATUS_FILE)
+    if not os.path.isfile(path):
+        return {"status": "pending", "error": ""}
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_trial_config(trial_dir: str) -> dict | None:
+    """The trial's config.json (written by train.py before its first step), or None."""
+    path = os.path.join(trial_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(trial_dir: str) -> list[dict]:
+    """metrics.jsonl's records; a resumed run logs some steps again, the later record wins."""
+    path = os.path.join(trial_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    records = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            kind = "eval" if "eval_loss" in record else "train"
+            records.setdefault((record["step"], kind), {}).update(record)
+    return [records[key] for key in sorted(records)]
