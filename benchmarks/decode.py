@@ -4,7 +4,7 @@
         [--new_tokens=64] [--batch_sizes=1,32] [--repeats=3] [--config.model.dtype=bfloat16]
 
 A randomly initialised model of the config's shape (the speed does not depend on
-the weights) on a mesh of every device, data-parallel (`sample.Sampler`). For each
+the weights) on a mesh of every device, data-parallel (`model.sampler.Sampler`). For each
 batch size: the prefill of `prompt_len` tokens per row, then `new_tokens` greedy
 tokens in the jitted decode loop (its time: generating `new_tokens` minus generating 1). Uncached decoding, for comparison at batch 1:
 one jitted forward pass over the whole fixed-size window per new token, which is
