@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from data.pipeline import hide_accelerators_from_tf
 from errors import UserError
-from training import loop
+from training import distributed, loop
 from training.memory import describe
 from training.trainer import Trainer
 
@@ -56,6 +56,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0-based; with --distributed.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for the coordinator and the other processes."
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -64,16 +67,6 @@ class _QuietLibraries(logging_lib.Filter):
 
     def filter(self, record):
         return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
-
-
-def start_distributed():
-    """jax.distributed.initialize with the flags given (None = detect from the environment)."""
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU devices use it
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-    )
 
 
 _DATA_STREAMS = []  # kept alive until exit_without_teardown(): see loop.train's `hold`
@@ -110,7 +103,15 @@ def main(argv):
     hide_accelerators_from_tf()  # before anything builds a TensorFlow op
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if _DISTRIBUTED.value:
-        start_distributed()
+        try:
+            distributed.start(
+                _COORDINATOR.value,
+                _NUM_PROCESSES.value,
+                _PROCESS_ID.value,
+                _DISTRIBUTED_TIMEOUT.value,
+            )
+        except UserError as error:
+            raise SystemExit(f"error: {error}") from None
     logging.info(
         "JAX %s: %d processes, %d devices (%s)",
         jax.__version__,

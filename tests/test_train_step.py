@@ -156,5 +156,14 @@ def test_bad_configs_are_rejected_at_start_up(section, overrides, message):
         validate_config(config, num_devices=8)
 
 
+def test_a_mesh_whose_batch_axes_do_not_split_over_the_processes_is_refused():
+    config = tiny_config()
+    config.mesh.update(data=1, fsdp=1, tensor=8)  # the batch would be fed twice, differently
+    with pytest.raises(UserError, match=r"mesh.data\*mesh.fsdp=1 does not split over the 2"):
+        validate_config(config, num_devices=8, process_count=2)
+    config.mesh.update(data=1, fsdp=2, tensor=4)
+    validate_config(config, num_devices=8, process_count=2)
+
+
 def test_tiny_config_is_valid():
     assert validate_config(tiny_config(), num_devices=8).num_layers == 2

@@ -129,6 +129,13 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
         raise UserError(
             f"train.global_batch_size={batch} is not divisible by the {process_count} processes."
         )
+    if data_parallel % process_count:
+        raise UserError(
+            f"mesh.data*mesh.fsdp={data_parallel} does not split over the {process_count} "
+            "processes: each process feeds only its rows of the batch, so the batch-sharding "
+            "axes must be a multiple of the process count (move devices from mesh.tensor to "
+            "mesh.fsdp or mesh.data)."
+        )
     if config.optimizer.warmup_steps > train.num_steps:
         raise UserError(
             f"optimizer.warmup_steps={config.optimizer.warmup_steps} is longer than "

@@ -115,9 +115,13 @@ class Trainer:
         return batch_spec(self.config.train.global_batch_size, self.seq_len, self.batch_sharding)
 
     def to_global(self, local_batch: dict) -> dict:
-        """This process's numpy rows -> global arrays sharded over the mesh."""
+        """This process's numpy rows -> global arrays sharded over the mesh. Every process
+        feeds as many rows; the global shape is explicit, not inferred from the mesh."""
+        processes = jax.process_count()
         return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            k: jax.make_array_from_process_local_data(
+                self.batch_sharding, v, (v.shape[0] * processes, *v.shape[1:])
+            )
             for k, v in local_batch.items()
         }
 
