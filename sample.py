@@ -66,7 +66,9 @@ def main(argv):
         prompts = sampler.check_room(
             [tokenizer.encode(t) for t in texts], sampling.max_new_tokens, FLAGS.truncate_prompt
         )
-        completions = sampler.generate(prompts, sampling, tokenizer.eos_id)
+        completions = sampler.generate(
+            prompts, sampling, tokenizer.eos_id, num_ids=tokenizer.vocab_size
+        )
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
     for number, (text, new) in enumerate(zip(texts, completions), 1):

@@ -8,6 +8,8 @@ dataclass that checks them:
     data                   data/config.py       DataConfig
     mesh                   sharding/mesh.py     MeshConfig
     optimizer, train, checkpoint, profile       training/config.py
+    eval                   evaluation/config.py EvalConfig
+    lora                   model/lora.py        LoraConfig
 
 `python -m configs.base` prints every field with its default, allowed values and
 meaning. Override any field from the command line, e.g.

@@ -9,11 +9,15 @@ import json
 
 import ml_collections
 
+from configs.base import get_base_config
+
 
 def get_config(path: str) -> ml_collections.ConfigDict:
+    """The file's config; a section it lacks (added to meshlm after it was written, e.g.
+    `eval`) comes from configs/base.py with its defaults."""
     try:
         with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f))
+            return ml_collections.ConfigDict({**get_base_config().to_dict(), **json.load(f)})
     except (OSError, ValueError) as error:  # read while flags are parsed: no UserError handler yet
         raise SystemExit(
             f"error: --config=configs/json_file.py:{path}: cannot read it ({error})."

@@ -6,11 +6,15 @@ A batch is a dict of arrays, each [batch, seq_len]:
     targets      int32    the next token of each input (inputs shifted by one)
     segment_ids  int32    document of each token within its row, 1-based; 0 = padding
     positions    int32    position of each token within its document
-    weights      float32  loss weight of each target: 0 for padding and document ends
+    weights      float32  loss weight of each target: 0 for padding and document ends;
+                          in fine-tuning data (data.source=sft) also 0 on every target that
+                          is not a response (assistant) token, so only responses are learned
 
 The packer makes batches in this format, the train and eval steps read it, and
 the Trainer shards it; tests and benchmarks make random ones with `random_batch`.
-A new field (say, fine-tuning loss masks) is one new line in BATCH_FIELDS.
+Fine-tuning's loss mask is not a field of its own: it is folded into `weights`
+(data/sft_batches.py), which the loss already multiplies by, so no second mask
+is multiplied in. A new field is one new line in BATCH_FIELDS.
 """
 
 import jax

@@ -5,11 +5,13 @@ import dataclasses
 import ml_collections
 
 from configs.schema import check_fields, defaults, field, from_values
+from errors import UserError
 
-SOURCES = ("stdlib", "files", "tfds")
+SOURCES = ("stdlib", "files", "tfds", "sft")
 FILE_FORMATS = ("document", "lines", "paragraphs")
 PIPELINES = ("cache", "stream")
 SAMPLINGS = ("permutation", "random_offsets")
+SFT_TEMPLATES = ("plain", "hf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +19,10 @@ class DataConfig:
     """`config.data`; constructing it checks every value (see configs/schema.py)."""
 
     source: str = field(
-        "stdlib", SOURCES, "stdlib (this Python's standard library), files, or tfds"
+        "stdlib",
+        SOURCES,
+        "stdlib (this Python's standard library), files, tfds, or sft (fine-tuning examples "
+        "from data.sft_file, docs/FINETUNING.md)",
     )
     pipeline: str = field(
         "cache",
@@ -57,7 +62,12 @@ class DataConfig:
     tfds_text_key: str = field(
         "text", "text", "TFDS feature holding the text", needed_if="source=tfds"
     )
-    tokenizer: str = field("", "file", "sentencepiece .model; '' = data/assets/stdlib_bpe8k.model")
+    tokenizer: str = field(
+        "",
+        "file",
+        "sentencepiece .model ('' = data/assets/stdlib_bpe8k.model); with source=sft also an "
+        "imported model's tokenizer.json",
+    )
     seq_len: int = field(256, "[1, inf)", "tokens per training sequence")
     pack_documents: bool = field(
         True, bool, "segment ids + per-document positions: attention never crosses documents"
@@ -66,9 +76,31 @@ class DataConfig:
         1024, "[1, inf)", "pipeline=stream: a local shuffle buffer of packed windows, not global"
     )
     eval_max_batches: int = field(0, "[0, inf)", "evaluation batches; 0 = the whole eval split")
+    sft_file: str = field(
+        "",
+        "file",
+        'source=sft: JSONL of {"prompt", "response"} or {"messages": [{"role", "content"}]} '
+        "examples to train on (only response tokens are learned)",
+    )
+    sft_eval_file: str = field(
+        "", "file", "source=sft: JSONL examples for the validation loss (on response tokens)"
+    )
+    sft_template: str = field(
+        "plain",
+        SFT_TEMPLATES,
+        "source=sft: how turns become text: plain ('User: ...\\nAssistant: ...<eos>') or hf "
+        "(the chat_template beside a tokenizer.json data.tokenizer)",
+    )
+    skip_bad_lines: bool = field(
+        False, bool, "source=sft: skip (and count) bad JSONL lines instead of stopping"
+    )
 
     def __post_init__(self):
         check_fields(self, "data")
+        if self.source == "sft":
+            for name in ("sft_file", "sft_eval_file"):
+                if not getattr(self, name):
+                    raise UserError(f"data.{name} is empty: data.source=sft needs a JSONL file.")
 
 
 def default_data_config() -> ml_collections.ConfigDict:

@@ -13,14 +13,18 @@ state is per process and a restore re-tokenizes up to the saved position.
 Both make the same windows (documents back to back, each ending in eos, cut
 every seq_len + 1 tokens) and the batch format of data/batch.py, and both
 evaluate on identical batches.
+
+data.source=sft (fine-tuning) reads neither: whole JSONL examples are packed
+into rows, with loss weights only on response tokens (data.sft_batches).
 """
 
 import functools
 
 import tensorflow as tf
 
-from data import prepare, stream, windows
+from data import prepare, sft_batches, stream, windows
 from data.config import validate
+from data.hf_tokenizer import load_tokenizer
 from data.tokenizer import Tokenizer
 from errors import UserError
 
@@ -43,7 +47,8 @@ def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size) ->
             f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}; "
             "make the global batch a multiple of the number of processes."
         )
-    tokenizer = Tokenizer(cfg.tokenizer)
+    # SFT examples are tokenized in Python, so a tokenizer.json (an imported model's) serves too.
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.source == "sft" else Tokenizer(cfg.tokenizer)
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
         raise UserError(
             f"data.tokenizer: {tokenizer.path!r} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
@@ -63,6 +68,17 @@ def make_train_iterator(
 ):
     """This process's endless stream of train batches, each array [global_batch_size // process_count, seq_len]."""
     tokenizer = _check(data_config, global_batch_size, process_count, model_vocab_size)
+    if data_config.source == "sft":
+        return sft_batches.TrainIterator(
+            sft_batches.Examples(
+                data_config.sft_file, data_config, tokenizer, data_config.seq_len + 1
+            ),
+            data_config,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
     if data_config.pipeline == "stream":
         return stream.TrainIterator(
             data_config,
@@ -98,6 +114,11 @@ def make_eval_batches(
         process_index=process_index,
         process_count=process_count,
     )
+    if data_config.source == "sft":
+        examples = sft_batches.Examples(
+            data_config.sft_eval_file, data_config, tokenizer, data_config.seq_len + 1
+        )
+        return sft_batches.EvalStream(examples, data_config, **kwargs)
     if data_config.pipeline == "stream":
         return stream.EvalStream(data_config, tokenizer, **kwargs)
     return windows.EvalStream(

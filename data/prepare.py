@@ -226,6 +226,11 @@ def main(argv) -> None:
     cfg = _CONFIG.value.data
     try:
         validate(cfg)
+        if cfg.source == "sft":
+            raise UserError(
+                "data.source=sft has no token cache to prepare: fine-tuning examples are "
+                "tokenized when training starts."
+            )
         tokenizer = Tokenizer(cfg.tokenizer)
         ident = identity(cfg, tokenizer)
         directory = cache_directory(cfg, ident)

@@ -93,11 +93,14 @@ def generate(
     top_p: float = 1.0,
     eos_id: int = -1,
     pad_id: int = 0,
+    num_ids: int = 0,
 ):
     """(new tokens [batch, max_new_tokens], number generated per row [batch]).
 
     `tokens` [batch, P] are left-padded prompts of `lengths` tokens (see left_pad).
     A row stops after its first `eos_id` (which is kept); later slots hold `pad_id`.
+    Ids from `num_ids` on (0 = none) are never sampled: a vocabulary padded past the
+    tokenizer's for speed has ids no tokenizer can decode.
     Traceable: jit it, with the sampling arguments static.
     """
     batch, prompt_len = tokens.shape
@@ -108,7 +111,7 @@ def generate(
     cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
     variables = {"params": params}
     sample = lambda logits, step: sample_next(
-        logits[:, -1], jax.random.fold_in(rng, step), temperature, top_k, top_p
+        logits[:, -1, : num_ids or None], jax.random.fold_in(rng, step), temperature, top_k, top_p
     )
 
     logits, cache = model.apply(variables, tokens, segment_ids, positions, cache=cache)

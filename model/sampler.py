@@ -106,25 +106,36 @@ class Sampler:
         return [p[-room:] for p in prompts]
 
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingConfig, eos_id: int, pad_id: int = 0
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        eos_id: int,
+        pad_id: int = 0,
+        params=None,
+        num_ids: int = 0,
     ) -> list[list[int]]:
-        """The new tokens of each prompt (up to and including eos)."""
+        """The new tokens of each prompt (up to and including eos); `params` (placed like
+        self.params, e.g. a training run's current ones) default to self.params. Give the
+        tokenizer's vocabulary size as `num_ids` so that no padding id is sampled."""
         rows = -(-len(prompts) // self.batch_multiple) * self.batch_multiple
         filler = [prompts[0]] * (rows - len(prompts))  # fills the data-parallel shards
         width = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
         tokens, lengths = left_pad(prompts + filler, pad_id, width)
-        settings = dataclasses.astuple(sampling)[:4] + (eos_id, pad_id)
+        settings = dataclasses.astuple(sampling)[:4] + (eos_id, pad_id, num_ids)
         key = (tokens.shape, settings)
         if key not in self._compiled:
-            self._compiled[key] = self._jit(sampling, eos_id, pad_id)
+            self._compiled[key] = self._jit(sampling, eos_id, pad_id, num_ids)
         with activate(self.mesh, self.rules):
             out, num_new = self._compiled[key](
-                self.params, tokens, lengths, jax.random.key(sampling.seed)
+                self.params if params is None else params,
+                tokens,
+                lengths,
+                jax.random.key(sampling.seed),
             )
         out, num_new = np.asarray(out), np.asarray(num_new)
         return [out[row, : num_new[row]].tolist() for row in range(len(prompts))]
 
-    def _jit(self, sampling: SamplingConfig, eos_id: int, pad_id: int):
+    def _jit(self, sampling: SamplingConfig, eos_id: int, pad_id: int, num_ids: int):
         def run(params, tokens, lengths, rng):
             return generate(
                 self.model,
@@ -138,6 +149,7 @@ class Sampler:
                 top_p=sampling.top_p,
                 eos_id=eos_id,
                 pad_id=pad_id,
+                num_ids=num_ids,
             )
 
         params_shardings = jax.tree.map(lambda a: a.sharding, self.abstract_params)
@@ -150,12 +162,12 @@ class Sampler:
 
 
 def load_sampler(
-    workdir: str, mesh_sizes, devices=None
+    workdir: str, mesh_sizes, devices=None, step: int | None = None
 ) -> tuple["Sampler", ml_collections.ConfigDict]:
-    """A Sampler with the newest checkpoint of `workdir`, and that run's config."""
+    """A Sampler with the newest checkpoint of `workdir` (or step `step`), and that run's config."""
     from training import checkpoint  # orbax: only needed here
 
-    step, meta = checkpoint.newest_step_meta(workdir)
+    step, meta = checkpoint.newest_step_meta(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
     model_config = ModelConfig.from_dict(config.model)
     sampler = Sampler(

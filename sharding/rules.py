@@ -26,6 +26,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),  # the scanned-layers axis stays whole on every device
+    ("lora_rank", None),  # model/lora.py: adapters' rank axis is small, kept whole
     ("trials", "data"),  # sweep.py --vectorized: trials stacked on a leading axis
 )
 

@@ -124,6 +124,16 @@ def test_decoding_on_a_sharded_mesh_gives_the_same_tokens():
         )
 
 
+def test_ids_past_the_tokenizers_vocabulary_are_never_sampled():
+    config, _, params = _model("gpt2")
+    sampler = Sampler(config, params, _mesh(), devices=jax.devices()[:1])
+    hot = SamplingConfig(max_new_tokens=8, temperature=5.0, seed=1)  # nearly uniform
+    prompts = [[5, 9, 2, 7]] * 4
+    assert max(max(row) for row in sampler.generate(prompts, hot, eos_id=-1)) >= 16
+    kept = sampler.generate(prompts, hot, eos_id=-1, num_ids=16)
+    assert max(max(row) for row in kept) < 16
+
+
 def test_a_row_stops_at_eos_and_the_others_go_on():
     config, _, params = _model("llama")
     sampler = Sampler(config, params, _mesh(), devices=jax.devices()[:1])

@@ -46,6 +46,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from errors import UserError
+from model import lora
 
 ITEMS = ("params", "opt_state", "data", "meta")
 
@@ -119,6 +120,15 @@ def _tree_differences(saved, expected) -> list[str]:
     )
 
 
+def model_differences(saved: dict, model_config: dict) -> list[str]:
+    """`model.field: saved -> current` for each weight-changing model field that differs."""
+    return [
+        f"model.{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in model_config.items()
+        if saved.get(k) != v
+    ]
+
+
 def _checkpoints_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -159,8 +169,9 @@ def save_params(workdir: str, params, config: dict, model_config: dict, step: in
     manager.close()
 
 
-def newest_step_meta(workdir: str) -> tuple[int, dict]:
-    """(newest checkpoint step, its meta: step, model, config); reads no arrays, writes nothing."""
+def newest_step_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """(newest checkpoint step, or `step` if given; its meta: step, model, config); reads no
+    arrays, writes nothing."""
     directory = _checkpoints_dir(workdir)
     steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
     if not steps:
@@ -168,7 +179,9 @@ def newest_step_meta(workdir: str) -> tuple[int, dict]:
             f"--workdir={workdir!r} has no checkpoint (nothing in {directory}): train first "
             "(train.py) or import a model with tools/import_hf.py."
         )
-    step = max(steps)
+    if step is not None and step not in steps:
+        raise UserError(f"--step={step}: {directory} has no such step; it has {sorted(steps)}.")
+    step = max(steps) if step is None else step
     try:
         return step, _read_meta(directory, step)
     except Exception as error:  # noqa: BLE001 -- any failure to read is the same to the user
@@ -179,18 +192,23 @@ def newest_step_meta(workdir: str) -> tuple[int, dict]:
 
 def load_params(workdir: str, step: int, abstract_params):
     """Step `step`'s params alone, restored onto the shardings that `abstract_params`
-    (jax.ShapeDtypeStruct leaves with .sharding) carry; UserError if they do not fit."""
+    (jax.ShapeDtypeStruct leaves with .sharding) carry; UserError if they do not fit.
+    A LoRA run's step gives its base and adapters merged (model/lora.py)."""
     directory = _checkpoints_dir(workdir)
     manager = _manager(directory, create=False)
     try:
-        differences = _tree_differences(manager.item_metadata(step)["params"].tree, abstract_params)
+        saved = manager.item_metadata(step)["params"].tree
+        target = lora.restore_target(abstract_params, saved)
+        differences = _tree_differences(saved, target)
         if differences:
             raise UserError(
                 f"Checkpoint step {step} in {directory} holds parameters of another shape than "
                 f"the model config ({'; '.join(differences)})."
             )
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-        return manager.restore(step, args=args)["params"]
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        params = manager.restore(step, args=args)["params"]
+        lora_values = _read_meta(directory, step)["config"].get("lora", {})
+        return lora.merge_restored(params, abstract_params, lora_values)
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001 -- any failure to read is the same to the user
@@ -337,12 +355,7 @@ class Checkpointer:
         return False, None
 
     def _check_same_model(self, step: int, meta: dict, model_config: dict):
-        saved = meta.get("model", {})
-        differences = [
-            f"model.{k}: {saved.get(k)!r} -> {v!r}"
-            for k, v in model_config.items()
-            if saved.get(k) != v
-        ]
+        differences = model_differences(meta.get("model", {}), model_config)
         if differences:
             raise UserError(
                 f"The workdir's checkpoints ({self.directory}, step {step}) belong to a different "

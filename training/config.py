@@ -10,7 +10,9 @@ import dataclasses
 from configs.schema import check_fields, field, from_values
 from data.config import DataConfig
 from errors import UserError
+from evaluation.config import EvalConfig
 from model.config import ModelConfig
+from model.lora import LoraConfig
 from sharding.mesh import MESH_AXES, MeshConfig, resolve_mesh_shape
 from sharding.rules import logical_rules
 
@@ -59,6 +61,13 @@ class TrainConfig:
     )
     log_every: int = field(10, POSITIVE, "steps between progress lines and metrics records")
     eval_every: int = field(200, NON_NEGATIVE, "steps between evaluations; 0 = only at the end")
+    init_from: str = field(
+        "",
+        str,
+        "a workdir (a run's, or tools/import_hf.py's) whose params start this run when its own "
+        "workdir has no checkpoint yet; fresh optimizer and step; '' = random init",
+    )
+    init_step: int = field(-1, "{-1} | [0, inf)", "train.init_from's step; -1 = its newest")
 
     def __post_init__(self):
         check_fields(self, "train")
@@ -99,6 +108,8 @@ SECTIONS = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "profile": ProfileConfig,
+    "eval": EvalConfig,
+    "lora": LoraConfig,
 }
 
 

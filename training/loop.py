@@ -12,14 +12,17 @@ import os
 import time
 
 import jax
-import numpy as np
 from absl import logging
 
+from data.hf_tokenizer import load_tokenizer
 from data.pipeline import make_eval_batches, make_train_iterator
 from errors import UserError
+from evaluation.evaluator import score_batches
+from evaluation.in_training import TrainingTasks
 from training.checkpoint import Checkpointer
 from training.config import describe, tokens_per_step
 from training.hardware import peak_flops_per_device
+from training.init_from import initial_checkpoint
 from training.metrics import MetricsWriter
 from training.preemption import Preemption
 from training.step import make_eval_step
@@ -60,17 +63,10 @@ class _ProfileWindow:
             self.active = False
 
 
-def evaluate(trainer: Trainer, eval_step, params, eval_stream) -> dict:
-    totals = np.zeros(2)
-    for batch in eval_stream:
-        out = jax.device_get(eval_step(params, trainer.to_global(batch)))
-        totals += (out["ce_sum"], out["weight_sum"])
-    loss = totals[0] / max(totals[1], 1.0)
-    return {
-        "eval_loss": float(loss),
-        "eval_perplexity": math.exp(min(loss, 50.0)),
-        "eval_tokens": float(totals[1]),
-    }
+def evaluate(trainer: Trainer, eval_step, params, eval_stream, tokenizer) -> dict:
+    """eval_loss, eval_perplexity, eval_bits_per_byte, ... (evaluation/metrics.py)."""
+    metrics = score_batches(eval_step, trainer.to_global, params, eval_stream, tokenizer)
+    return {f"eval_{name}": value for name, value in metrics.items()}
 
 
 class StepClock:
@@ -121,6 +117,7 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
     )
     train_iter = make_train_iterator(config.data, seed=config.seed, **data_kwargs)
     eval_stream = make_eval_batches(config.data, **data_kwargs)
+    tasks = TrainingTasks(config, trainer)  # config.eval's files, read before anything is written
     if hold is not None:
         hold.extend([train_iter, eval_stream])
     logging.info(
@@ -138,6 +135,12 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
             model_dict,
             allow_optimizer_reset=config.checkpoint.allow_optimizer_reset,
         )
+        source = checkpointer.directory
+        if restored is None and train_cfg.init_from:  # fine-tuning: params only, fresh optimizer
+            source = f"train.init_from={train_cfg.init_from}"
+            restored = initial_checkpoint(train_cfg, trainer.abstract_model_params, model_dict)
+        elif train_cfg.init_from:
+            logging.info("train.init_from ignored: the workdir has checkpoints; resuming them.")
     except BaseException:
         checkpointer.close()
         raise
@@ -147,11 +150,12 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
         state, step = trainer.resumed_state(restored), restored.step
         if restored.data_state is not None:  # None: a params-only step, the data starts over
             train_iter.set_state(restored.data_state)
-        logging.info("Restored checkpoint at step %d from %s", step, checkpointer.directory)
+        logging.info("Restored checkpoint at step %d from %s", step, source)
     _write_config(config, workdir)
 
     writer = MetricsWriter(workdir)
-    eval_step = make_eval_step(trainer.model, trainer.mesh, trainer.rules, trainer.shardings)
+    eval_step = make_eval_step(trainer.model, trainer.mesh, trainer.rules, trainer.model_shardings)
+    tokenizer = load_tokenizer(config.data.tokenizer)
     peak_flops, peak_source = peak_flops_per_device(trainer.model_config.dtype)
     logging.info(
         "MFU: model FLOPs with causal attention counted in full (PaLM's convention), relative "
@@ -220,7 +224,9 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
             if step == num_steps or (every_eval and step % every_eval == 0):
                 finish(*pending)  # never evaluate past a non-finite loss
                 pending = None
-                eval_metrics = evaluate(trainer, eval_step, state.params, eval_stream)
+                params = trainer.model_params(state.params)  # LoRA: base + adapters merged
+                eval_metrics = evaluate(trainer, eval_step, params, eval_stream, tokenizer)
+                eval_metrics.update(tasks(params, step))
                 writer.write(step, eval_metrics)
                 writer.console(step, num_steps, eval_metrics)
                 last.update(eval_metrics)

@@ -112,7 +112,7 @@ def saved_activation_bytes(trainer) -> int:
         for k, v in trainer.abstract_batch().items()
     }
     params = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainer.abstract_state.params
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainer.abstract_model_params
     )
     z_loss = config.train.z_loss_weight
     loss = lambda p, b: forward_sums(trainer.model, p, b, None, z_loss)[0]

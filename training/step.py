@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from data.batch import BATCH_FIELDS
+from model.lora import is_lora_tree, merged_params, trainable, with_trainable
 from sharding import activate, batch_sharding, replicated
 from training.loss import chunked_cross_entropy_sums, cross_entropy_sums
 
@@ -62,15 +63,29 @@ def make_train_step(
     z_loss_weight: float = 0.0,
     skip_nonfinite_updates: bool = False,
     seed: int = 0,
+    lora_config=None,
 ):
-    """Returns `train_step(state, batch) -> (new_state, metrics)`, jitted over `mesh`."""
+    """Returns `train_step(state, batch) -> (new_state, metrics)`, jitted over `mesh`.
+
+    With LoRA params ({"base", "lora"}, model/lora.py) only the adapters get
+    gradients and updates; the base is a constant of the step.
+    """
+
+    def model_params(params, weights):
+        if is_lora_tree(params):
+            return merged_params(params["base"], weights, lora_config)
+        return weights
 
     def loss_and_grads(params, batch, rng):
-        def loss_fn(p):
-            total, ce_sum, weight_sum = forward_sums(model, p, batch, rng, z_loss_weight)
+        def loss_fn(weights):
+            total, ce_sum, weight_sum = forward_sums(
+                model, model_params(params, weights), batch, rng, z_loss_weight
+            )
             return total, (ce_sum, weight_sum)
 
-        (total, (ce_sum, weight_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (total, (ce_sum, weight_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable(params)
+        )
         return grads, total, ce_sum, weight_sum
 
     def step(state, batch):
@@ -87,7 +102,7 @@ def make_train_step(
                 out = loss_and_grads(state.params, microbatch, jax.random.fold_in(rng, index))
                 return jax.tree.map(jnp.add, carry, out), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params),) + (
+            zeros = (jax.tree.map(jnp.zeros_like, trainable(state.params)),) + (
                 jnp.zeros((), jnp.float32),
             ) * 3
             microbatches = _split_microbatches(batch, num_microbatches)
@@ -98,10 +113,11 @@ def make_train_step(
         denominator = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         loss, grad_norm = total / denominator, optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
+        weights = trainable(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, weights, step=state.step)
         new_state = state.replace(
             step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
+            params=with_trainable(state.params, optax.apply_updates(weights, updates)),
             opt_state=opt_state,
         )
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -138,7 +154,7 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model, mesh, rules, state_shardings):
+def make_eval_step(model, mesh, rules, params_shardings):
     """Returns `eval_step(params, batch) -> {"ce_sum", "weight_sum"}` (sums, to be accumulated)."""
 
     def step(params, batch):
@@ -147,7 +163,7 @@ def make_eval_step(model, mesh, rules, state_shardings):
 
     batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS}
     jitted = jax.jit(
-        step, in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated(mesh)
+        step, in_shardings=(params_shardings, batch_shardings), out_shardings=replicated(mesh)
     )
 
     def eval_step(params, batch):

@@ -12,6 +12,7 @@ import numpy as np
 from data.batch import batch_spec
 from model import Transformer
 from model.flops import train_flops_per_token
+from model.lora import LoraConfig, is_lora_tree, merged_params, trainable
 from sharding import activate, batch_sharding, logical_rules, make_mesh
 from training.config import validate_config
 from training.memory import breakdown
@@ -24,6 +25,10 @@ def _with_shardings(abstract, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+
+
+def _count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def memory_report(compiled) -> dict:
@@ -66,8 +71,9 @@ class Trainer:
         self.model = Transformer(self.model_config)
         self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
         self.seq_len = config.data.seq_len
+        self.lora = LoraConfig(**config.lora) if config.lora.rank else None
         abstract, self.shardings = state_shardings(
-            self.model, self.tx, self.mesh, self.rules, self.seq_len
+            self.model, self.tx, self.mesh, self.rules, self.seq_len, self.lora
         )
         self.abstract_state = _with_shardings(abstract, self.shardings)
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
@@ -82,10 +88,22 @@ class Trainer:
             z_loss_weight=config.train.z_loss_weight,
             skip_nonfinite_updates=config.train.skip_nonfinite_updates,
             seed=config.seed,
+            lora_config=self.lora,
         )
-        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+        # The model's own params: with LoRA, the frozen base (model/lora.py).
+        self.abstract_model_params = _with_shardings(abstract, self.shardings).params
+        self.model_shardings = self.shardings.params
+        if self.lora:
+            self.abstract_model_params = self.abstract_model_params["base"]
+            self.model_shardings = self.shardings.params["base"]
+            self._merge = jax.jit(
+                lambda p: merged_params(p["base"], p["lora"], self.lora),
+                out_shardings=self.model_shardings,
+            )
+        self.num_params = _count(self.abstract_model_params)
+        self.num_trainable_params = _count(trainable(abstract.params))
         self.flops_per_token = train_flops_per_token(
-            self.model_config, abstract.params, self.seq_len
+            self.model_config, self.abstract_model_params, self.seq_len
         )
 
     def init_state(self) -> TrainState:
@@ -98,17 +116,28 @@ class Trainer:
             self.shardings,
             self.config.seed,
             self.seq_len,
+            self.lora,
         )
 
     def resumed_state(self, restored) -> TrainState:
-        """The train state of a restored checkpoint; a fresh optimizer state if it had none."""
-        opt_state = restored.opt_state
+        """The train state of a restored checkpoint; a fresh optimizer state if it had none,
+        and fresh adapters for a LoRA run whose params are a base model's (train.init_from)."""
+        params, opt_state = restored.params, restored.opt_state
+        if self.lora and not is_lora_tree(params):
+            params = {"base": params, "lora": self.init_state().params["lora"]}
         if opt_state is None:
             init = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)
             with activate(self.mesh, self.rules):
-                opt_state = init(restored.params)
+                opt_state = init(trainable(params))
         step = jax.device_put(np.int32(restored.step), self.shardings.step)
-        return TrainState(step=step, params=restored.params, opt_state=opt_state)
+        return TrainState(step=step, params=params, opt_state=opt_state)
+
+    def model_params(self, params):
+        """The params the model runs on (eval, sampling): with LoRA, base and adapters merged."""
+        if not self.lora:
+            return params
+        with activate(self.mesh, self.rules):
+            return self._merge(params)
 
     def abstract_batch(self) -> dict:
         """The global batch's shapes, dtypes and sharding (data/batch.py)."""
@@ -139,6 +168,7 @@ class Trainer:
         compiled, seconds = self.compile()
         report = {
             "num_params": self.num_params,
+            "num_trainable_params": self.num_trainable_params,
             "flops_per_token": self.flops_per_token,
             "compile_seconds": seconds,
         }

@@ -216,6 +216,8 @@ def run(base_config, workdir: str, named: dict) -> None:
     """Trains the unfinished trials of `named` ({name: overrides}) together, each writing
     config.json, metrics.jsonl and status.json to workdir/<name>."""
     _check_fields(named)
+    if base_config.lora.rank:
+        raise UserError("--vectorized: LoRA (lora.rank > 0) is not supported; run it without.")
     configs = _valid_configs(base_config, workdir, named)
     if not configs:
         return

@@ -1,0 +1,67 @@
+"""A model's params on a mesh that scores batches and generates text.
+
+eval.py, the evaluation tasks inside training and the lm-eval adapter all evaluate
+through this one object, over model/sampler.py's Sampler (params placed by their
+logical axis names, jitted generation) and training/step.py's eval step (the
+forward pass and loss sums that training evaluates with).
+"""
+
+import jax
+import numpy as np
+
+from evaluation.metrics import loss_metrics, target_bytes
+from model.sampler import SamplingConfig
+from sharding import batch_sharding
+from training.step import make_eval_step
+
+
+def score_batches(eval_step, to_global, params, batches, tokenizer) -> dict:
+    """Loss, perplexity and bits per byte over finite `batches` (data/batch.py format)."""
+    ce_sum, tokens, num_bytes = 0.0, 0.0, 0
+    for batch in batches:
+        out = jax.device_get(eval_step(params, to_global(batch)))
+        ce_sum += float(out["ce_sum"])
+        tokens += float(out["weight_sum"])
+        num_bytes += target_bytes(tokenizer, batch["targets"], batch["weights"])
+    return loss_metrics(ce_sum, tokens, num_bytes)
+
+
+class Evaluator:
+    """Scores batches and generates with a Sampler's model, mesh and (default) params."""
+
+    def __init__(self, sampler, tokenizer, batch_size: int):
+        self.sampler, self.tokenizer, self.batch_size = sampler, tokenizer, batch_size
+        shardings = jax.tree.map(lambda a: a.sharding, sampler.abstract_params)
+        self._eval_step = make_eval_step(sampler.model, sampler.mesh, sampler.rules, shardings)
+        self._sharding = batch_sharding(sampler.mesh, sampler.rules)
+
+    def _to_global(self, batch: dict) -> dict:
+        """Rows padded with weight-0 rows to a multiple of the data-parallel size."""
+        rows = batch["inputs"].shape[0]
+        missing = -rows % self.sampler.batch_multiple
+        pad = lambda x: np.pad(x, ((0, missing), (0, 0)))
+        return {
+            k: jax.make_array_from_process_local_data(self._sharding, pad(v))
+            for k, v in batch.items()
+        }
+
+    def score(self, batches, params=None) -> dict:
+        params = self.sampler.params if params is None else params
+        return score_batches(self._eval_step, self._to_global, params, batches, self.tokenizer)
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig, params=None) -> list[str]:
+        """Each prompt's continuation as text (up to eos or max_new_tokens); a prompt too
+        long for the model keeps its last tokens."""
+        eos = self.tokenizer.eos_id
+        ids = self.sampler.check_room(
+            [self.tokenizer.encode(p) for p in prompts], sampling.max_new_tokens, truncate=True
+        )
+        texts = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start : start + self.batch_size]
+            new_tokens = self.sampler.generate(
+                chunk, sampling, eos, params=params, num_ids=self.tokenizer.vocab_size
+            )
+            for new in new_tokens:
+                texts.append(self.tokenizer.decode([t for t in new if t != eos]))
+        return texts
