@@ -25,6 +25,13 @@ SMALL_OVERRIDES = {k: v for k, v in TRAIN_OVERRIDES.items() if k != "train.num_s
 
 # notebook name -> the parameter values that make it short; {tmp} is a fresh directory.
 SHORTEN = {
+    "finetune": {
+        "TINY_RANDOM_MODEL": True,
+        "WORKDIR": "{tmp}/finetune",
+        "NUM_STEPS": 4,
+        "OVERRIDES": {"optimizer.warmup_steps": 2},  # within NUM_STEPS
+        "MAX_NEW_TOKENS": 8,
+    },
     "quickstart": {
         "NUM_STEPS": TRAIN_OVERRIDES["train.num_steps"],
         "WORKDIR": "{tmp}/quickstart",
@@ -92,7 +99,7 @@ def test_notebooks_run(tmp_path, monkeypatch, tmp_path_factory):
 
 
 def test_notebooks_exist_and_are_committed_without_outputs():
-    assert {_name(p) for p in NOTEBOOKS} >= {"quickstart", "sharding"}
+    assert {_name(p) for p in NOTEBOOKS} >= {"finetune", "quickstart", "sharding"}
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
         nbformat.validate(notebook)
