@@ -26,6 +26,7 @@ CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 class Attention(nn.Module):
     config: ModelConfig
+    lora_dropout: float = 0.0  # on LoRA adapters' input (model/layers.Dense); 0 outside training
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, key_segment_ids, cache_index, cache, layer):
@@ -46,6 +47,7 @@ class Attention(nn.Module):
                 (e, heads, d),
                 ("embed", head_names, "head_dim"),
                 bias_rank=2,
+                lora_dropout=self.lora_dropout,
                 name=name,
             )(x)
 
@@ -90,6 +92,7 @@ class Attention(nn.Module):
             (cfg.num_heads, d, e),
             ("heads", "head_dim", "embed"),
             init_std=residual_init_std(cfg),
+            lora_dropout=self.lora_dropout,
             name="out",
         )(out)
         return out, cache

@@ -4,11 +4,14 @@ Every parameter is created with logical axis names (see sharding/rules.py), as
 many names as the parameter has dimensions.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.lora import adapter_output
 
 
 def param_init(config: ModelConfig, names, std=None):
@@ -67,7 +70,9 @@ class Dense(nn.Module):
 
     Multi-axis kernels such as [embed, heads, head_dim] keep each axis (and its
     sharding name) instead of being flattened to 2-D. The bias spans the last
-    `bias_rank` kernel axes, which are the output axes.
+    `bias_rank` kernel axes, which are the output axes. When the "lora" collection
+    holds adapters "a" and "b" for this module, their low-rank path is added beside
+    the kernel (model/lora.py), its input dropped out at rate `lora_dropout`.
     """
 
     config: ModelConfig
@@ -76,6 +81,7 @@ class Dense(nn.Module):
     names: tuple[str, ...]
     bias_rank: int = 1
     init_std: float | None = None
+    lora_dropout: float = 0.0  # 0 outside training
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,6 +90,10 @@ class Dense(nn.Module):
             "kernel", param_init(cfg, self.names, self.init_std), self.shape, cfg.param_dtype
         )
         y = jnp.einsum(self.equation, x.astype(cfg.dtype), kernel.astype(cfg.dtype))
+        if self.has_variable("lora", "a"):
+            a, b = (self.get_variable("lora", n).astype(cfg.dtype) for n in ("a", "b"))
+            dropped = nn.Dropout(self.lora_dropout, deterministic=self.lora_dropout == 0.0)(x)
+            y = y + adapter_output(self.equation, dropped.astype(cfg.dtype), a, b)
         if cfg.use_bias:
             out_names = self.names[-self.bias_rank :]
             bias = self.param(
@@ -102,19 +112,20 @@ class Mlp(nn.Module):
     """Position-wise feed-forward: GELU (two matrices) or SwiGLU (three)."""
 
     config: ModelConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         up_shape, up_names = (cfg.embed_dim, cfg.mlp_dim), ("embed", "mlp")
-        up = lambda name: Dense(cfg, "bte,em->btm", up_shape, up_names, name=name)(x)
+        dense = functools.partial(Dense, cfg, lora_dropout=self.lora_dropout)
+        up = lambda name: dense("bte,em->btm", up_shape, up_names, name=name)(x)
         if cfg.mlp_activation == "swiglu":
             hidden = nn.silu(up("wi_gate")) * up("wi_up")
         else:
             hidden = nn.gelu(up("wi"), approximate=True)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return Dense(
-            cfg,
+        return dense(
             "btm,me->bte",
             (cfg.mlp_dim, cfg.embed_dim),
             ("mlp", "embed"),

@@ -2,10 +2,12 @@
 
 Each targeted kernel W [layers, *in, *out] gets A [layers, *in, rank] (random) and
 B [layers, rank, *out] (zeros), stacked over layers like W and named with W's
-logical axes plus "lora_rank". The model itself is unchanged: a LoRA step runs it
-on `merged_params` = W + (alpha / rank) * A @ B, so step 0 is exactly the base
-model, and sampling, eval and export of a LoRA run read merged params
-(training/checkpoint.load_params) with no special code.
+logical axes plus "lora_rank". A train step passes the adapters to the model as its
+"lora" collection, B scaled by alpha / rank (`scaled`); each targeted Dense adds
+x @ A @ B beside its kernel (model/layers.py), so neither W + A @ B nor W's gradient
+is ever formed, and B = 0 makes step 0 exactly the base model. Sampling, eval and
+export read `merged_params` = W + (alpha / rank) * A @ B, the same model in plain
+kernels (training/checkpoint.load_params), with no special code.
 
 A LoRA run's params are `{"base": model params, "lora": adapters}`; only the
 adapters get gradients and optimizer state (training/step.py, training/state.py).
@@ -37,6 +39,7 @@ class LoraConfig:
 
     rank: int = field(0, "[0, inf)", "adapter rank; 0 = off (full training)")
     alpha: float = field(16.0, "(0, inf)", "adapter scale is alpha / rank")
+    dropout: float = field(0.0, "[0, 1)", "dropout on the adapters' input, in training only")
     targets: str = field(
         "query,value", "text", f"comma-separated kernels to adapt, of {', '.join(TARGETS)}"
     )
@@ -149,25 +152,23 @@ def with_trainable(params, weights):
     return dict(params, lora=weights) if is_lora_tree(params) else weights
 
 
-def restore_target(abstract_params, saved_tree):
-    """What a checkpoint's params item restores into: `abstract_params` (ShapeDtypeStructs
-    with shardings), wrapped with the saved adapters, replicated, if it is a LoRA run's."""
-    if not is_lora_tree(saved_tree):
-        return abstract_params
-    sharding = jax.tree.leaves(abstract_params)[0].sharding
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    adapters = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
-        saved_tree["lora"],
+def scaled(adapters, lora_config: LoraConfig) -> dict:
+    """The model's "lora" collection: `adapters` with each B times alpha / rank."""
+    scale = lora_config.alpha / lora_config.rank
+    return jax.tree.map(
+        lambda ab: dict(ab, b=ab["b"] * scale),
+        adapters,
+        is_leaf=lambda node: isinstance(node, dict) and "b" in node,
     )
-    return {"base": abstract_params, "lora": adapters}
 
 
-def merge_restored(params, abstract_params, lora_values: dict):
-    """A restored params item as the model's params: a LoRA run's base and adapters merged
-    (`lora_values`: its config's lora section) onto `abstract_params`' shardings."""
-    if not is_lora_tree(params):
-        return params
-    merged = merged_params(params["base"], params["lora"], LoraConfig(**lora_values))
-    return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), merged, abstract_params)
+def adapter_output(equation: str, x, a, b):
+    """x @ A @ B for a Dense of `equation` (e.g. "bthd,hde->bte") with one layer's A
+    [*in, rank] and B [rank, *out]: two einsums through the rank axis."""
+    inputs, output = equation.split("->")
+    x_axes, kernel_axes = inputs.split(",")
+    kernel_in = kernel_axes[: a.ndim - 1]
+    rank = next(c for c in "rzyxwvu" if c not in equation)
+    rows = "".join(c for c in x_axes if c not in kernel_in)
+    low = jnp.einsum(f"{x_axes},{kernel_in}{rank}->{rows}{rank}", x, a)
+    return jnp.einsum(f"{rows}{rank},{rank}{kernel_axes[a.ndim - 1 :]}->{output}", low, b)

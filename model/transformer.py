@@ -51,20 +51,22 @@ class Block(nn.Module):
 
     config: ModelConfig
     deterministic: bool = True
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, carry, layer, positions, segment_ids, key_segment_ids, cache_index):
         cfg = self.config
         x, cache = carry
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        lora_dropout = 0.0 if self.deterministic else self.lora_dropout
         h = make_norm(cfg, "attn_norm")(x)
-        h, cache = Attention(cfg, name="attn")(
+        h, cache = Attention(cfg, lora_dropout, name="attn")(
             h, positions, segment_ids, key_segment_ids, cache_index, cache, layer
         )
         x = x + dropout(h)
         x = nn.with_logical_constraint(x, ACTIVATION)
         h = make_norm(cfg, "mlp_norm")(x)
-        x = x + dropout(Mlp(cfg, name="mlp")(h))
+        x = x + dropout(Mlp(cfg, lora_dropout, name="mlp")(h))
         x = nn.with_logical_constraint(x, ACTIVATION)
         return (x, cache), None
 
@@ -82,9 +84,14 @@ class Transformer(nn.Module):
     With `cache=`: `-> (logits, cache)`. With `return_hidden=True`: the final-norm
     hidden states and the output projection [embed, vocab] instead of logits, for a
     loss that computes the logits a chunk at a time (training/loss.py).
+
+    A LoRA run also passes its adapters as the "lora" collection ({"params": ...,
+    "lora": ...}, model/lora.py); `lora_dropout` drops their input when not
+    `deterministic`.
     """
 
     config: ModelConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(
@@ -133,13 +140,13 @@ class Transformer(nn.Module):
             kv = {"key": cache["key"], "value": cache["value"]}
         layers = nn.scan(
             _remat(Block, cfg.remat_policy),
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             unroll=cfg.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, name="layers")
+        )(cfg, deterministic, self.lora_dropout, name="layers")
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, kv), _ = layers(
             (x, kv), layer_ids, positions, segment_ids, key_segment_ids, cache_index

@@ -1,23 +1,28 @@
-"""LoRA: exact start, frozen base, adapter-only optimizer, merge, checkpoints, mesh, errors."""
+"""LoRA: exact start, frozen base, adapter-only optimizer, merge, dropout, checkpoints, mesh,
+errors."""
 
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from errors import UserError
-from model.lora import merged_params
+from model.lora import merged_params, scaled
 from tests.helpers import LLAMA_STYLE, random_batch, tiny_config
 from training import vectorized
 from training.checkpoint import Checkpointer, Restored, load_params
+from training.lora_checkpoint import BASE_DIR
+from training.step import forward_sums
 from training.trainer import Trainer
 
 TARGETS = "query,key,value,out,mlp"  # every kind: 1 and 2 input axes, SwiGLU's 3 MLP kernels
 
 
-def lora_config(**lora):
-    config = tiny_config(**LLAMA_STYLE)
+def lora_config(model=None, **lora):
+    config = tiny_config(**LLAMA_STYLE, **(model or {}))
     config.optimizer.warmup_steps = 0  # every step moves the adapters
     config.lora.update(dict(rank=4, alpha=8.0, targets=TARGETS), **lora)
     return config
@@ -37,9 +42,37 @@ def train_steps(trainer, state, num_steps):
     return state, losses
 
 
-def logits(trainer, params):
+def logits(trainer, params, adapters=None):
+    """The model's logits on `params`, with `adapters` (scaled) beside the kernels if given."""
     tokens = random_batch(trainer.config, seed=1)["inputs"]
-    return np.asarray(trainer.model.apply({"params": params}, tokens))
+    variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
+    return np.asarray(trainer.model.apply(variables, tokens))
+
+
+def save(trainer, state, workdir):
+    """(config dict, model dict) after saving `state` as step 3 of `workdir`."""
+    config_dict = json.loads(trainer.config.to_json_best_effort())
+    model_dict = trainer.model_config.weight_fields()
+    checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+    checkpointer.save(3, state, {}, config_dict, model_dict)
+    checkpointer.close()
+    return config_dict, model_dict
+
+
+def restore(trainer, workdir, config_dict, model_dict):
+    checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+    try:
+        return checkpointer.restore_latest(trainer.abstract_state, config_dict, model_dict)
+    finally:
+        checkpointer.close()
+
+
+def disk_bytes(directory) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(directory)
+        for name in names
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +118,27 @@ def test_merged_weights_equal_base_plus_scaled_adapters(run):
             kernel += (8.0 / 4) * (a @ b).reshape(kernel.shape)
     merged = trainer.model_params(trained.params)
     np.testing.assert_allclose(logits(trainer, merged), logits(trainer, expected), atol=1e-5)
+    # What training runs: the adapters beside the kernels, the same model.
+    beside = logits(trainer, params["base"], scaled(params["lora"], trainer.lora))
+    np.testing.assert_allclose(beside, logits(trainer, merged), atol=1e-5)
+
+
+def test_dropout_changes_training_not_evaluation(run):
+    trainer, initial, trained, ref_losses = run
+    dropped = make_trainer(lora_config(dropout=0.5), (1, 1, 1))
+    _, losses = train_steps(dropped, jax.device_put(initial, dropped.shardings), 3)
+    assert losses[0] == ref_losses[0]  # B = 0: the dropped adapter path adds nothing yet
+    assert losses[1] != ref_losses[1] and losses[2] < losses[0]  # other updates; it trains
+    params = jax.device_get(trained.params)
+    batch, adapters = random_batch(trainer.config, seed=1), scaled(params["lora"], trainer.lora)
+    evaluate = lambda model: forward_sums(model, params["base"], batch, None, 0.0, adapters)
+    assert evaluate(dropped.model) == evaluate(trainer.model)
 
 
 def test_checkpoint_resumes_exactly_and_loads_merged(run, tmp_path):
     trainer, _, trained, _ = run
-    config_dict = json.loads(trainer.config.to_json_best_effort())
-    model_dict = trainer.model_config.weight_fields()
-    checkpointer = Checkpointer(str(tmp_path), keep=1, async_save=False)
-    checkpointer.save(3, trained, {}, config_dict, model_dict)
-    restored = checkpointer.restore_latest(trainer.abstract_state, config_dict, model_dict)
-    checkpointer.close()
+    config_dict, model_dict = save(trainer, trained, str(tmp_path))
+    restored = restore(trainer, str(tmp_path), config_dict, model_dict)
     resumed = trainer.resumed_state(restored)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(trained))
     # What sampling, eval and export read: base and adapters merged.
@@ -109,6 +153,35 @@ def test_checkpoint_resumes_exactly_and_loads_merged(run, tmp_path):
     assert not any(
         np.any(b["b"]) for m in fresh.params["lora"]["layers"].values() for b in m.values()
     )
+
+
+def test_step_checkpoints_hold_adapters_not_the_base(tmp_path):
+    # Wider than the tiny model, so that the base's bytes outweigh orbax's own files.
+    trainer = make_trainer(lora_config(dict(embed_dim=128, mlp_dim=512)), (1, 1, 1))
+    rng = np.random.default_rng(0)  # random values, as incompressible as trained weights
+    state = jax.tree.map(
+        lambda a: rng.standard_normal(a.shape).astype(a.dtype), trainer.abstract_state
+    )
+    save(trainer, state, str(tmp_path))
+    step_dir, base_dir = tmp_path / "checkpoints" / "3", tmp_path / BASE_DIR
+    base_shapes = {x.shape for x in jax.tree.leaves(state.params["base"]) if x.ndim > 1}
+    checkpointer = Checkpointer(str(tmp_path), keep=1, async_save=False)
+    layout = checkpointer.manager.item_metadata(3)
+    checkpointer.close()
+    saved = jax.tree.leaves((layout["params"].tree, layout["opt_state"].tree))
+    assert not base_shapes & {tuple(x.shape) for x in saved}
+    assert disk_bytes(step_dir) < disk_bytes(base_dir) / 5
+
+
+def test_missing_base_is_named(run, tmp_path):
+    trainer, _, trained, _ = run
+    config_dict, model_dict = save(trainer, trained, str(tmp_path))
+    shutil.rmtree(tmp_path / BASE_DIR)
+    message = f"the frozen base model they were trained on, {tmp_path / BASE_DIR}, is missing"
+    with pytest.raises(UserError, match=message):
+        restore(trainer, str(tmp_path), config_dict, model_dict)
+    with pytest.raises(UserError, match=message):
+        load_params(str(tmp_path), 3, trainer.abstract_model_params)
 
 
 def test_sharded_lora_matches_one_device(run):

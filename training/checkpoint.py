@@ -11,7 +11,9 @@ Params and optimizer state are separate items so that params alone can be
 loaded (a fresh optimizer, sampling, export: `newest_step_meta` + `load_params`)
 without reading the rest. The dropout RNG is a pure function of seed and step,
 so it needs nothing more. A params-only step (`save_params`, written by
-tools/import_hf.py) holds only params and meta, with `"params_only": true`.
+tools/import_hf.py) holds only params and meta, with `"params_only": true`. A LoRA
+run's steps hold its adapters alone as params; its frozen base is written once to
+`<workdir>/lora_base` (training/lora_checkpoint.py).
 
 What happens on restore, newest step first:
   * a step that cannot be read (truncated or corrupt files) is moved aside to
@@ -46,7 +48,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from errors import UserError
-from model import lora
+from model.lora import is_lora_tree
+from training import lora_checkpoint
 
 ITEMS = ("params", "opt_state", "data", "meta")
 
@@ -193,12 +196,12 @@ def newest_step_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
 def load_params(workdir: str, step: int, abstract_params):
     """Step `step`'s params alone, restored onto the shardings that `abstract_params`
     (jax.ShapeDtypeStruct leaves with .sharding) carry; UserError if they do not fit.
-    A LoRA run's step gives its base and adapters merged (model/lora.py)."""
+    A LoRA run's step gives its base and adapters merged (training/lora_checkpoint.py)."""
     directory = _checkpoints_dir(workdir)
     manager = _manager(directory, create=False)
     try:
         saved = manager.item_metadata(step)["params"].tree
-        target = lora.restore_target(abstract_params, saved)
+        target = lora_checkpoint.restore_target(abstract_params, saved)
         differences = _tree_differences(saved, target)
         if differences:
             raise UserError(
@@ -207,8 +210,11 @@ def load_params(workdir: str, step: int, abstract_params):
             )
         args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
         params = manager.restore(step, args=args)["params"]
+        if not lora_checkpoint.is_adapters(params):
+            return params
         lora_values = _read_meta(directory, step)["config"].get("lora", {})
-        return lora.merge_restored(params, abstract_params, lora_values)
+        step_dir = os.path.join(directory, str(step))
+        return lora_checkpoint.merged(workdir, params, abstract_params, lora_values, step_dir)
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001 -- any failure to read is the same to the user
@@ -228,20 +234,25 @@ class Checkpointer:
     """Saves and restores (state, data iterator state, config) at given steps."""
 
     def __init__(self, workdir: str, keep: int, async_save: bool):
+        self.workdir = workdir
         self.directory = _checkpoints_dir(workdir)
         self.quarantine = os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
         self.manager = _manager(
             self.directory, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
+        self.base_saved = False  # a LoRA run's base: written before its first step, or restored
 
     def save(self, step: int, state, data_state: dict, config: dict, model_config: dict) -> bool:
         """Starts saving `state` at `step` (in the background when async); False if not saved."""
+        if is_lora_tree(state.params) and not self.base_saved:
+            lora_checkpoint.save_base(self.workdir, state.params["base"])
+            self.base_saved = True
         meta = {"step": step, "model": model_config, "config": config}
         return self.manager.save(
             step,
             force=True,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
+                params=ocp.args.StandardSave(lora_checkpoint.stored(state.params)),
                 opt_state=ocp.args.StandardSave(state.opt_state),
                 data=ocp.args.JsonSave({"processes": _gather_across_processes(data_state)}),
                 meta=ocp.args.JsonSave(meta),
@@ -271,10 +282,11 @@ class Checkpointer:
             meta, params_tree, opt_tree = found
             params_only = opt_tree is None
             self._check_same_model(step, meta, model_config)
-            if _tree_differences(params_tree, abstract_state.params):
+            abstract_params = lora_checkpoint.stored(abstract_state.params)
+            if _tree_differences(params_tree, abstract_params):
                 raise UserError(
                     f"Checkpoint step {step} in {self.directory} holds parameters of another "
-                    f"shape ({'; '.join(_tree_differences(params_tree, abstract_state.params))}). "
+                    f"shape ({'; '.join(_tree_differences(params_tree, abstract_params))}). "
                     "Use a new --workdir."
                 )
             fresh_optimizer = params_only or bool(
@@ -282,7 +294,7 @@ class Checkpointer:
             )
             if fresh_optimizer and not (params_only or allow_optimizer_reset):
                 raise self._optimizer_mismatch(step, meta, config, opt_tree, abstract_state)
-            items = {"params": ocp.args.StandardRestore(abstract_state.params)}
+            items = {"params": ocp.args.StandardRestore(abstract_params)}
             if not fresh_optimizer:
                 items["opt_state"] = ocp.args.StandardRestore(abstract_state.opt_state)
             if not params_only:
@@ -294,6 +306,13 @@ class Checkpointer:
             if not ok:
                 continue
             data_state = None if params_only else self._data_state(step, restored["data"])
+            params = restored["params"]
+            if lora_checkpoint.is_adapters(params):
+                step_dir = os.path.join(self.directory, str(step))
+                base = lora_checkpoint.load_base(
+                    self.workdir, abstract_state.params["base"], step_dir
+                )
+                params, self.base_saved = {"base": base, "lora": params["lora"]}, True
             if params_only:
                 logging.info(
                     "Checkpoint step %d holds parameters only (e.g. tools/import_hf.py wrote it): "
@@ -312,7 +331,7 @@ class Checkpointer:
                 logging.info("Config changed since checkpoint step %d: %s", step, change)
             return Restored(
                 step=int(meta["step"]),
-                params=restored["params"],
+                params=params,
                 opt_state=None if fresh_optimizer else restored["opt_state"],
                 data_state=data_state,
             )

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from data.batch import BATCH_FIELDS
-from model.lora import is_lora_tree, merged_params, trainable, with_trainable
+from model.lora import is_lora_tree, scaled, trainable, with_trainable
 from sharding import activate, batch_sharding, replicated
 from training.loss import chunked_cross_entropy_sums, cross_entropy_sums
 
@@ -31,15 +31,17 @@ def _split_microbatches(batch, num_microbatches: int):
     return jax.tree.map(split, batch)
 
 
-def forward_sums(model, params, batch, rng, z_loss_weight):
-    """(total loss, cross-entropy, weight) sums of one batch: the model, then the loss."""
+def forward_sums(model, params, batch, rng, z_loss_weight, adapters=None):
+    """(total loss, cross-entropy, weight) sums of one batch: the model, then the loss.
+    `adapters`: a LoRA run's "lora" collection (model/lora.scaled); dropout only with `rng`."""
     chunk_size = model.config.loss_chunk_size
+    variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
     out = model.apply(
-        {"params": params},
+        variables,
         batch["inputs"],
         batch["segment_ids"],
         batch["positions"],
-        deterministic=rng is None or model.config.dropout_rate == 0.0,
+        deterministic=rng is None,
         rngs={} if rng is None else {"dropout": rng},
         return_hidden=chunk_size > 0,
     )
@@ -68,18 +70,18 @@ def make_train_step(
     """Returns `train_step(state, batch) -> (new_state, metrics)`, jitted over `mesh`.
 
     With LoRA params ({"base", "lora"}, model/lora.py) only the adapters get
-    gradients and updates; the base is a constant of the step.
+    gradients and updates: the model adds them beside the base's kernels, and the
+    base is a constant of the step.
     """
-
-    def model_params(params, weights):
-        if is_lora_tree(params):
-            return merged_params(params["base"], weights, lora_config)
-        return weights
 
     def loss_and_grads(params, batch, rng):
         def loss_fn(weights):
+            if is_lora_tree(params):  # the adapters, beside the frozen base's kernels
+                model_params, adapters = params["base"], scaled(weights, lora_config)
+            else:
+                model_params, adapters = weights, None
             total, ce_sum, weight_sum = forward_sums(
-                model, model_params(params, weights), batch, rng, z_loss_weight
+                model, model_params, batch, rng, z_loss_weight, adapters
             )
             return total, (ce_sum, weight_sum)
 

@@ -68,10 +68,10 @@ class Trainer:
         self.model_config = validate_config(config, len(devices), jax.process_count())
         self.mesh = make_mesh(config.mesh, devices)
         self.rules = logical_rules(config.sharding_rules)
-        self.model = Transformer(self.model_config)
         self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
         self.seq_len = config.data.seq_len
         self.lora = LoraConfig(**config.lora) if config.lora.rank else None
+        self.model = Transformer(self.model_config, self.lora.dropout if self.lora else 0.0)
         abstract, self.shardings = state_shardings(
             self.model, self.tx, self.mesh, self.rules, self.seq_len, self.lora
         )
