@@ -33,8 +33,6 @@ A workdir that holds checkpoints is never silently trained from scratch.
 import dataclasses
 import functools
 import json
-import os
-import shutil
 import time
 from typing import Any
 
@@ -47,6 +45,7 @@ from jax.experimental import multihost_utils
 
 from errors import UserError
 from model import lora
+from training.paths import workdir_path
 
 ITEMS = ("params", "opt_state", "data", "meta")
 
@@ -129,11 +128,11 @@ def model_differences(saved: dict, model_config: dict) -> list[str]:
     ]
 
 
-def _checkpoints_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def _checkpoints_dir(workdir: str) -> epath.Path:
+    return workdir_path(workdir) / "checkpoints"
 
 
-def _manager(directory: str, params_handler=None, **options) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path, params_handler=None, **options) -> ocp.CheckpointManager:
     handlers = {
         "params": params_handler or ocp.StandardCheckpointHandler(),
         "opt_state": ocp.StandardCheckpointHandler(),
@@ -145,9 +144,9 @@ def _manager(directory: str, params_handler=None, **options) -> ocp.CheckpointMa
     )
 
 
-def _read_meta(directory: str, step: int) -> dict:
+def _read_meta(directory: epath.Path, step: int) -> dict:
     """A step's meta item by plain file reads (no cross-process barrier)."""
-    return ocp.JsonCheckpointHandler().restore(epath.Path(directory) / str(step) / "meta")
+    return ocp.JsonCheckpointHandler().restore(directory / str(step) / "meta")
 
 
 def save_params(workdir: str, params, config: dict, model_config: dict, step: int = 0) -> None:
@@ -173,7 +172,7 @@ def newest_step_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
     """(newest checkpoint step, or `step` if given; its meta: step, model, config); reads no
     arrays, writes nothing."""
     directory = _checkpoints_dir(workdir)
-    steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+    steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
     if not steps:
         raise UserError(
             f"--workdir={workdir!r} has no checkpoint (nothing in {directory}): train first "
@@ -229,7 +228,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int, async_save: bool):
         self.directory = _checkpoints_dir(workdir)
-        self.quarantine = os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
+        self.quarantine = workdir_path(workdir) / "checkpoints_unreadable"
         self.manager = _manager(
             self.directory, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
@@ -388,11 +387,8 @@ class Checkpointer:
             self.quarantine,
         )
         if jax.process_index() == 0:
-            os.makedirs(self.quarantine, exist_ok=True)
-            shutil.move(
-                os.path.join(self.directory, str(step)),
-                os.path.join(self.quarantine, f"{step}-{int(time.time())}"),
-            )
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(self.quarantine / f"{step}-{int(time.time())}")
         multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
         self.manager.reload()
 
