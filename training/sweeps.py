@@ -11,6 +11,7 @@ import os
 import re
 
 from errors import UserError
+from training.paths import workdir_path
 
 SWEEP_FILE = "sweep.json"
 STATUS_FILE = "status.json"
@@ -69,50 +70,47 @@ def apply_overrides(config, overrides: dict):
 
 
 def write_sweep(workdir: str, named: dict[str, dict]) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, SWEEP_FILE), "w") as f:
-        json.dump({"trials": named}, f, indent=2)
+    workdir = workdir_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / SWEEP_FILE).write_text(json.dumps({"trials": named}, indent=2))
 
 
 def read_sweep(workdir: str) -> dict[str, dict]:
-    path = os.path.join(workdir, SWEEP_FILE)
-    if not os.path.isfile(path):
+    path = workdir_path(workdir) / SWEEP_FILE
+    if not path.is_file():
         raise UserError(f"--summarize={workdir}: no {SWEEP_FILE}; is this a sweep's workdir?")
-    with open(path) as f:
-        return json.load(f)["trials"]
+    return json.loads(path.read_text())["trials"]
 
 
 def write_status(trial_dir: str, status: str, error: str = "") -> None:
-    os.makedirs(trial_dir, exist_ok=True)
-    with open(os.path.join(trial_dir, STATUS_FILE), "w") as f:
-        json.dump({"status": status, "error": error}, f)
+    trial_dir = workdir_path(trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / STATUS_FILE).write_text(json.dumps({"status": status, "error": error}))
 
 
 def read_status(trial_dir: str) -> dict:
     """{"status", "error"}; "pending" if the trial never started."""
-    path = os.path.join(trial_dir, STATUS_FILE)
-    if not os.path.isfile(path):
+    path = workdir_path(trial_dir) / STATUS_FILE
+    if not path.is_file():
         return {"status": "pending", "error": ""}
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def read_trial_config(trial_dir: str) -> dict | None:
     """The trial's config.json (written by train.py before its first step), or None."""
-    path = os.path.join(trial_dir, "config.json")
-    if not os.path.isfile(path):
+    path = workdir_path(trial_dir) / "config.json"
+    if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def read_metrics(trial_dir: str) -> list[dict]:
     """metrics.jsonl's records; a resumed run logs some steps again, the later record wins."""
-    path = os.path.join(trial_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = workdir_path(trial_dir) / "metrics.jsonl"
+    if not path.is_file():
         return []
     records = {}
-    with open(path) as f:
+    with path.open() as f:
         for line in f:
             record = json.loads(line)
             kind = "eval" if "eval_loss" in record else "train"
