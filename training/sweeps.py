@@ -2,19 +2,22 @@
 
 `<workdir>/sweep.json` lists the trials (name -> overrides); each trial's own
 directory `<workdir>/<name>/` holds train.py's config.json and metrics.jsonl plus
-`status.json`: {"status": "done" | "failed" | "interrupted", "error": ...}.
+`status.json`: {"status": "done" | "failed" | "interrupted", "error": ...} and, for
+trials run as processes, their output in `train.log`.
 """
 
 import importlib.util
 import json
 import os
 import re
+import subprocess
 
 from errors import UserError
 from training.paths import workdir_path
 
 SWEEP_FILE = "sweep.json"
 STATUS_FILE = "status.json"
+LOG_FILE = "train.log"
 
 
 def _load(flag: str, path: str, function: str):
@@ -116,3 +119,29 @@ def read_metrics(trial_dir: str) -> list[dict]:
             kind = "eval" if "eval_loss" in record else "train"
             records.setdefault((record["step"], kind), {}).update(record)
     return [records[key] for key in sorted(records)]
+
+
+def run_logged(command: list[str], trial_dir: str, cwd: str) -> tuple[int, str]:
+    """Runs `command` with its output appended to `<trial_dir>/train.log`; returns its exit
+    code and, if not 0, its last `error: ...` line (else its last line) with the code."""
+    trial_dir = workdir_path(trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    log_path = trial_dir / LOG_FILE
+    with log_path.open("a") as log:
+        if "://" not in str(log_path):  # a local file: the process writes to it directly
+            returncode = subprocess.run(
+                command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+            ).returncode
+        else:  # e.g. gs://: copied through a pipe, uploaded when the file is closed
+            with subprocess.Popen(
+                command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            ) as process:
+                log.writelines(process.stdout)
+            returncode = process.returncode
+    if not returncode:
+        return 0, ""
+    text = log_path.read_bytes().decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    last = errors[-1] if errors else (lines[-1] if lines else "no output")
+    return returncode, f"{last} (exit code {returncode})"
