@@ -12,6 +12,7 @@ the tests look for.
 
 import json
 import os
+import sys
 
 import pytest
 import tensorflow as tf
@@ -175,3 +176,13 @@ def test_sweep_files_on_a_gs_workdir(fake_gcs):
     assert any("1.5" in line for line in lines), lines
     written = {p.name for p in (fake_gcs / "bucket" / "sweep").iterdir()}
     assert {"sweep.json", "summary.csv", "summary.md", "summary.png"} <= written
+
+
+def test_a_trial_process_logs_to_a_gs_trial_directory(fake_gcs):
+    trial = "gs://bucket/sweep/trial"
+    fails = [sys.executable, "-c", "print('step 1'); print('error: no data'); raise SystemExit(3)"]
+    assert sweeps.run_logged(fails, trial, cwd=".") == (3, "error: no data (exit code 3)")
+    assert sweeps.run_logged([sys.executable, "-c", "print('ok')"], trial, cwd=".") == (0, "")
+    log = (fake_gcs / "bucket" / "sweep" / "trial" / "train.log").read_text()
+    assert log == "step 1\nerror: no data\nok\n"
+    assert os.listdir(".") == []
