@@ -144,19 +144,14 @@ def test_training_resume_and_set_aside_on_a_gs_workdir(fake_gcs):
     assert [p.name[:2] for p in (run / "checkpoints_unreadable").iterdir()] == ["6-"]
     assert _steps(run / "checkpoints") == [3, 6, 8]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [
-        1,
-        2,
-        3,
-        4,
-        5,
-        6,
-        4,
-        5,
-        6,
-        7,
-        8,
-    ]  # appended to, from step 3 on
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8]  # appended to, from step 3 on
+
+    # Fine-tuning from it (train.init_from): its params read from the bucket.
+    config.train.update(init_from=WORKDIR, num_steps=2)
+    assert loop.train(config, "gs://bucket/tuned")["step"] == 2
+    assert _steps(fake_gcs / "bucket" / "tuned" / "checkpoints") == [2]
+    assert os.listdir(".") == []
 
 
 def test_sweep_files_on_a_gs_workdir(fake_gcs):
