@@ -20,7 +20,9 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from orbax.checkpoint._src.path import gcs_utils
 
+from data.hf_tokenizer import load_tokenizer
 from tests.test_train_loop import small_config
+from tools import export_hf, import_hf
 from training import checkpoint, loop, sweep_summary, sweeps
 from training.metrics import MetricsWriter
 
@@ -35,9 +37,8 @@ class _LocalBucket(epath_backend._OsPathBackend):
 
     def local(self, path) -> str:
         path = os.fspath(path)
-        if path.startswith(self.root):  # the os backend calling itself
+        if not path.startswith("gs://"):  # the other side of a copy, or the backend's own calls
             return path
-        assert path.startswith("gs://"), path
         return os.path.join(self.root, path.removeprefix("gs://"))
 
     def uri(self, path: str) -> str:
@@ -100,6 +101,8 @@ def fake_gcs(tmp_path, monkeypatch):
         property(lambda path: bucket if path._uri_scheme == "gs" else os_backend),
     )
 
+    monkeypatch.setattr(gpath, "_GCS_BACKENDS", frozenset({bucket}))  # copies between the two
+
     def kvstore(path):  # TensorStore: a file driver instead of its gcs driver
         return {"driver": "file", "path": bucket.local(path)}
 
@@ -151,6 +154,18 @@ def test_training_resume_and_set_aside_on_a_gs_workdir(fake_gcs):
     config.train.update(init_from=WORKDIR, num_steps=2)
     assert loop.train(config, "gs://bucket/tuned")["step"] == 2
     assert _steps(fake_gcs / "bucket" / "tuned" / "checkpoints") == [2]
+    assert os.listdir(".") == []
+
+    # Hugging Face export from the bucket, and import of the result into another gs:// workdir
+    # (its tokenizer copied there, read back from there).
+    hf_dir = str(fake_gcs.parent / "hf")
+    export_hf.export_hf(WORKDIR, hf_dir, 2**30)
+    import_hf.import_hf(hf_dir, "gs://bucket/imported", "float32", "float32")
+    step, meta = checkpoint.newest_step_meta("gs://bucket/imported")
+    assert step == 0 and meta["config"]["data"]["tokenizer"].startswith("gs://bucket/imported/")
+    assert load_tokenizer(meta["config"]["data"]["tokenizer"]).encode("def f():")
+    imported = fake_gcs / "bucket" / "imported"
+    assert {"config.json", "checkpoints", "tokenizer"} <= {p.name for p in imported.iterdir()}
     assert os.listdir(".") == []
 
 
