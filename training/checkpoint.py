@@ -144,9 +144,9 @@ def _manager(directory: epath.Path, params_handler=None, **options) -> ocp.Check
     )
 
 
-def _read_meta(directory: epath.Path, step: int) -> dict:
+def _read_meta(directory: str, step: int) -> dict:
     """A step's meta item by plain file reads (no cross-process barrier)."""
-    return ocp.JsonCheckpointHandler().restore(directory / str(step) / "meta")
+    return ocp.JsonCheckpointHandler().restore(epath.Path(directory) / str(step) / "meta")
 
 
 def save_params(workdir: str, params, config: dict, model_config: dict, step: int = 0) -> None:
