@@ -14,7 +14,6 @@ train.py resumes an interrupted one from its last checkpoint.
 
 import os
 import shlex
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,15 +62,6 @@ def train_command(config_path: str, trial_dir: str, overrides: dict, distributed
     ]
 
 
-def _error_line(log_path: str, returncode: int) -> str:
-    """train.py's `error: ...` line if it printed one, else the log's last line."""
-    with open(log_path, errors="replace") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    last = errors[-1] if errors else (lines[-1] if lines else "no output")
-    return f"{last} (exit code {returncode})"
-
-
 def finished(trial_dir: str) -> bool:
     """Whether metrics.jsonl reached the trial's train.num_steps (read from its config.json)."""
     config = sweeps.read_trial_config(trial_dir)
@@ -84,18 +74,11 @@ def run_trial(config_path: str, trial_dir: str, overrides: dict) -> str:
     if sweeps.read_status(trial_dir)["status"] == "done":
         print(f"skipped (done): {trial_dir}", flush=True)
         return "done"
-    os.makedirs(trial_dir, exist_ok=True)
-    log_path = os.path.join(trial_dir, "train.log")
     print(f"running: {trial_dir}", flush=True)
-    with open(log_path, "a") as log:
-        returncode = subprocess.run(
-            train_command(config_path, trial_dir, overrides),
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        ).returncode
+    command = train_command(config_path, trial_dir, overrides)
+    returncode, error = sweeps.run_logged(command, trial_dir, cwd=REPO)
     if returncode:
-        status, error = "failed", _error_line(log_path, returncode)
+        status = "failed"
     else:  # exit 0 before the last step: preempted (SIGTERM), resumable
         status, error = ("done", "") if finished(trial_dir) else ("interrupted", "")
     sweeps.write_status(trial_dir, status, error)

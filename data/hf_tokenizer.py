@@ -16,9 +16,9 @@ meshlm's training data).
 
 import json
 import os
-import shutil
 
 import tokenizers
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, decoders, models, normalizers
 
@@ -42,10 +42,10 @@ class HFTokenizer:
 
     def __init__(self, path: str, config: dict | None = None):
         self.path = path
-        if not os.path.isfile(path):
+        if not epath.Path(path).is_file():  # a local path, or e.g. gs:// in a workdir
             raise UserError(f"data.tokenizer: no file {path!r}.")
         try:
-            self._tokenizer = tokenizers.Tokenizer.from_file(path)
+            self._tokenizer = tokenizers.Tokenizer.from_str(epath.Path(path).read_text())
         except Exception as error:  # noqa: BLE001 -- tokenizers raises a bare Exception
             raise UserError(
                 f"data.tokenizer: {path!r} is not a Hugging Face tokenizer.json ({error})."
@@ -81,14 +81,13 @@ class HFTokenizer:
 
 def read_tokenizer_config(tokenizer_json: str) -> dict:
     """The tokenizer_config.json beside a tokenizer.json, or {} if there is none."""
-    path = os.path.join(os.path.dirname(tokenizer_json), CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = epath.Path(tokenizer_json).parent / CONFIG_FILE
+    if not path.is_file():
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise UserError(f"data.tokenizer: cannot read {path!r} ({error}).") from None
+        raise UserError(f"data.tokenizer: cannot read {str(path)!r} ({error}).") from None
 
 
 def load_tokenizer(path: str) -> Tokenizer | HFTokenizer:
@@ -176,11 +175,12 @@ def save_for_transformers(path: str, out_dir: str, model_max_length: int) -> HFT
         }
     os.makedirs(out_dir, exist_ok=True)
     target = os.path.join(out_dir, "tokenizer.json")
+    source = epath.Path(tokenizer.path)  # e.g. in a gs:// workdir (tools/import_hf.py)
     if converted is None:
-        shutil.copyfile(tokenizer.path, target)
+        source.copy(target, overwrite=True)
     else:
         converted.save(target)
-        shutil.copyfile(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))  # for other tools
+        source.copy(os.path.join(out_dir, "tokenizer.model"), overwrite=True)  # for other tools
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return HFTokenizer(target)

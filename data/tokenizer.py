@@ -21,6 +21,7 @@ import os
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
+from etils import epath
 
 from data.config import default_data_config
 from errors import UserError
@@ -38,13 +39,12 @@ class Tokenizer:
 
     def __init__(self, path: str = ""):
         self.path = path or DEFAULT_TOKENIZER
-        if not os.path.isfile(self.path):
+        if not epath.Path(self.path).is_file():  # a local path, or e.g. gs:// in a workdir
             raise UserError(
                 f"data.tokenizer: no file {self.path!r}. Give a sentencepiece .model path, "
                 "or '' for the bundled one; train one with `python -m data.tokenizer`."
             )
-        with open(self.path, "rb") as f:
-            self.model_proto = f.read()
+        self.model_proto = epath.Path(self.path).read_bytes()
         self.sha256 = hashlib.sha256(self.model_proto).hexdigest()  # names it in token caches
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import types
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import ml_dtypes  # noqa: E402, F401 -- registers bfloat16 with numpy, so safetensors can read it
 import tokenizers  # noqa: E402
+from etils import epath  # noqa: E402
 from flax import traverse_util  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 
@@ -43,6 +43,7 @@ from model.config import DTYPES  # noqa: E402
 from model.hf import config_from_hf, params_from_hf  # noqa: E402
 from training.checkpoint import save_params  # noqa: E402
 from training.config import validate_config  # noqa: E402
+from training.paths import workdir_path  # noqa: E402
 
 INDEX = "model.safetensors.index.json"
 
@@ -153,7 +154,8 @@ def import_hf(hf_dir: str, workdir: str, dtype: str, param_dtype: str) -> str:
     """Writes HF_DIR as a new meshlm workdir; returns a one-line summary."""
     if not os.path.isdir(hf_dir):
         raise UserError(f"{hf_dir!r} is not a directory (give a Hugging Face model directory).")
-    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    target = workdir_path(workdir)  # local, or e.g. gs://bucket/run
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(
             f"--workdir={workdir!r} exists and is not empty; importing writes a new workdir: "
             "give a new or empty directory."
@@ -172,18 +174,16 @@ def import_hf(hf_dir: str, workdir: str, dtype: str, param_dtype: str) -> str:
         params = on_cpu(params_from_hf(SafetensorsFiles(files, stack), model_config))
 
     # Everything is checked: write the workdir.
-    tokenizer_dir = os.path.join(os.path.abspath(workdir), "tokenizer")
-    os.makedirs(tokenizer_dir)
-    config.data.tokenizer = os.path.join(tokenizer_dir, os.path.basename(tokenizer_path))
-    shutil.copyfile(tokenizer_path, config.data.tokenizer)
+    tokenizer_dir = target / "tokenizer"
+    tokenizer_dir.mkdir(parents=True)
+    epath.Path(tokenizer_path).copy(tokenizer_dir / os.path.basename(tokenizer_path))
+    config.data.tokenizer = str(tokenizer_dir / os.path.basename(tokenizer_path))
     if tokenizer_config is not None:
-        with open(os.path.join(tokenizer_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(tokenizer_config, f, indent=2)
+        (tokenizer_dir / CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2))
     save_params(
         workdir, params, json.loads(config.to_json_best_effort()), model_config.weight_fields()
     )
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    (target / "config.json").write_text(config.to_json_best_effort(indent=2))
     count = sum(x.size for x in jax.tree.leaves(params))
     return (
         f"Imported a {hf_config['model_type']} model ({count / 1e6:.2f}M parameters, "

@@ -35,8 +35,6 @@ A workdir that holds checkpoints is never silently trained from scratch.
 import dataclasses
 import functools
 import json
-import os
-import shutil
 import time
 from typing import Any
 
@@ -50,6 +48,7 @@ from jax.experimental import multihost_utils
 from errors import UserError
 from model.lora import is_lora_tree
 from training import lora_checkpoint
+from training.paths import workdir_path
 
 ITEMS = ("params", "opt_state", "data", "meta")
 
@@ -132,11 +131,11 @@ def model_differences(saved: dict, model_config: dict) -> list[str]:
     ]
 
 
-def _checkpoints_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def _checkpoints_dir(workdir: str) -> epath.Path:
+    return workdir_path(workdir) / "checkpoints"
 
 
-def _manager(directory: str, params_handler=None, **options) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path, params_handler=None, **options) -> ocp.CheckpointManager:
     handlers = {
         "params": params_handler or ocp.StandardCheckpointHandler(),
         "opt_state": ocp.StandardCheckpointHandler(),
@@ -176,7 +175,7 @@ def newest_step_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
     """(newest checkpoint step, or `step` if given; its meta: step, model, config); reads no
     arrays, writes nothing."""
     directory = _checkpoints_dir(workdir)
-    steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+    steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
     if not steps:
         raise UserError(
             f"--workdir={workdir!r} has no checkpoint (nothing in {directory}): train first "
@@ -213,7 +212,7 @@ def load_params(workdir: str, step: int, abstract_params):
         if not lora_checkpoint.is_adapters(params):
             return params
         lora_values = _read_meta(directory, step)["config"].get("lora", {})
-        step_dir = os.path.join(directory, str(step))
+        step_dir = directory / str(step)
         return lora_checkpoint.merged(workdir, params, abstract_params, lora_values, step_dir)
     except UserError:
         raise
@@ -236,7 +235,7 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int, async_save: bool):
         self.workdir = workdir
         self.directory = _checkpoints_dir(workdir)
-        self.quarantine = os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
+        self.quarantine = workdir_path(workdir) / "checkpoints_unreadable"
         self.manager = _manager(
             self.directory, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
@@ -308,7 +307,7 @@ class Checkpointer:
             data_state = None if params_only else self._data_state(step, restored["data"])
             params = restored["params"]
             if lora_checkpoint.is_adapters(params):
-                step_dir = os.path.join(self.directory, str(step))
+                step_dir = self.directory / str(step)
                 base = lora_checkpoint.load_base(
                     self.workdir, abstract_state.params["base"], step_dir
                 )
@@ -407,11 +406,8 @@ class Checkpointer:
             self.quarantine,
         )
         if jax.process_index() == 0:
-            os.makedirs(self.quarantine, exist_ok=True)
-            shutil.move(
-                os.path.join(self.directory, str(step)),
-                os.path.join(self.quarantine, f"{step}-{int(time.time())}"),
-            )
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(self.quarantine / f"{step}-{int(time.time())}")
         multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
         self.manager.reload()
 

@@ -9,11 +9,10 @@ checkpoint: once the run has saved, it resumes from its own checkpoints exactly
 as pre-training does, and init_from is ignored (the loop logs that).
 """
 
-import os
-
 from errors import UserError
 from training import checkpoint
 from training.checkpoint import Restored
+from training.paths import workdir_path
 
 
 def initial_checkpoint(train_config, abstract_params, model_fields: dict) -> Restored:
@@ -24,7 +23,7 @@ def initial_checkpoint(train_config, abstract_params, model_fields: dict) -> Res
     """
     path, wanted = train_config.init_from, train_config.init_step
     where = f"train.init_from={path!r}"
-    if not os.path.isdir(path):
+    if not workdir_path(path).is_dir():
         raise UserError(
             f"{where}: no such directory; give a workdir written by train.py or tools/import_hf.py."
         )
@@ -40,7 +39,7 @@ def initial_checkpoint(train_config, abstract_params, model_fields: dict) -> Res
     if problems:
         raise UserError(
             f"{where}: step {step} does not fit this config's model ({'; '.join(problems)}). "
-            f"Use the model section of {os.path.join(path, 'config.json')} (configs/"
+            f"Use the model section of {workdir_path(path) / 'config.json'} (configs/"
             "finetune_sft.py does), or another train.init_from."
         )
     return Restored(step=0, params=params, opt_state=None, data_state=None)

@@ -8,7 +8,6 @@ checkpoint (so a non-finite loss never reaches the disk) and before evaluating.
 
 import json
 import math
-import os
 import time
 
 import jax
@@ -24,6 +23,7 @@ from training.config import describe, tokens_per_step
 from training.hardware import peak_flops_per_device
 from training.init_from import initial_checkpoint
 from training.metrics import MetricsWriter
+from training.paths import workdir_path
 from training.preemption import Preemption
 from training.step import make_eval_step
 from training.trainer import Trainer
@@ -43,7 +43,7 @@ class _ProfileWindow:
     def __init__(self, profile_config, workdir: str):
         self.start = profile_config.start_step
         self.stop = self.start + profile_config.num_steps
-        self.directory = os.path.join(workdir, "profile")
+        self.directory = str(workdir_path(workdir) / "profile")
         self.active = False
 
     def before_step(self, step: int):
@@ -95,8 +95,7 @@ def now() -> float:
 
 def _write_config(config, workdir):
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
 def train(config, workdir: str, hold: list | None = None) -> dict:
@@ -124,7 +123,7 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
         "%s", describe(config, trainer.model_config, trainer.num_params, jax.device_count())
     )
 
-    os.makedirs(workdir, exist_ok=True)
+    workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     config_dict = json.loads(config.to_json_best_effort())
     model_dict = trainer.model_config.weight_fields()

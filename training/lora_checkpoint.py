@@ -9,13 +9,12 @@ temporary directory and renames it, so it is there whole or not at all). The wor
 stays self-contained: resuming reads both, and `load_params` merges them.
 """
 
-import os
-
 import jax
 import orbax.checkpoint as ocp
 
 from errors import UserError
 from model.lora import LoraConfig, is_lora_tree, merged_params
+from training.paths import workdir_path
 
 BASE_DIR = "lora_base"
 
@@ -30,8 +29,8 @@ def is_adapters(tree) -> bool:
     return isinstance(tree, dict) and set(tree) == {"lora"}
 
 
-def base_path(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), BASE_DIR)
+def base_path(workdir: str):
+    return workdir_path(workdir) / BASE_DIR
 
 
 def save_base(workdir: str, base) -> None:

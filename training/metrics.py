@@ -6,11 +6,12 @@ Only process 0 writes; every process may call.
 
 import json
 import math
-import os
 
 import jax
 import tensorflow as tf
 from absl import logging
+
+from training.paths import workdir_path
 
 
 def _format_duration(seconds: float) -> str:
@@ -25,8 +26,9 @@ class MetricsWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-            self.tensorboard = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            workdir = workdir_path(workdir)
+            self.jsonl = (workdir / "metrics.jsonl").open("a")
+            self.tensorboard = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict):
         """Writes one step's scalars (floats) to all three sinks."""
@@ -34,6 +36,7 @@ class MetricsWriter:
             return
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
         with self.tensorboard.as_default(step=step):
             for name, value in record.items():
                 if name != "step":

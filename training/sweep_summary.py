@@ -7,8 +7,8 @@ optimum may lie outside the range.
 """
 
 import csv
+import io
 import math
-import os
 
 import matplotlib
 
@@ -16,13 +16,14 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from training import sweeps  # noqa: E402
+from training.paths import workdir_path  # noqa: E402
 
 COLUMNS = ("final_eval_loss", "best_eval_loss", "final_loss", "tokens_per_second", "step")
 
 
 def trial_row(workdir: str, name: str, overrides: dict) -> dict:
     """The swept values, the results and the status of one trial."""
-    trial_dir = os.path.join(workdir, name)
+    trial_dir = workdir_path(workdir) / name
     records = sweeps.read_metrics(trial_dir)
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     trains = [r for r in records if "loss" in r]
@@ -63,16 +64,17 @@ def _format(value) -> str:
 
 
 def write_table(workdir: str, rows: list[dict], warnings: list[str]) -> None:
+    workdir = workdir_path(workdir)
     fields = list(rows[0])
-    with open(os.path.join(workdir, "summary.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    (workdir / "summary.csv").write_text(table.getvalue())
     lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     lines += ["| " + " | ".join(_format(r[k]) for k in fields) + " |" for r in rows]
     lines += [""] + [f"**Warning:** {w}" for w in warnings]
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    (workdir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def write_plot(workdir: str, rows: list[dict], keys: list[str]) -> None:
@@ -86,17 +88,18 @@ def write_plot(workdir: str, rows: list[dict], keys: list[str]) -> None:
         if values and min(values) > 0 and max(values) / min(values) >= 4:  # rates
             ax.set_xscale("log")
         ax.set(xlabel=key, ylabel="best eval loss")
+    workdir = workdir_path(workdir)
     curves = axes[0][-1]
     for row in rows:
-        records = [
-            r for r in sweeps.read_metrics(os.path.join(workdir, row["trial"])) if "loss" in r
-        ]
+        records = [r for r in sweeps.read_metrics(workdir / row["trial"]) if "loss" in r]
         curves.plot([r["step"] for r in records], [r["loss"] for r in records], label=row["trial"])
     curves.set(xlabel="step", ylabel="training loss")
     if rows:
         curves.legend(fontsize=6)
     figure.tight_layout()
-    figure.savefig(os.path.join(workdir, "summary.png"), dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
+    (workdir / "summary.png").write_bytes(image.getvalue())
     plt.close(figure)
 
 
@@ -108,5 +111,5 @@ def summarize(workdir: str) -> list[str]:
     warnings = edge_warnings(rows, keys)
     write_table(workdir, rows, warnings)
     write_plot(workdir, rows, keys)
-    with open(os.path.join(workdir, "summary.md")) as f:
-        return f.read().splitlines() + [f"wrote {workdir}/summary.{{csv,md,png}}"]
+    text = (workdir_path(workdir) / "summary.md").read_text()
+    return text.splitlines() + [f"wrote {workdir}/summary.{{csv,md,png}}"]

@@ -2,18 +2,22 @@
 
 `<workdir>/sweep.json` lists the trials (name -> overrides); each trial's own
 directory `<workdir>/<name>/` holds train.py's config.json and metrics.jsonl plus
-`status.json`: {"status": "done" | "failed" | "interrupted", "error": ...}.
+`status.json`: {"status": "done" | "failed" | "interrupted", "error": ...} and, for
+trials run as processes, their output in `train.log`.
 """
 
 import importlib.util
 import json
 import os
 import re
+import subprocess
 
 from errors import UserError
+from training.paths import workdir_path
 
 SWEEP_FILE = "sweep.json"
 STATUS_FILE = "status.json"
+LOG_FILE = "train.log"
 
 
 def _load(flag: str, path: str, function: str):
@@ -69,52 +73,75 @@ def apply_overrides(config, overrides: dict):
 
 
 def write_sweep(workdir: str, named: dict[str, dict]) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, SWEEP_FILE), "w") as f:
-        json.dump({"trials": named}, f, indent=2)
+    workdir = workdir_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / SWEEP_FILE).write_text(json.dumps({"trials": named}, indent=2))
 
 
 def read_sweep(workdir: str) -> dict[str, dict]:
-    path = os.path.join(workdir, SWEEP_FILE)
-    if not os.path.isfile(path):
+    path = workdir_path(workdir) / SWEEP_FILE
+    if not path.is_file():
         raise UserError(f"--summarize={workdir}: no {SWEEP_FILE}; is this a sweep's workdir?")
-    with open(path) as f:
-        return json.load(f)["trials"]
+    return json.loads(path.read_text())["trials"]
 
 
 def write_status(trial_dir: str, status: str, error: str = "") -> None:
-    os.makedirs(trial_dir, exist_ok=True)
-    with open(os.path.join(trial_dir, STATUS_FILE), "w") as f:
-        json.dump({"status": status, "error": error}, f)
+    trial_dir = workdir_path(trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / STATUS_FILE).write_text(json.dumps({"status": status, "error": error}))
 
 
 def read_status(trial_dir: str) -> dict:
     """{"status", "error"}; "pending" if the trial never started."""
-    path = os.path.join(trial_dir, STATUS_FILE)
-    if not os.path.isfile(path):
+    path = workdir_path(trial_dir) / STATUS_FILE
+    if not path.is_file():
         return {"status": "pending", "error": ""}
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def read_trial_config(trial_dir: str) -> dict | None:
     """The trial's config.json (written by train.py before its first step), or None."""
-    path = os.path.join(trial_dir, "config.json")
-    if not os.path.isfile(path):
+    path = workdir_path(trial_dir) / "config.json"
+    if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def read_metrics(trial_dir: str) -> list[dict]:
     """metrics.jsonl's records; a resumed run logs some steps again, the later record wins."""
-    path = os.path.join(trial_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = workdir_path(trial_dir) / "metrics.jsonl"
+    if not path.is_file():
         return []
     records = {}
-    with open(path) as f:
+    with path.open() as f:
         for line in f:
             record = json.loads(line)
             kind = "eval" if "eval_loss" in record else "train"
             records.setdefault((record["step"], kind), {}).update(record)
     return [records[key] for key in sorted(records)]
+
+
+def run_logged(command: list[str], trial_dir: str, cwd: str) -> tuple[int, str]:
+    """Runs `command` with its output appended to `<trial_dir>/train.log`; returns its exit
+    code and, if not 0, its last `error: ...` line (else its last line) with the code."""
+    trial_dir = workdir_path(trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    log_path = trial_dir / LOG_FILE
+    with log_path.open("a") as log:
+        if "://" not in str(log_path):  # a local file: the process writes to it directly
+            returncode = subprocess.run(
+                command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+            ).returncode
+        else:  # e.g. gs://: copied through a pipe, uploaded when the file is closed
+            with subprocess.Popen(
+                command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            ) as process:
+                log.writelines(process.stdout)
+            returncode = process.returncode
+    if not returncode:
+        return 0, ""
+    text = log_path.read_bytes().decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    last = errors[-1] if errors else (lines[-1] if lines else "no output")
+    return returncode, f"{last} (exit code {returncode})"

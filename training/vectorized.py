@@ -13,7 +13,6 @@ starts its unfinished trials over.
 """
 
 import math
-import os
 import time
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -34,6 +33,7 @@ from training import sweeps
 from training.config import tokens_per_step, validate_config
 from training.metrics import MetricsWriter
 from training.optimizer import make_optimizer
+from training.paths import workdir_path
 from training.state import TrainState, state_shardings
 from training.step import forward_sums, make_train_step
 
@@ -192,7 +192,7 @@ def _valid_configs(base_config, workdir: str, named: dict) -> dict:
     as failed, a finished one is skipped."""
     configs = {}
     for name, overrides in named.items():
-        trial_dir = os.path.join(workdir, name)
+        trial_dir = workdir_path(workdir) / name
         if sweeps.read_status(trial_dir)["status"] == "done":
             print(f"skipped (done): {trial_dir}", flush=True)
             continue
@@ -238,12 +238,10 @@ def run(base_config, workdir: str, named: dict) -> None:
     eval_batches = make_eval_batches(config.data, **data_kwargs)
     writers, errors = {}, {}
     for name, trial_config in configs.items():
-        trial_dir = os.path.join(workdir, name)
-        os.makedirs(trial_dir, exist_ok=True)
-        if os.path.exists(os.path.join(trial_dir, "metrics.jsonl")):
-            os.remove(os.path.join(trial_dir, "metrics.jsonl"))  # an interrupted start, redone
-        with open(os.path.join(trial_dir, "config.json"), "w") as f:
-            f.write(trial_config.to_json_best_effort(indent=2))
+        trial_dir = workdir_path(workdir) / name
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        (trial_dir / "metrics.jsonl").unlink(missing_ok=True)  # an interrupted start, redone
+        (trial_dir / "config.json").write_text(trial_config.to_json_best_effort(indent=2))
         sweeps.write_status(trial_dir, "interrupted")  # until it finishes
         writers[name] = MetricsWriter(trial_dir)
     logging.info("Vectorized sweep: %d trials on a %s mesh", len(configs), dict(sweep.mesh.shape))
@@ -288,7 +286,7 @@ def run(base_config, workdir: str, named: dict) -> None:
     for name in sweep.names:
         writers[name].close()
         status = ("failed", errors[name]) if name in errors else ("done", "")
-        sweeps.write_status(os.path.join(workdir, name), *status)
+        sweeps.write_status(workdir_path(workdir) / name, *status)
 
 
 def _record(metrics, i: int, config, step: int, step_time: float) -> dict:
