@@ -7,8 +7,10 @@ generation metrics on an SFT JSONL file.
     python eval.py --workdir=W --sft_file=test.jsonl --max_new_tokens=128
 
 Loads the newest checkpoint of --workdir (or --step) with the config it was trained
-with and its tokenizer, on a mesh of this host's devices (--mesh), prints a table and
-writes the numbers as JSON (--output). Metric definitions: docs/EVALUATION.md.
+with and its tokenizer, on a mesh of the devices (--mesh), prints a table and writes
+the numbers as JSON (--output). Metric definitions: docs/EVALUATION.md. With
+`--distributed` (docs/scaling.md) every host runs this with the same flags, reads the
+same data, and process 0 prints the table and writes --output.
 """
 
 import inspect
@@ -18,9 +20,12 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax
 from absl import app, flags, logging
+from etils import epath
 
 from errors import UserError
+from training import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to evaluate.")
@@ -38,27 +43,30 @@ flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per SFT response.")
 flags.DEFINE_float("temperature", 0.0, "SFT sampling temperature; 0 = greedy.")
 flags.DEFINE_integer("batch_size", 0, "Sequences per batch; 0 = the run's global batch size.")
 flags.DEFINE_string("output", "", "Write the results as JSON to this file.")
+distributed.define_flags()
 flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # library chatter; the table is the output
+    distributed.start_from_flags()
     try:
         from evaluation.run import evaluate_workdir, table
 
         options = inspect.signature(evaluate_workdir).parameters
         report = evaluate_workdir(**{name: FLAGS[name].value for name in options if name in FLAGS})
-        if FLAGS.output:
-            try:
-                with open(FLAGS.output, "w", encoding="utf-8") as f:
-                    json.dump(report, f, indent=2)
+        if FLAGS.output and jax.process_index() == 0:
+            try:  # epath: --output may be on gs:// like the workdir
+                epath.Path(FLAGS.output).write_text(json.dumps(report, indent=2))
             except OSError as error:
                 raise UserError(f"--output={FLAGS.output!r}: cannot write it ({error}).") from None
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
-    print(table(report["results"]))
-    sys.stdout.flush()
+    if jax.process_index() == 0:
+        print(table(report["results"]))
+        sys.stdout.flush()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

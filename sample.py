@@ -4,9 +4,11 @@
     python sample.py --workdir=W --prompt_file=prompts.txt --num_samples=4 --temperature=0.8 --top_p=0.95
 
 Loads the newest checkpoint of --workdir with the config it was trained with and
-its tokenizer, places the parameters on a mesh of this host's devices (`--mesh`,
-default: every device data-parallel), and generates with a KV cache (model/decode.py).
+its tokenizer, places the parameters on a mesh of the devices (`--mesh`, default:
+every device data-parallel), and generates with a KV cache (model/decode.py).
 Each prompt is sampled `--num_samples` times; greedy decoding is `--temperature=0`.
+With `--distributed` (docs/scaling.md) every host runs this with the same flags and
+process 0 prints the samples.
 """
 
 import dataclasses
@@ -15,10 +17,12 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax
 from absl import app, flags
 
 from errors import UserError
 from model.sampler import SamplingConfig, load_sampler, parse_mesh
+from training import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to sample from (its newest checkpoint).")
@@ -32,6 +36,7 @@ flags.DEFINE_string("mesh", "-1,1,1", "Devices along data,fsdp,tensor; -1 = the 
 for _field in dataclasses.fields(SamplingConfig):
     _define = flags.DEFINE_float if _field.type is float else flags.DEFINE_integer
     _define(_field.name, _field.default, _field.metadata["spec"].doc)
+distributed.define_flags()
 flags.mark_flag_as_required("workdir")
 
 
@@ -54,6 +59,7 @@ def read_prompts() -> list[str]:
 
 def main(argv):
     del argv
+    distributed.start_from_flags()
     try:
         sampling = SamplingConfig(
             **{f.name: FLAGS[f.name].value for f in dataclasses.fields(SamplingConfig)}
@@ -71,11 +77,13 @@ def main(argv):
         )
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
-    for number, (text, new) in enumerate(zip(texts, completions), 1):
-        ended = " [eos]" if new and new[-1] == tokenizer.eos_id else ""
-        print(f"--- sample {number}/{len(texts)} ({len(new)} new tokens{ended}) ---")
-        print(text + tokenizer.decode([t for t in new if t != tokenizer.eos_id]))
-    sys.stdout.flush()
+    if jax.process_index() == 0:
+        for number, (text, new) in enumerate(zip(texts, completions), 1):
+            ended = " [eos]" if new and new[-1] == tokenizer.eos_id else ""
+            print(f"--- sample {number}/{len(texts)} ({len(new)} new tokens{ended}) ---")
+            print(text + tokenizer.decode([t for t in new if t != tokenizer.eos_id]))
+        sys.stdout.flush()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -44,21 +44,7 @@ _DRY_RUN = flags.DEFINE_bool(
     "optimizer state, temporaries, the largest arrays and the knobs that shrink them), "
     "then exit without training.",
 )
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Start JAX's multi-process runtime first (jax.distributed.initialize): one process per "
-    "host of a TPU pod slice or GPU cluster. Detected from the environment on TPU and SLURM; "
-    "elsewhere give --coordinator_address, --num_processes and --process_id.",
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, with --distributed."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0-based; with --distributed.")
-_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout", 300, "Seconds to wait for the coordinator and the other processes."
-)
+distributed.define_flags()
 flags.mark_flag_as_required("workdir")
 
 
@@ -102,16 +88,7 @@ def main(argv):
     del argv
     hide_accelerators_from_tf()  # before anything builds a TensorFlow op
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    if _DISTRIBUTED.value:
-        try:
-            distributed.start(
-                _COORDINATOR.value,
-                _NUM_PROCESSES.value,
-                _PROCESS_ID.value,
-                _DISTRIBUTED_TIMEOUT.value,
-            )
-        except UserError as error:
-            raise SystemExit(f"error: {error}") from None
+    distributed.start_from_flags()
     logging.info(
         "JAX %s: %d processes, %d devices (%s)",
         jax.__version__,
@@ -131,8 +108,7 @@ def exit_without_teardown():
     measured after the last step or a SIGTERM, a large share of a preemptible VM's
     ~30 s notice (benchmarks/preemption.py).
     """
-    if jax.process_count() > 1:
-        jax.distributed.shutdown()  # leave the coordination service in step with the others
+    distributed.shutdown()
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()

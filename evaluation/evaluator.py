@@ -36,14 +36,18 @@ class Evaluator:
         self._sharding = batch_sharding(sampler.mesh, sampler.rules)
 
     def _to_global(self, batch: dict) -> dict:
-        """Rows padded with weight-0 rows to a multiple of the data-parallel size."""
+        """Rows padded with weight-0 rows to a multiple of the data-parallel size. Every
+        process holds the whole batch (evaluation data is read alike on all of them), so
+        the global shape is the batch's own and each process places the rows it owns."""
         rows = batch["inputs"].shape[0]
         missing = -rows % self.sampler.batch_multiple
-        pad = lambda x: np.pad(x, ((0, missing), (0, 0)))
-        return {
-            k: jax.make_array_from_process_local_data(self._sharding, pad(v))
-            for k, v in batch.items()
-        }
+        placed = {}
+        for name, value in batch.items():
+            value = np.pad(value, ((0, missing), (0, 0)))
+            placed[name] = jax.make_array_from_process_local_data(
+                self._sharding, value, value.shape
+            )
+        return placed
 
     def score(self, batches, params=None) -> dict:
         params = self.sampler.params if params is None else params

@@ -3,6 +3,7 @@ started as tools/launch_local.py starts them: they train as one process of 8 dev
 their checkpoints restore on another topology, and a SIGTERM sent to one of them brings
 both to the same saved step."""
 
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,11 @@ import sys
 import numpy as np
 import pytest
 
+from data.hf_tokenizer import load_tokenizer
 from errors import UserError
+from evaluation.run import evaluate_workdir
+from model.sampler import SamplingConfig, load_sampler, parse_mesh
+from tests.test_eval import SFT_EXAMPLES
 from tests.test_train_loop import (
     REPO,
     SMALL,
@@ -117,8 +122,10 @@ def test_a_read_error_on_one_process_sets_the_step_aside_on_all(tmp_path):
     processes = start_processes(
         workdir, extra_env={1: {"PYTHONPATH": str(hook)}}, **{**short, "train.num_steps": 8}
     )
-    for index, output in enumerate(successful_outputs(processes)):
-        assert "Restored checkpoint at step 3" in output, f"process {index}"
+    outputs = successful_outputs(processes)
+    for index, output in enumerate(outputs):  # each process warns; process 0 reports
+        assert "Checkpoint step 6 in " in output and " cannot be read" in output, f"process {index}"
+    assert "Restored checkpoint at step 3" in outputs[0]
     set_aside = os.listdir(os.path.join(workdir, "checkpoints_unreadable"))
     assert [name.split("-")[0] for name in set_aside] == ["6"]
     assert checkpoint_steps(workdir) == [3, 6, 8]  # step 6 trained again from step 3
@@ -128,23 +135,41 @@ def losses(workdir) -> dict[int, float]:
     return {step: record["loss"] for step, record in read_metrics(workdir).items()}
 
 
-def test_two_processes_train_as_one_and_resume_on_another_topology(tmp_path):
-    short = {"train.num_steps": 6, "checkpoint.every_steps": 3, "train.eval_every": 0}
-    two = str(tmp_path / "2x4")
-    flags = [f"--config.{k}={v}" for k, v in {**SMALL, **short}.items()]
+SHORT = {"train.num_steps": 6, "checkpoint.every_steps": 3, "train.eval_every": 0}
+
+
+def launch_two(script_args: list[str]) -> str:
+    """tools/launch_local.py runs `script_args` on 2 processes x 4 devices; its output,
+    each line prefixed with its process's index."""
     launcher = subprocess.run(
         [sys.executable, "tools/launch_local.py", "--processes=2", "--devices_per_process=4"]
-        + ["--", "train.py", f"--workdir={two}", *flags],
+        + ["--", *script_args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert launcher.returncode == 0, launcher.stdout[-3000:]
-    assert "[1] " in launcher.stdout and "[0] " in launcher.stdout
+    return launcher.stdout
 
-    one = str(tmp_path / "1x8")  # this process: 8 devices, the same (8, 1, 1) mesh
-    loop.train(small_config(**short), one)
+
+@pytest.fixture(scope="module")
+def two_and_one(tmp_path_factory):
+    """(launcher output, 2-process workdir, 1-process workdir): 6 steps of the same run."""
+    root = tmp_path_factory.mktemp("topologies")
+    two, one = str(root / "2x4"), str(root / "1x8")
+    flags = [f"--config.{k}={v}" for k, v in {**SMALL, **SHORT}.items()]
+    output = launch_two(["train.py", f"--workdir={two}", *flags])
+    loop.train(small_config(**SHORT), one)  # this process: 8 devices, the same (8, 1, 1) mesh
+    return output, two, one
+
+
+def test_two_processes_train_as_one_and_resume_on_another_topology(two_and_one, tmp_path):
+    output, two, one = two_and_one
+    assert "[1] " in output and "[0] " in output
+    # Process 0 alone reports progress; the others log warnings and errors only.
+    assert re.search(r"^\[0\] .*step 6/6 ", output, re.M), output[-3000:]
+    assert not re.search(r"^\[1\] .*(step \d+/6|\d+ processes, \d+ devices)", output, re.M)
     assert sorted(losses(two)) == list(range(1, 7))
     np.testing.assert_allclose(list(losses(two).values()), list(losses(one).values()), rtol=1e-5)
 
@@ -154,11 +179,52 @@ def test_two_processes_train_as_one_and_resume_on_another_topology(tmp_path):
     shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
     os.remove(os.path.join(resumed, "metrics.jsonl"))
     mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-    loop.train(small_config(**short, **mesh), resumed)
+    loop.train(small_config(**SHORT, **mesh), resumed)
     assert sorted(losses(resumed)) == [4, 5, 6]
     np.testing.assert_allclose(
         [losses(resumed)[s] for s in (4, 5, 6)], [losses(one)[s] for s in (4, 5, 6)], rtol=1e-5
     )
+
+
+def test_sample_and_eval_on_two_processes_give_what_one_process_gives(two_and_one, tmp_path):
+    """sample.py and eval.py with --distributed (through launch_local.py): process 0 prints
+    (and writes) the numbers and text that one process of 8 devices computes."""
+    _, workdir, _ = two_and_one
+    text = tmp_path / "text.txt"
+    text.write_text((json.__doc__ or "") * 4)
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps(e) + "\n" for e in SFT_EXAMPLES))
+    options = dict(text_files=str(text), sft_file=str(sft), max_new_tokens=6, mesh="4,2,1")
+    output = tmp_path / "eval.json"
+    flags = [f"--{k}={v}" for k, v in options.items()]
+    printed = launch_two(["eval.py", f"--workdir={workdir}", *flags, f"--output={output}"])
+    assert re.search(r"^\[0\] data ", printed, re.M) and not re.search(
+        r"^\[1\] data", printed, re.M
+    )
+    ours = json.loads(output.read_text())["results"]
+    alone = evaluate_workdir(workdir, **options)["results"]
+    assert ours.keys() == alone.keys()
+    for name in alone:
+        for metric in {"loss", "tokens", "bits_per_byte", "exact_match", "rouge_l"} & alone[
+            name
+        ].keys():
+            np.testing.assert_allclose(ours[name][metric], alone[name][metric], rtol=1e-5)
+    assert ours[f"sft:{sft}"]["predictions"] == alone[f"sft:{sft}"]["predictions"]
+
+    prompt = "def main("
+    printed = launch_two(
+        ["sample.py", f"--workdir={workdir}", f"--prompt={prompt}", "--temperature=0"]
+        + ["--max_new_tokens=8", "--num_samples=2"]
+    )
+    sampler, config = load_sampler(workdir, parse_mesh("-1,1,1"))
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0)
+    (new, _) = sampler.generate([tokenizer.encode(prompt)] * 2, sampling, tokenizer.eos_id)
+    lines = [line[4:] for line in printed.splitlines() if line.startswith("[0] ")]
+    expected = prompt + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    assert expected in "\n".join(lines)
+    assert sum(line.startswith("--- sample ") for line in lines) == 2
+    assert not re.search(r"^\[1\] --- sample", printed, re.M)
 
 
 def test_a_process_that_cannot_reach_the_coordinator_says_so():

@@ -1,11 +1,53 @@
-"""Starting JAX's multi-process runtime: one process per host, process 0 the coordinator."""
+"""Starting JAX's multi-process runtime: one process per host, process 0 the coordinator.
+
+train.py, sample.py and eval.py share the flags: `define_flags()` at import, then
+`start_from_flags()` first thing in main and `shutdown()` at the end.
+"""
 
 import socket
 import time
 
 import jax
+from absl import flags, logging
 
 from errors import UserError
+
+
+def define_flags() -> None:
+    """--distributed, --coordinator_address, --num_processes, --process_id, --distributed_timeout."""
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Start JAX's multi-process runtime first (jax.distributed.initialize): one process "
+        "per host of a TPU pod slice or GPU cluster. Detected from the environment on TPU "
+        "and SLURM; elsewhere give --coordinator_address, --num_processes and --process_id.",
+    )
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, with --distributed.")
+    flags.DEFINE_integer("num_processes", None, "With --distributed.")
+    flags.DEFINE_integer("process_id", None, "This process, 0-based; with --distributed.")
+    flags.DEFINE_integer(
+        "distributed_timeout", 300, "Seconds to wait for the coordinator and the other processes."
+    )
+
+
+def start_from_flags() -> None:
+    """Starts the runtime when --distributed is set (a mistake ends the process with one
+    `error:` line); on every process but 0, absl then logs warnings and errors only, so a
+    pod's logs are not N copies of the same progress lines."""
+    f = flags.FLAGS
+    if f.distributed:
+        try:
+            start(f.coordinator_address, f.num_processes, f.process_id, f.distributed_timeout)
+        except UserError as error:
+            raise SystemExit(f"error: {error}") from None
+    if jax.process_index() > 0:
+        logging.set_verbosity(logging.WARNING)
+
+
+def shutdown() -> None:
+    """Leaves the coordination service in step with the other processes (no-op alone)."""
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
 
 
 def start(

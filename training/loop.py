@@ -249,7 +249,8 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
         writer.close()
     if preempted:
         if checkpointer.latest_step() == step:
-            logging.info("Preempted at step %d: checkpoint saved; exiting.", step)
+            # A warning, so that every host of a multi-host run confirms its save.
+            logging.warning("Preempted at step %d: checkpoint saved; exiting.", step)
         else:
             logging.error("Preempted at step %d, but no checkpoint was saved.", step)
     last["step"] = step
