@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from errors import UserError
+from model.hf import to_hf
 from model.lora import merged_params, scaled
 from tests.helpers import LLAMA_STYLE, random_batch, tiny_config
+from tools import export_peft
 from training import vectorized
 from training.checkpoint import Checkpointer, Restored, load_params
 from training.lora_checkpoint import BASE_DIR
@@ -206,3 +208,53 @@ def test_bad_lora_config_is_named(lora, message):
 def test_vectorized_sweeps_refuse_lora(tmp_path):
     with pytest.raises(UserError, match=r"--vectorized: LoRA \(lora.rank > 0\) is not supported"):
         vectorized.run(lora_config(), str(tmp_path), {"a": {"optimizer.learning_rate": 1e-3}})
+
+
+def test_peft_loads_the_exported_adapters_over_the_base(run, tmp_path):
+    """tools/export_peft.py: peft's LoRA of the exported adapters over the base model in
+    transformers gives meshlm's merged logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    trainer, _, trained, _ = run
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "peft")
+    save(trainer, trained, workdir)
+    export_peft.main([f"--workdir={workdir}", out, "--base=the-base-model"])
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        written = json.load(f)
+    assert written["base_model_name_or_path"] == "the-base-model"
+    assert written["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    params = jax.device_get(trained.params)
+    hf_config, state_dict = to_hf(trainer.model_config, params["base"])
+    base = LlamaForCausalLM(LlamaConfig(**hf_config)).eval()
+    base.load_state_dict({k: torch.tensor(np.array(v)) for k, v in state_dict.items()})
+    tokens = torch.from_numpy(np.asarray(random_batch(trainer.config, seed=1)["inputs"]))
+    with torch.no_grad():
+        base_logits = base(tokens).logits.numpy()
+        theirs = PeftModel.from_pretrained(base, out).eval()(tokens).logits.numpy()
+    ours = logits(trainer, trainer.model_params(trained.params))
+    np.testing.assert_allclose(base_logits, logits(trainer, params["base"]), atol=1e-4)
+    assert np.abs(ours - base_logits).max() > 1e-2  # the adapters change the model
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+def test_peft_export_refuses_what_it_cannot_write(tmp_path):
+    full = make_trainer(tiny_config(**LLAMA_STYLE), (1, 1, 1))
+    save(full, full.init_state(), str(tmp_path / "full"))
+    gpt2 = tiny_config()
+    gpt2.lora.update(rank=4, targets="query")
+    gpt2 = make_trainer(gpt2, (1, 1, 1))
+    save(gpt2, gpt2.init_state(), str(tmp_path / "gpt2"))
+    cases = {
+        "full": "holds a whole model, not LoRA adapters .* tools/export_hf.py",
+        "gpt2": "PEFT export is for Llama-family models; this is a GPT2LMHeadModel",
+    }
+    for name, message in cases.items():
+        with pytest.raises(SystemExit, match=f"error: .*{message}"):
+            export_peft.main(
+                [f"--workdir={tmp_path / name}", str(tmp_path / f"out-{name}"), "--base=b"]
+            )

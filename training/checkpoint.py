@@ -225,6 +225,35 @@ def load_params(workdir: str, step: int, abstract_params):
         manager.close()
 
 
+def load_adapters(workdir: str, step: int) -> dict:
+    """A LoRA step's adapters (model/lora.py's tree, unscaled) as host numpy arrays;
+    UserError for a step that holds a whole model or cannot be read."""
+    directory = _checkpoints_dir(workdir)
+    manager = _manager(directory, create=False)
+    try:
+        saved = manager.item_metadata(step)["params"].tree
+        if not lora_checkpoint.is_adapters(saved):
+            raise UserError(
+                f"Checkpoint step {step} in {directory} holds a whole model, not LoRA adapters "
+                "(the run trained with lora.rank=0); export it with tools/export_hf.py."
+            )
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu), saved
+        )
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        return jax.tree.map(np.asarray, manager.restore(step, args=args)["params"]["lora"])
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- any failure to read is the same to the user
+        raise UserError(
+            f"Checkpoint step {step} in {directory}: its adapters cannot be read "
+            f"({_first_line(error)})."
+        ) from None
+    finally:
+        manager.close()
+
+
 def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
