@@ -65,8 +65,8 @@ class DataConfig:
     tokenizer: str = field(
         "",
         "file",
-        "sentencepiece .model ('' = data/assets/stdlib_bpe8k.model); with source=sft also an "
-        "imported model's tokenizer.json",
+        "sentencepiece .model ('' = data/assets/stdlib_bpe8k.model), or an imported model's "
+        "tokenizer.json",
     )
     seq_len: int = field(256, "[1, inf)", "tokens per training sequence")
     pack_documents: bool = field(

@@ -2,10 +2,10 @@
 
 Many Hugging Face models ship a `tokenizer.json` (the `tokenizers` package)
 rather than a sentencepiece model. `HFTokenizer` gives it the Python API of
-data.tokenizer.Tokenizer (vocab_size, eos_id, encode, decode), so sampling and
-evaluation work on imported models; `load_tokenizer` picks the class by file
-type. Training still needs a sentencepiece model (the data pipeline tokenizes
-inside tf.data).
+data.tokenizer.Tokenizer (vocab_size, eos_id, encode, decode, and the data
+pipeline's encode_documents and tf_tokenize), so sampling, evaluation and training
+on text work on imported models with their own tokenizer; `load_tokenizer` picks
+the class by file type.
 
 `save_for_transformers` writes a tokenizer into a Hugging Face model directory
 that `transformers.AutoTokenizer` loads offline: a tokenizer.json is copied with
@@ -14,6 +14,7 @@ tokenizer.json that gives the same ids for every text (no bos is added, as in
 meshlm's training data).
 """
 
+import hashlib
 import json
 import os
 
@@ -44,13 +45,17 @@ class HFTokenizer:
         self.path = path
         if not epath.Path(path).is_file():  # a local path, or e.g. gs:// in a workdir
             raise UserError(f"data.tokenizer: no file {path!r}.")
+        text = epath.Path(path).read_text()
         try:
-            self._tokenizer = tokenizers.Tokenizer.from_str(epath.Path(path).read_text())
+            self._tokenizer = tokenizers.Tokenizer.from_str(text)
         except Exception as error:  # noqa: BLE001 -- tokenizers raises a bare Exception
             raise UserError(
                 f"data.tokenizer: {path!r} is not a Hugging Face tokenizer.json ({error})."
             ) from None
         self.config = read_tokenizer_config(path) if config is None else config
+        # Names it in token caches: the file and the options that change its ids.
+        options = json.dumps(self.config, sort_keys=True, default=str)
+        self.sha256 = hashlib.sha256((text + options).encode()).hexdigest()
         self.eos_id = self._special_id("eos_token")
         if self.eos_id is None:
             raise UserError(
@@ -77,6 +82,29 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def encode_documents(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+        """Each text's ids (as `encode` gives them) followed by eos; `tokenizers` spreads
+        a batch over the cores itself, so `num_threads` is not used."""
+        del num_threads
+        return [e.ids + [self.eos_id] for e in self._tokenizer.encode_batch(texts)]
+
+    def tf_tokenize(self, texts):
+        """tf.string [N] -> RaggedTensor int32 [N, None], each document followed by eos,
+        as data.tokenizer.Tokenizer's in-graph op gives them (here through
+        tf.numpy_function: the Rust tokenizer runs outside the graph)."""
+        import numpy as np
+        import tensorflow as tf
+
+        def encode(batch):
+            ids = self.encode_documents([t.decode("utf-8") for t in batch])
+            lengths = np.array([len(i) for i in ids], np.int64)
+            return np.fromiter((t for i in ids for t in i), np.int32, lengths.sum()), lengths
+
+        flat, lengths = tf.numpy_function(encode, [texts], [tf.int32, tf.int64], stateful=False)
+        flat.set_shape([None])
+        lengths.set_shape([None])
+        return tf.RaggedTensor.from_row_lengths(flat, lengths)
 
 
 def read_tokenizer_config(tokenizer_json: str) -> dict:

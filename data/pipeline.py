@@ -25,7 +25,6 @@ import tensorflow as tf
 from data import prepare, sft_batches, stream, windows
 from data.config import validate
 from data.hf_tokenizer import load_tokenizer
-from data.tokenizer import Tokenizer
 from errors import UserError
 
 
@@ -39,7 +38,7 @@ def hide_accelerators_from_tf() -> None:
         pass
 
 
-def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size) -> Tokenizer:
+def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size):
     hide_accelerators_from_tf()
     validate(cfg)
     if global_batch_size < process_count or global_batch_size % process_count:
@@ -47,8 +46,7 @@ def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size) ->
             f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}; "
             "make the global batch a multiple of the number of processes."
         )
-    # SFT examples are tokenized in Python, so a tokenizer.json (an imported model's) serves too.
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.source == "sft" else Tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)  # sentencepiece, or an imported tokenizer.json
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
         raise UserError(
             f"data.tokenizer: {tokenizer.path!r} has {tokenizer.vocab_size} pieces but the model's vocab_size is "

@@ -34,7 +34,7 @@ import tensorflow as tf
 from absl import logging
 
 from data import sources, token_cache
-from data.tokenizer import Tokenizer
+from data.hf_tokenizer import load_tokenizer
 from errors import UserError
 
 SPLITS = ("train", "eval")
@@ -48,7 +48,7 @@ def cache_root() -> str:
     return os.path.join(base, "meshlm", "tokens")
 
 
-def identity(cfg, tokenizer: Tokenizer) -> dict:
+def identity(cfg, tokenizer) -> dict:
     """What a cache is made from: it is used only by configs with the same identity."""
     return {
         "format": token_cache.FORMAT,
@@ -101,7 +101,7 @@ def cache_directory(cfg, ident: dict) -> str:
     return os.path.join(cache_root(), f"{name}-{key}")
 
 
-def open_split(cfg, tokenizer: Tokenizer, split: str) -> token_cache.TokenSplit:
+def open_split(cfg, tokenizer, split: str) -> token_cache.TokenSplit:
     """`split` of the config's token cache, checked; the cache is prepared first if missing."""
     ident = identity(cfg, tokenizer)
     directory = cache_directory(cfg, ident)
@@ -113,7 +113,7 @@ def open_split(cfg, tokenizer: Tokenizer, split: str) -> token_cache.TokenSplit:
 
 
 def prepare(
-    cfg, tokenizer: Tokenizer, directory: str, ident: dict, shard_tokens: int = SHARD_TOKENS
+    cfg, tokenizer, directory: str, ident: dict, shard_tokens: int = SHARD_TOKENS
 ) -> dict | None:
     """Tokenizes both splits into `directory`: its manifest, or None when another process
     completed the same cache first."""
@@ -231,7 +231,7 @@ def main(argv) -> None:
                 "data.source=sft has no token cache to prepare: fine-tuning examples are "
                 "tokenized when training starts."
             )
-        tokenizer = Tokenizer(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
         ident = identity(cfg, tokenizer)
         directory = cache_directory(cfg, ident)
         existed = os.path.exists(os.path.join(directory, token_cache.MANIFEST))

@@ -6,7 +6,6 @@ training's evaluation. Other sources use data.pipeline=stream, which tokenizes o
 the evaluation split and writes no token cache.
 """
 
-from data.hf_tokenizer import HFTokenizer, load_tokenizer
 from data.pipeline import make_eval_batches
 from data.sources import expand_globs
 from errors import UserError
@@ -38,13 +37,6 @@ def text_data_config(
 def eval_batches(data_config, batch_size: int, vocab_size: int, max_batches: int | None = None):
     """The finite evaluation batches of `data_config`; `max_batches` (0 = all) replaces
     data.eval_max_batches when given."""
-    sentencepiece_only = data_config.source != "sft"  # the SFT pipeline takes tokenizer.json
-    if sentencepiece_only and isinstance(load_tokenizer(data_config.tokenizer), HFTokenizer):
-        raise UserError(
-            f"data.tokenizer={data_config.tokenizer!r} is a tokenizer.json; text evaluation "
-            "reads text through the data pipeline, which needs a sentencepiece model. Evaluate "
-            "this model with --sft_file or lm-eval (docs/EVALUATION.md)."
-        )
     data = data_config.copy_and_resolve_references()
     if max_batches is not None:
         data.eval_max_batches = max_batches

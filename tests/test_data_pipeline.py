@@ -11,6 +11,7 @@ import pytest
 
 from data import packing
 from data.config import default_data_config
+from data.hf_tokenizer import save_for_transformers
 from data.pipeline import make_eval_batches, make_train_iterator
 from data.tokenizer import Tokenizer
 from errors import UserError
@@ -301,3 +302,22 @@ def test_batches_feed_a_sharded_jax_array(tmp_path, pipeline):
     arrays = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
     assert arrays["inputs"].shape == (8, SEQ_LEN) and arrays["inputs"].dtype == np.int32
     np.testing.assert_array_equal(np.asarray(arrays["weights"]), batch["weights"])
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_a_tokenizer_json_gives_the_batches_of_its_sentencepiece_model(tmp_path, pipeline):
+    """An imported model's tokenizer.json reads text through either pipeline: the bundled
+    model converted to a tokenizer.json (the same ids; tools/export_hf.py's conversion)
+    gives the same train and eval batches (the cache pipeline prepares a cache of each)."""
+    converted = save_for_transformers("", str(tmp_path / "hf"), model_max_length=128)
+    docs = _docs(30) + [" ".join(["longdocument"] * 60)]
+    ours = _config(tmp_path, docs, pipeline=pipeline)
+    theirs = _config(
+        tmp_path, docs, pipeline=pipeline, tokenizer=converted.path, cache_dir=str(tmp_path / "c")
+    )
+    batches = [
+        _take(make_train_iterator(cfg, global_batch_size=4, seed=0), 3)
+        + list(make_eval_batches(cfg, global_batch_size=4))
+        for cfg in (ours, theirs)
+    ]
+    _assert_same(*batches)
