@@ -3,15 +3,14 @@
 Extra text files give text_loss, text_perplexity, text_bits_per_byte; an SFT file gives
 sft_loss (responses only), sft_exact_match, sft_bleu and sft_rouge_l of greedy responses.
 The files are read when training starts (a bad one stops the run before anything is
-written); the model is the train state's current params, on the training mesh. Single
-process only (eval.py evaluates a multi-host run's checkpoints).
+written); the model is the train state's current params, on the training mesh. In a
+multi-host run every process reads the files whole and places the rows it owns
+(evaluation/evaluator.py), and process 0 logs the numbers.
 """
 
-import jax
 from absl import logging
 
 from data.hf_tokenizer import load_tokenizer
-from errors import UserError
 from evaluation.config import EvalConfig
 from evaluation.evaluator import Evaluator
 from evaluation.sft import evaluate_sft, read_examples
@@ -25,11 +24,6 @@ class TrainingTasks:
     def __init__(self, config, trainer):
         self._config, self._trainer = config, trainer
         cfg = EvalConfig(**config.eval)
-        if (cfg.text_files or cfg.sft_file) and jax.process_count() > 1:
-            raise UserError(
-                "eval.text_files and eval.sft_file run in single-process training only; "
-                "evaluate a multi-host run's checkpoints with eval.py."
-            )
         self._sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
         batch_size = config.train.global_batch_size
         self._text = None

@@ -64,6 +64,47 @@ def successful_outputs(processes, timeout=300) -> list[str]:
     return outputs
 
 
+SHORT = {"train.num_steps": 6, "checkpoint.every_steps": 3, "train.eval_every": 0}
+
+
+def launch_two(script_args: list[str]) -> str:
+    """tools/launch_local.py runs `script_args` on 2 processes x 4 devices; its output,
+    each line prefixed with its process's index."""
+    launcher = subprocess.run(
+        [sys.executable, "tools/launch_local.py", "--processes=2", "--devices_per_process=4"]
+        + ["--", *script_args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert launcher.returncode == 0, launcher.stdout[-3000:]
+    return launcher.stdout
+
+
+def write_eval_files(directory) -> dict:
+    """{"text": a text file, "sft": an SFT JSONL file} in `directory`."""
+    text, sft = directory / "text.txt", directory / "sft.jsonl"
+    text.write_text((json.__doc__ or "") * 4)
+    sft.write_text("".join(json.dumps(e) + "\n" for e in SFT_EXAMPLES))
+    return {"text": str(text), "sft": str(sft)}
+
+
+@pytest.fixture(scope="module")
+def two_and_one(tmp_path_factory):
+    """(launcher output, 2-process workdir, 1-process workdir, eval files): 6 steps of the
+    same run, its evaluation tasks scored at the end."""
+    root = tmp_path_factory.mktemp("topologies")
+    files = write_eval_files(root)
+    tasks = {"eval.text_files": files["text"], "eval.sft_file": files["sft"]}
+    overrides = {**SHORT, **tasks, "eval.max_new_tokens": 4}
+    two, one = str(root / "2x4"), str(root / "1x8")
+    flags = [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
+    output = launch_two(["train.py", f"--workdir={two}", *flags])
+    loop.train(small_config(**overrides), one)  # this process: 8 devices, the same (8, 1, 1) mesh
+    return output, two, one, files
+
+
 def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
     workdir = str(tmp_path)
     processes = start_processes(
@@ -109,18 +150,16 @@ ocp.JsonCheckpointHandler.restore = restore
 """
 
 
-def test_a_read_error_on_one_process_sets_the_step_aside_on_all(tmp_path):
+def test_a_read_error_on_one_process_sets_the_step_aside_on_all(two_and_one, tmp_path):
     workdir = str(tmp_path / "workdir")
-    short = {"train.num_steps": 6, "checkpoint.every_steps": 3, "train.eval_every": 0}
-    for process in start_processes(workdir, **short):
-        assert process.wait(timeout=300) == 0, process.communicate()[0][-3000:]
+    shutil.copytree(two_and_one[1], workdir)  # 2 processes wrote steps 3 and 6
     assert checkpoint_steps(workdir) == [3, 6]
 
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAILING_READ.format(step=6))
     processes = start_processes(
-        workdir, extra_env={1: {"PYTHONPATH": str(hook)}}, **{**short, "train.num_steps": 8}
+        workdir, extra_env={1: {"PYTHONPATH": str(hook)}}, **{**SHORT, "train.num_steps": 8}
     )
     outputs = successful_outputs(processes)
     for index, output in enumerate(outputs):  # each process warns; process 0 reports
@@ -131,47 +170,31 @@ def test_a_read_error_on_one_process_sets_the_step_aside_on_all(tmp_path):
     assert checkpoint_steps(workdir) == [3, 6, 8]  # step 6 trained again from step 3
 
 
+def records(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def losses(workdir) -> dict[int, float]:
     return {step: record["loss"] for step, record in read_metrics(workdir).items()}
 
 
-SHORT = {"train.num_steps": 6, "checkpoint.every_steps": 3, "train.eval_every": 0}
-
-
-def launch_two(script_args: list[str]) -> str:
-    """tools/launch_local.py runs `script_args` on 2 processes x 4 devices; its output,
-    each line prefixed with its process's index."""
-    launcher = subprocess.run(
-        [sys.executable, "tools/launch_local.py", "--processes=2", "--devices_per_process=4"]
-        + ["--", *script_args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert launcher.returncode == 0, launcher.stdout[-3000:]
-    return launcher.stdout
-
-
-@pytest.fixture(scope="module")
-def two_and_one(tmp_path_factory):
-    """(launcher output, 2-process workdir, 1-process workdir): 6 steps of the same run."""
-    root = tmp_path_factory.mktemp("topologies")
-    two, one = str(root / "2x4"), str(root / "1x8")
-    flags = [f"--config.{k}={v}" for k, v in {**SMALL, **SHORT}.items()]
-    output = launch_two(["train.py", f"--workdir={two}", *flags])
-    loop.train(small_config(**SHORT), one)  # this process: 8 devices, the same (8, 1, 1) mesh
-    return output, two, one
-
-
 def test_two_processes_train_as_one_and_resume_on_another_topology(two_and_one, tmp_path):
-    output, two, one = two_and_one
+    output, two, one, _ = two_and_one
     assert "[1] " in output and "[0] " in output
     # Process 0 alone reports progress; the others log warnings and errors only.
     assert re.search(r"^\[0\] .*step 6/6 ", output, re.M), output[-3000:]
     assert not re.search(r"^\[1\] .*(step \d+/6|\d+ processes, \d+ devices)", output, re.M)
     assert sorted(losses(two)) == list(range(1, 7))
     np.testing.assert_allclose(list(losses(two).values()), list(losses(one).values()), rtol=1e-5)
+    # The evaluation tasks too: text files and SFT generation on the 2-process mesh.
+    tasks = ("eval_loss", "text_loss", "text_bits_per_byte", "sft_loss", "sft_exact_match")
+    scored = [
+        {k: v for r in records(w) if r["step"] == 6 for k, v in r.items()} for w in (two, one)
+    ]
+    np.testing.assert_allclose(
+        [scored[0][k] for k in tasks], [scored[1][k] for k in tasks], rtol=1e-5
+    )
 
     # The 2-process run's step 3 restores here, on one process and a (2, 2, 2) mesh.
     resumed = str(tmp_path / "resumed")
@@ -189,12 +212,9 @@ def test_two_processes_train_as_one_and_resume_on_another_topology(two_and_one, 
 def test_sample_and_eval_on_two_processes_give_what_one_process_gives(two_and_one, tmp_path):
     """sample.py and eval.py with --distributed (through launch_local.py): process 0 prints
     (and writes) the numbers and text that one process of 8 devices computes."""
-    _, workdir, _ = two_and_one
-    text = tmp_path / "text.txt"
-    text.write_text((json.__doc__ or "") * 4)
-    sft = tmp_path / "sft.jsonl"
-    sft.write_text("".join(json.dumps(e) + "\n" for e in SFT_EXAMPLES))
-    options = dict(text_files=str(text), sft_file=str(sft), max_new_tokens=6, mesh="4,2,1")
+    _, workdir, _, files = two_and_one
+    sft = files["sft"]
+    options = dict(text_files=files["text"], sft_file=sft, max_new_tokens=6, mesh="4,2,1")
     output = tmp_path / "eval.json"
     flags = [f"--{k}={v}" for k, v in options.items()]
     printed = launch_two(["eval.py", f"--workdir={workdir}", *flags, f"--output={output}"])
