@@ -50,12 +50,3 @@ def setup(config, mesh_shape=(8, 1, 1)):
     config.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
     trainer = Trainer(config, devices=jax.devices()[: int(np.prod(mesh_shape))])
     return trainer.model, trainer.init_state(), trainer.train_step
-
-
-def share_compilation_cache(monkeypatch, tmp_path_factory) -> None:
-    """Processes started after this (CLI runs, notebook kernels) keep their XLA compiles in
-    one directory of the test session and reuse each other's: many compile the same small
-    train step, and a cached compile costs a fraction of a new one."""
-    cache = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

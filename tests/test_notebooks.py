@@ -13,14 +13,13 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from tests.helpers import share_compilation_cache
 from tests.test_readme import TRAIN_OVERRIDES
 from tests.test_train_loop import REPO
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
 
 # The default config shrunk exactly as for the README's commands, so that the
-# quickstart's compiles are shared with theirs (share_compilation_cache).
+# quickstart's compiles are shared with theirs (tests/conftest.py: one compilation cache).
 SMALL_OVERRIDES = {k: v for k, v in TRAIN_OVERRIDES.items() if k != "train.num_steps"}
 
 # notebook name -> the parameter values that make it short; {tmp} is a fresh directory.
@@ -90,9 +89,8 @@ def run(path: str, tmp: str) -> str:
     return ""
 
 
-def test_notebooks_run(tmp_path, monkeypatch, tmp_path_factory):
+def test_notebooks_run(tmp_path):
     """All notebooks at once, one kernel each (a kernel mostly keeps one core busy)."""
-    share_compilation_cache(monkeypatch, tmp_path_factory)
     with concurrent.futures.ThreadPoolExecutor(len(NOTEBOOKS)) as pool:
         errors = [e for e in pool.map(lambda p: run(p, str(tmp_path)), NOTEBOOKS) if e]
     assert not errors, "\n\n".join(errors)

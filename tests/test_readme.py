@@ -17,7 +17,6 @@ import sys
 
 import pytest
 
-from tests.helpers import share_compilation_cache
 from tests.test_train_loop import REPO, SMALL
 
 README = os.path.join(REPO, "README.md")
@@ -163,8 +162,7 @@ def test_every_readme_command_has_a_shrink_rule(tmp_path):
             shrunk(command, str(tmp_path), line)  # fails naming the command without a row
 
 
-def test_readme_commands_run(tmp_path, monkeypatch, tmp_path_factory):
-    share_compilation_cache(monkeypatch, tmp_path_factory)
+def test_readme_commands_run(tmp_path):
     tmp = str(tmp_path)
     write_inputs(tmp)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
