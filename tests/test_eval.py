@@ -21,7 +21,6 @@ from data.hf_tokenizer import load_tokenizer  # noqa: E402
 from data.sft import encode_example, read_jsonl  # noqa: E402
 from errors import UserError  # noqa: E402
 from evaluation.config import EvalConfig  # noqa: E402
-from evaluation.in_training import TrainingTasks  # noqa: E402
 from evaluation.metrics import generation_metrics  # noqa: E402
 from evaluation.run import evaluate_workdir  # noqa: E402
 from model.sampler import load_sampler  # noqa: E402
@@ -254,13 +253,6 @@ def test_mistakes_are_one_clear_error(trained, tmp_path, options, message):
             f.write(json.dumps(SFT_EXAMPLES[0]) + "\n{not json\n")
     with pytest.raises(UserError, match=message):
         evaluate_workdir(**{"workdir": trained[0], **options})
-
-
-def test_tasks_inside_training_refuse_a_multi_process_run(trained, monkeypatch):
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    config = small_config(**{"eval.text_files": trained[1]["extra"]})
-    with pytest.raises(UserError, match="single-process training only"):
-        TrainingTasks(config, trainer=None)
 
 
 def test_a_config_json_without_the_eval_section_still_loads(trained, tmp_path):
