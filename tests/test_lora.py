@@ -3,6 +3,7 @@ errors."""
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -210,51 +211,69 @@ def test_vectorized_sweeps_refuse_lora(tmp_path):
         vectorized.run(lora_config(), str(tmp_path), {"a": {"optimizer.learning_rate": 1e-3}})
 
 
-def test_peft_loads_the_exported_adapters_over_the_base(run, tmp_path):
-    """tools/export_peft.py: peft's LoRA of the exported adapters over the base model in
-    transformers gives meshlm's merged logits."""
+@pytest.fixture(scope="module")
+def gpt2_run():
+    """A GPT-2 style LoRA run 3 steps on: query and value share c_attn with the unadapted
+    key, and attention's c_proj is left out while the MLP's c_proj is adapted."""
+    config = tiny_config()
+    config.optimizer.warmup_steps = 0
+    config.lora.update(rank=4, alpha=8.0, targets="query,value,mlp")
+    trainer = make_trainer(config, (1, 1, 1))
+    trained, _ = train_steps(trainer, trainer.init_state(), 3)
+    return trainer, trained
+
+
+PEFT_MODULES = {
+    "llama": {"self_attn." + m for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    | {"mlp." + m for m in ("gate_proj", "up_proj", "down_proj")},
+    "gpt2": {"attn.c_attn", "mlp.c_fc", "mlp.c_proj"},
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_peft_loads_the_exported_adapters_over_the_base(family, request, tmp_path):
+    """tools/export_peft.py: peft's LoRA of the exported adapters, over the base model in
+    transformers, gives meshlm's merged logits, with adapters on the adapted modules only."""
     import torch
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors.numpy import save_file
+    from transformers import AutoModelForCausalLM
 
-    trainer, _, trained, _ = run
-    workdir, out = str(tmp_path / "run"), str(tmp_path / "peft")
-    save(trainer, trained, workdir)
-    export_peft.main([f"--workdir={workdir}", out, "--base=the-base-model"])
-    with open(os.path.join(out, "adapter_config.json")) as f:
-        written = json.load(f)
-    assert written["base_model_name_or_path"] == "the-base-model"
-    assert written["target_modules"] == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-
+    if family == "llama":
+        trainer, _, trained, _ = request.getfixturevalue("run")
+    else:
+        trainer, trained = request.getfixturevalue("gpt2_run")
+    workdir, out, base_dir = tmp_path / "run", str(tmp_path / "peft"), tmp_path / "base"
+    save(trainer, trained, str(workdir))
     params = jax.device_get(trained.params)
-    hf_config, state_dict = to_hf(trainer.model_config, params["base"])
-    base = LlamaForCausalLM(LlamaConfig(**hf_config)).eval()
-    base.load_state_dict({k: torch.tensor(np.array(v)) for k, v in state_dict.items()})
-    tokens = torch.from_numpy(np.asarray(random_batch(trainer.config, seed=1)["inputs"]))
+    hf_config, tensors = to_hf(trainer.model_config, params["base"])
+    base_dir.mkdir()
+    (base_dir / "config.json").write_text(json.dumps(hf_config))
+    save_file(tensors, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    export_peft.main([f"--workdir={workdir}", out, f"--base={base_dir}"])
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == str(base_dir)
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()
+    tokens = torch.tensor(np.asarray(random_batch(trainer.config, seed=1)["inputs"]))
     with torch.no_grad():
         base_logits = base(tokens).logits.numpy()
-        theirs = PeftModel.from_pretrained(base, out).eval()(tokens).logits.numpy()
+        model = PeftModel.from_pretrained(base, out).eval()
+        theirs = model(tokens).logits.numpy()
+    adapted = {m.group(1) for n, _ in model.named_modules() if (m := LORA_A.search(n))}
+    assert adapted == PEFT_MODULES[family]
     ours = logits(trainer, trainer.model_params(trained.params))
     np.testing.assert_allclose(base_logits, logits(trainer, params["base"]), atol=1e-4)
     assert np.abs(ours - base_logits).max() > 1e-2  # the adapters change the model
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
-def test_peft_export_refuses_what_it_cannot_write(tmp_path):
+LORA_A = re.compile(r"\.\d+\.(.*)\.lora_A$")  # "...h.0.attn.c_attn.lora_A" -> "attn.c_attn"
+
+
+def test_peft_export_of_a_whole_model_is_refused(tmp_path):
     full = make_trainer(tiny_config(**LLAMA_STYLE), (1, 1, 1))
     save(full, full.init_state(), str(tmp_path / "full"))
-    gpt2 = tiny_config()
-    gpt2.lora.update(rank=4, targets="query")
-    gpt2 = make_trainer(gpt2, (1, 1, 1))
-    save(gpt2, gpt2.init_state(), str(tmp_path / "gpt2"))
-    cases = {
-        "full": "holds a whole model, not LoRA adapters .* tools/export_hf.py",
-        "gpt2": "PEFT export is for Llama-family models; this is a GPT2LMHeadModel",
-    }
-    for name, message in cases.items():
-        with pytest.raises(SystemExit, match=f"error: .*{message}"):
-            export_peft.main(
-                [f"--workdir={tmp_path / name}", str(tmp_path / f"out-{name}"), "--base=b"]
-            )
+    message = "holds a whole model, not LoRA adapters .* tools/export_hf.py"
+    with pytest.raises(SystemExit, match=f"error: .*{message}"):
+        export_peft.main([f"--workdir={tmp_path / 'full'}", str(tmp_path / "out"), "--base=b"])
