@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import tokenizers
 from etils import epath
 from sentencepiece import sentencepiece_model_pb2
@@ -93,8 +94,7 @@ class HFTokenizer:
         """tf.string [N] -> RaggedTensor int32 [N, None], each document followed by eos,
         as data.tokenizer.Tokenizer's in-graph op gives them (here through
         tf.numpy_function: the Rust tokenizer runs outside the graph)."""
-        import numpy as np
-        import tensorflow as tf
+        import tensorflow as tf  # only the data pipeline needs it
 
         def encode(batch):
             ids = self.encode_documents([t.decode("utf-8") for t in batch])

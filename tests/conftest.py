@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402, F401 -- reads its environment now, before the cache setting below
 
 # The processes the tests start (train.py runs, the CLIs, multi-process runs, notebook
-# kernels) keep their XLA compiles in one directory of this session and reuse each
-# other's: many compile the same small train step, and a cached compile costs a fraction
+# kernels) keep their XLA compiles in one directory of this test process (each
+# pytest-xdist worker has its own) and reuse each other's: many compile the same small train step, and a cached compile costs a fraction
 # of a new one. This process imported JAX above, so it compiles as a user's would.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
     os.environ["XDG_CACHE_HOME"], "jax-compilation-cache"

@@ -18,7 +18,7 @@ from data.hf_tokenizer import load_tokenizer
 from errors import UserError
 from evaluation.run import evaluate_workdir
 from model.sampler import SamplingConfig, load_sampler, parse_mesh
-from tests.test_eval import SFT_EXAMPLES
+from tests.test_eval import SFT_EXAMPLES, read_records
 from tests.test_train_loop import (
     REPO,
     SMALL,
@@ -170,11 +170,6 @@ def test_a_read_error_on_one_process_sets_the_step_aside_on_all(two_and_one, tmp
     assert checkpoint_steps(workdir) == [3, 6, 8]  # step 6 trained again from step 3
 
 
-def records(workdir) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def losses(workdir) -> dict[int, float]:
     return {step: record["loss"] for step, record in read_metrics(workdir).items()}
 
@@ -190,7 +185,7 @@ def test_two_processes_train_as_one_and_resume_on_another_topology(two_and_one, 
     # The evaluation tasks too: text files and SFT generation on the 2-process mesh.
     tasks = ("eval_loss", "text_loss", "text_bits_per_byte", "sft_loss", "sft_exact_match")
     scored = [
-        {k: v for r in records(w) if r["step"] == 6 for k, v in r.items()} for w in (two, one)
+        {k: v for r in read_records(w) if r["step"] == 6 for k, v in r.items()} for w in (two, one)
     ]
     np.testing.assert_allclose(
         [scored[0][k] for k in tasks], [scored[1][k] for k in tasks], rtol=1e-5

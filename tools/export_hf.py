@@ -69,10 +69,15 @@ def write_safetensors(tensors, out_dir: str, max_shard_bytes: int) -> int:
     return len(shards)
 
 
-def export_hf(workdir: str, out_dir: str, max_shard_bytes: int) -> str:
-    """Writes W's newest checkpoint into OUT_DIR; returns a one-line summary."""
+def check_new_directory(out_dir: str) -> None:
+    """UserError unless `out_dir` is missing or an empty directory: nothing is overwritten."""
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UserError(f"{out_dir!r} exists and is not empty; give a new or empty directory.")
+
+
+def export_hf(workdir: str, out_dir: str, max_shard_bytes: int) -> str:
+    """Writes W's newest checkpoint into OUT_DIR; returns a one-line summary."""
+    check_new_directory(out_dir)
     step, meta = newest_step_meta(workdir)
     config = meta["config"]
     model_config = ModelConfig.from_dict(config["model"])

@@ -33,6 +33,7 @@ from model.config import ModelConfig  # noqa: E402
 from model.hf import family_of  # noqa: E402
 from model.hf_layout import GPT2, tensor_layout  # noqa: E402
 from model.lora import LoraConfig  # noqa: E402
+from tools.export_hf import check_new_directory  # noqa: E402
 from training.checkpoint import load_adapters, newest_step_meta  # noqa: E402
 
 PREFIX = "base_model.model."  # PEFT's name for the wrapped model in saved adapter weights
@@ -101,8 +102,7 @@ def adapter_config(lora: LoraConfig, ranks: dict, family, base: str) -> dict:
 
 def export_peft(workdir: str, out_dir: str, base: str, step: int | None = None) -> str:
     """Writes the adapters of W's step into OUT_DIR; returns a one-line summary."""
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise UserError(f"{out_dir!r} exists and is not empty; give a new or empty directory.")
+    check_new_directory(out_dir)
     step, meta = newest_step_meta(workdir, step)
     model_config = ModelConfig.from_dict(meta["config"]["model"])
     family = family_of(model_config)  # a model HF cannot express is refused before reading

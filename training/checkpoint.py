@@ -32,6 +32,7 @@ What happens on restore, newest step first:
 A workdir that holds checkpoints is never silently trained from scratch.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -192,13 +193,35 @@ def newest_step_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
         ) from None
 
 
+@contextlib.contextmanager
+def _reading(workdir: str, step: int, what: str):
+    """(checkpoints directory, manager) to read step `step`'s `what` with; any failure
+    other than a UserError becomes one that names the step and `what`."""
+    directory = _checkpoints_dir(workdir)
+    manager = _manager(directory, create=False)
+    try:
+        yield directory, manager
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- any failure to read is the same to the user
+        raise UserError(
+            f"Checkpoint step {step} in {directory}: its {what} cannot be read "
+            f"({_first_line(error)})."
+        ) from None
+    finally:
+        manager.close()
+
+
+def _restore_params(manager, step: int, target):
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    return manager.restore(step, args=args)["params"]
+
+
 def load_params(workdir: str, step: int, abstract_params):
     """Step `step`'s params alone, restored onto the shardings that `abstract_params`
     (jax.ShapeDtypeStruct leaves with .sharding) carry; UserError if they do not fit.
     A LoRA run's step gives its base and adapters merged (training/lora_checkpoint.py)."""
-    directory = _checkpoints_dir(workdir)
-    manager = _manager(directory, create=False)
-    try:
+    with _reading(workdir, step, "params") as (directory, manager):
         saved = manager.item_metadata(step)["params"].tree
         target = lora_checkpoint.restore_target(abstract_params, saved)
         differences = _tree_differences(saved, target)
@@ -207,30 +230,18 @@ def load_params(workdir: str, step: int, abstract_params):
                 f"Checkpoint step {step} in {directory} holds parameters of another shape than "
                 f"the model config ({'; '.join(differences)})."
             )
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
-        params = manager.restore(step, args=args)["params"]
+        params = _restore_params(manager, step, target)
         if not lora_checkpoint.is_adapters(params):
             return params
         lora_values = _read_meta(directory, step)["config"].get("lora", {})
         step_dir = directory / str(step)
         return lora_checkpoint.merged(workdir, params, abstract_params, lora_values, step_dir)
-    except UserError:
-        raise
-    except Exception as error:  # noqa: BLE001 -- any failure to read is the same to the user
-        raise UserError(
-            f"Checkpoint step {step} in {directory}: its params cannot be read "
-            f"({_first_line(error)})."
-        ) from None
-    finally:
-        manager.close()
 
 
 def load_adapters(workdir: str, step: int) -> dict:
     """A LoRA step's adapters (model/lora.py's tree, unscaled) as host numpy arrays;
     UserError for a step that holds a whole model or cannot be read."""
-    directory = _checkpoints_dir(workdir)
-    manager = _manager(directory, create=False)
-    try:
+    with _reading(workdir, step, "adapters") as (directory, manager):
         saved = manager.item_metadata(step)["params"].tree
         if not lora_checkpoint.is_adapters(saved):
             raise UserError(
@@ -241,17 +252,7 @@ def load_adapters(workdir: str, step: int) -> dict:
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu), saved
         )
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
-        return jax.tree.map(np.asarray, manager.restore(step, args=args)["params"]["lora"])
-    except UserError:
-        raise
-    except Exception as error:  # noqa: BLE001 -- any failure to read is the same to the user
-        raise UserError(
-            f"Checkpoint step {step} in {directory}: its adapters cannot be read "
-            f"({_first_line(error)})."
-        ) from None
-    finally:
-        manager.close()
+        return jax.tree.map(np.asarray, _restore_params(manager, step, target)["lora"])
 
 
 def _first_line(error: Exception) -> str:
