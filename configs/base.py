@@ -18,7 +18,7 @@ meaning. Override any field from the command line, e.g.
 
 import ml_collections
 
-from configs.schema import defaults, specs
+from config_schema import defaults, specs
 from training.config import SECTIONS, RunConfig
 
 

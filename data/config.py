@@ -4,7 +4,7 @@ import dataclasses
 
 import ml_collections
 
-from configs.schema import check_fields, defaults, field, from_values
+from config_schema import check_fields, defaults, field, from_values
 from errors import UserError
 
 SOURCES = ("stdlib", "files", "tfds", "sft")
@@ -16,7 +16,7 @@ SFT_TEMPLATES = ("plain", "hf")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """`config.data`; constructing it checks every value (see configs/schema.py)."""
+    """`config.data`; constructing it checks every value (see config_schema.py)."""
 
     source: str = field(
         "stdlib",

@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from configs.schema import check_fields, field
+from config_schema import check_fields, field
 
 
 @dataclasses.dataclass(frozen=True)

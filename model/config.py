@@ -10,7 +10,7 @@ quantity.
 import dataclasses
 from typing import ClassVar
 
-from configs.schema import check_fields, field, from_values
+from config_schema import check_fields, field, from_values
 from errors import UserError
 
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rope")

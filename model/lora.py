@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from configs.schema import check_fields, field
+from config_schema import check_fields, field
 from errors import UserError
 
 # Target name -> (module path under "layers", kernel names, number of input axes).

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs.schema import check_fields, field
+from config_schema import check_fields, field
 from errors import UserError
 from model.config import ModelConfig
 from model.decode import generate, left_pad

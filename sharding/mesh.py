@@ -11,7 +11,7 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh
 
-from configs.schema import check_fields, field
+from config_schema import check_fields, field
 from errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")

@@ -12,7 +12,7 @@ import pytest
 import train
 from configs import default, gpt2_small, llama_1b, llama_8b
 from configs.base import field_table, get_base_config
-from configs.schema import PATH_KINDS, number_allowed, specs
+from config_schema import PATH_KINDS, number_allowed, specs
 from tests.test_train_loop import REPO, SMALL, small_config
 from training.config import SECTIONS, RunConfig
 

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs.json_file import get_config as config_from_json  # noqa: E402
-from configs.schema import defaults  # noqa: E402
+from config_schema import defaults  # noqa: E402
 from data.hf_tokenizer import load_tokenizer  # noqa: E402
 from data.sft import encode_example, read_jsonl  # noqa: E402
 from errors import UserError  # noqa: E402

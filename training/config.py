@@ -1,13 +1,13 @@
 """The training sections of a config, and start-up validation of a whole config.
 
 `validate_config` checks every field of every section (each section's dataclass
-declares its fields' defaults, allowed values and meaning; see configs/schema.py)
+declares its fields' defaults, allowed values and meaning; see config_schema.py)
 and then the relations between sections, before anything is compiled or written.
 """
 
 import dataclasses
 
-from configs.schema import check_fields, field, from_values
+from config_schema import check_fields, field, from_values
 from data.config import DataConfig
 from errors import UserError
 from evaluation.config import EvalConfig
