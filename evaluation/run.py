@@ -8,13 +8,13 @@ model is loaded, so a mistake costs seconds.
 
 import time
 
+from checkpoints.read import load_sampler
 from data.hf_tokenizer import load_tokenizer
 from errors import UserError
 from evaluation.evaluator import Evaluator
 from evaluation.sft import evaluate_sft, read_examples
 from evaluation.text_data import eval_batches, text_data_config
-from model.sampler import SamplingConfig, load_sampler, parse_mesh
-from training.checkpoint import newest_step_meta
+from model.sampler import SamplingConfig, parse_mesh
 
 COLUMNS = ("loss", "perplexity", "bits_per_byte", "tokens", "exact_match", "bleu", "rouge_l")
 
@@ -47,8 +47,8 @@ def evaluate_workdir(
     examples = []
     if sft_file:
         examples = read_examples(sft_file, skip_bad_lines, max_examples)
-    step, _ = newest_step_meta(workdir, step)
-    sampler, config = load_sampler(workdir, parse_mesh(mesh), devices, step)
+    sampler, run = load_sampler(workdir, parse_mesh(mesh), devices, step)
+    config = run.config
     batch_size = batch_size or config.train.global_batch_size
     evaluator = Evaluator(sampler, load_tokenizer(config.data.tokenizer), batch_size)
     results = {}
@@ -71,7 +71,7 @@ def evaluate_workdir(
     if examples:
         metrics, predictions = evaluate_sft(evaluator, examples, config.data, sampling)
         results[f"sft:{sft_file}"] = {**metrics, "predictions": predictions}
-    return {"workdir": workdir, "step": step, "results": results}
+    return {"workdir": workdir, "step": run.step, "results": results}
 
 
 def table(results: dict) -> str:

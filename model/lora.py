@@ -7,7 +7,7 @@ logical axes plus "lora_rank". A train step passes the adapters to the model as 
 x @ A @ B beside its kernel (model/layers.py), so neither W + A @ B nor W's gradient
 is ever formed, and B = 0 makes step 0 exactly the base model. Sampling, eval and
 export read `merged_params` = W + (alpha / rank) * A @ B, the same model in plain
-kernels (training/checkpoint.load_params), with no special code.
+kernels (checkpoints/read.py: load_run), with no special code.
 
 A LoRA run's params are `{"base": model params, "lora": adapters}`; only the
 adapters get gradients and optimizer state (training/step.py, training/state.py).

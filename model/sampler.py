@@ -1,6 +1,6 @@
 """A model's parameters on a device mesh, generating with `model.decode.generate`.
 
-    sampler = Sampler(model_config, params, mesh_sizes)    # or load_sampler(workdir, mesh_sizes)
+    sampler = Sampler(model_config, params, mesh_sizes)    # or load_sampler (checkpoints/read.py)
     new_tokens = sampler.generate(prompts, SamplingConfig(temperature=0.0), eos_id)
 
 The parameters are placed by their logical axis names (sharding/rules.py), so
@@ -71,17 +71,14 @@ class Sampler:
     def __init__(
         self, model_config: ModelConfig, params, mesh_sizes, sharding_rules: str = "", devices=None
     ):
-        """`params`: host arrays, or a callable taking the abstract sharded params to load."""
+        """`params`: host arrays, or arrays already placed on this mesh (left where they are)."""
         self.model_config = model_config
         self.model = Transformer(model_config)
         self.mesh = make_mesh(mesh_sizes, devices)
         self.rules = logical_rules(sharding_rules)
         self.abstract_params = abstract_params(self.model, self.mesh, self.rules)
-        if callable(params):
-            self.params = params(self.abstract_params)
-        else:
-            shardings = jax.tree.map(lambda a: a.sharding, self.abstract_params)
-            self.params = jax.device_put(params, shardings)
+        shardings = jax.tree.map(lambda a: a.sharding, self.abstract_params)
+        self.params = jax.device_put(params, shardings)
         self.batch_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self._compiled = {}
 
@@ -159,22 +156,3 @@ class Sampler:
             in_shardings=(params_shardings, everywhere, everywhere, everywhere),
             out_shardings=everywhere,
         )
-
-
-def load_sampler(
-    workdir: str, mesh_sizes, devices=None, step: int | None = None
-) -> tuple["Sampler", ml_collections.ConfigDict]:
-    """A Sampler with the newest checkpoint of `workdir` (or step `step`), and that run's config."""
-    from training import checkpoint  # orbax: only needed here
-
-    step, meta = checkpoint.newest_step_meta(workdir, step)
-    config = ml_collections.ConfigDict(meta["config"])
-    model_config = ModelConfig.from_dict(config.model)
-    sampler = Sampler(
-        model_config,
-        lambda abstract: checkpoint.load_params(workdir, step, abstract),
-        mesh_sizes,
-        config.get("sharding_rules", ""),
-        devices,
-    )
-    return sampler, config

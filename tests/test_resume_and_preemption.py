@@ -1,5 +1,7 @@
-"""Progress is never lost: config changes between runs, SIGTERM mid-evaluation, honest timings."""
+"""Progress is never lost: config changes between runs, SIGTERM mid-evaluation, a truncated
+checkpoint, honest timings."""
 
+import glob
 import json
 import logging
 import math
@@ -12,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from errors import UserError
-from tests.test_train_loop import checkpoint_steps, read_metrics, small_config
+from tests.test_train_loop import checkpoint_steps, read_metrics, small_config, start_train
 from training import loop
 
 FAST = {"train.eval_every": 0, "checkpoint.every_steps": 3, "train.num_steps": 3}
@@ -99,6 +101,33 @@ def test_compatible_changes_resume_and_are_logged(tmp_path, caplog):
         assert change in logged, change
 
 
+def test_a_truncated_checkpoint_is_one_warning_and_no_traceback(tmp_path):
+    """train.py on a workdir whose newest step has a params file cut short: one warning line
+    (the step, where it went, the step resumed) and no traceback. Orbax reads the arrays
+    concurrently, and the reads abandoned when one failed used to print dozens of traceback
+    lines ("Event loop is closed", ...) around a warning that held TensorStore's spec."""
+    workdir = str(tmp_path)
+    six = {**FAST, "train.num_steps": 6, "model.embed_dim": 256, "model.mlp_dim": 1024}
+    loop.train(small_config(**six), workdir)  # wider arrays: more reads still in flight
+    params = os.path.join(workdir, "checkpoints", "6", "params")
+    files = glob.glob(os.path.join(params, "ocdbt.process_0", "d", "*"))
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)
+
+    process = start_train(workdir, **{**six, "train.num_steps": 7})
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    (moved,) = os.listdir(os.path.join(workdir, "checkpoints_unreadable"))
+    warnings = [line for line in output.splitlines() if "cannot be read" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        f"Checkpoint step 6 in {workdir}/checkpoints cannot be read; moved it to "
+        f"{workdir}/checkpoints_unreadable/{moved}; resuming from step 3."
+    ), warnings
+    for noise in ("Traceback", "Exception ignored", "Event loop is closed", "never retrieved"):
+        assert noise not in output, (noise, output[-3000:])
+    assert checkpoint_steps(workdir) == [3, 6, 7]
+
+
 def test_sigterm_during_evaluation_saves_before_exit(tmp_path, monkeypatch, caplog):
     """The signal arrives while the step-4 evaluation runs: step 4 must still be saved."""
     workdir = str(tmp_path)
@@ -131,15 +160,14 @@ def test_step_times_leave_out_evaluation(tmp_path, monkeypatch):
         return real_evaluate(*args)
 
     class OneSecondSteps(loop.Trainer):
-        def __init__(self, config):
-            super().__init__(config)
-            step = self.train_step
+        def checked_train_step(self):  # the compiled step the loop runs
+            step = super().checked_train_step()
 
             def timed_step(state, batch):
                 fake["now"] += 1.0
                 return step(state, batch)
 
-            self.train_step = timed_step
+            return timed_step
 
     monkeypatch.setattr(loop, "evaluate", slow_evaluate)
     monkeypatch.setattr(loop, "Trainer", OneSecondSteps)

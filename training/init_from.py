@@ -3,16 +3,16 @@
 The initial workdir is any meshlm workdir with checkpoints: a pre-training run's,
 or one written by tools/import_hf.py. Its params (step train.init_step, -1 = the
 newest) are read straight onto the current mesh's shardings, whatever mesh
-wrote them (training/checkpoint.load_params); the optimizer state, the step and
+wrote them (checkpoints/read.py's load_run); the optimizer state, the step and
 the data start fresh. It is used only while the run's own workdir holds no
 checkpoint: once the run has saved, it resumes from its own checkpoints exactly
 as pre-training does, and init_from is ignored (the loop logs that).
 """
 
+from checkpoints.read import load_run
 from errors import UserError
-from training import checkpoint
+from paths import workdir_path
 from training.checkpoint import Restored
-from training.paths import workdir_path
 
 
 def initial_checkpoint(train_config, abstract_params, model_fields: dict) -> Restored:
@@ -27,19 +27,9 @@ def initial_checkpoint(train_config, abstract_params, model_fields: dict) -> Res
         raise UserError(
             f"{where}: no such directory; give a workdir written by train.py or tools/import_hf.py."
         )
+    step = None if wanted < 0 else wanted
     try:
-        step, meta = checkpoint.newest_step_meta(path, None if wanted < 0 else wanted)
+        run = load_run(path, step, abstract=abstract_params, model_fields=model_fields)
     except UserError as error:
         raise UserError(f"{where}, train.init_step={wanted}: {error}") from None
-    problems = checkpoint.model_differences(meta.get("model", {}), model_fields)
-    try:
-        params = checkpoint.load_params(path, step, abstract_params)
-    except UserError as error:
-        problems.append(str(error).rstrip("."))
-    if problems:
-        raise UserError(
-            f"{where}: step {step} does not fit this config's model ({'; '.join(problems)}). "
-            f"Use the model section of {workdir_path(path) / 'config.json'} (configs/"
-            "finetune_sft.py does), or another train.init_from."
-        )
-    return Restored(step=0, params=params, opt_state=None, data_state=None)
+    return Restored(step=0, params=run.params, opt_state=None, data_state=None)

@@ -11,7 +11,7 @@ import jax
 import tensorflow as tf
 from absl import logging
 
-from training.paths import workdir_path
+from paths import workdir_path
 
 
 def _format_duration(seconds: float) -> str:

@@ -4,17 +4,18 @@ A LoRA run's params are {"base", "lora"} (model/lora.py) and the base never chan
 so each step's params item holds `{"lora": adapters}` alone, beside the adapters'
 optimizer state, data position and meta as in any step. The base is written once,
 before the run's first step checkpoint, to `<workdir>/lora_base` (a params-only orbax
-checkpoint, uncompressed like training/checkpoint.save_params; orbax writes it to a
-temporary directory and renames it, so it is there whole or not at all). The workdir
-stays self-contained: resuming reads both, and `load_params` merges them.
+checkpoint, uncompressed like checkpoints/write.py's; orbax writes it to a temporary
+directory and renames it, so it is there whole or not at all). The workdir stays
+self-contained: resuming reads both, and checkpoints/read.py's `load_params` merges them.
 """
 
 import jax
 import orbax.checkpoint as ocp
 
+from checkpoints.layout import drop_abandoned_read_reports, first_line
 from errors import UserError
 from model.lora import LoraConfig, is_lora_tree, merged_params
-from training.paths import workdir_path
+from paths import workdir_path
 
 BASE_DIR = "lora_base"
 
@@ -43,15 +44,15 @@ def load_base(workdir: str, abstract_base, step_dir: str):
     """The frozen base onto `abstract_base`'s shardings; UserError naming the path if it
     cannot be read (`step_dir`: the step that needs it)."""
     path = base_path(workdir)
+    drop_abandoned_read_reports()
     try:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
             return checkpointer.restore(path, args=ocp.args.StandardRestore(abstract_base))
     except Exception as error:  # noqa: BLE001 -- missing or corrupt: the same to the user
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
         raise UserError(
             f"LoRA checkpoint {step_dir} holds the adapters only; the frozen base model they "
-            f"were trained on, {path}, is missing or cannot be read ({type(error).__name__}: "
-            f"{reason}). Put that directory back, or train in a new --workdir."
+            f"were trained on, {path}, is missing or cannot be read ({first_line(error)}). "
+            "Put that directory back, or train in a new --workdir."
         ) from None
 
 

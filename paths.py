@@ -1,5 +1,6 @@
 """Workdir paths: a local directory or any filesystem that etils.epath (and so orbax)
-supports, e.g. `--workdir=gs://bucket/run`.
+supports, e.g. `--workdir=gs://bucket/run`. Below every package: training, checkpoints
+and the tools all write workdirs.
 
 All workdir I/O (config.json, metrics.jsonl, TensorBoard, checkpoints, the
 set-aside directory, sweep trial directories) goes through `epath.Path`;
