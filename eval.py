@@ -15,17 +15,18 @@ same data, and process 0 prints the table and writes --output.
 
 import inspect
 import json
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import startup
 
-import jax
-from absl import app, flags, logging
-from etils import epath
+startup.quiet_start(tensorflow=True)  # before JAX and TensorFlow are imported
 
-from errors import UserError
-from training import distributed
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
+
+from errors import UserError  # noqa: E402
+from training import distributed  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to evaluate.")

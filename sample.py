@@ -12,17 +12,19 @@ process 0 prints the samples.
 """
 
 import dataclasses
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import startup
 
-import jax
-from absl import app, flags
+startup.quiet_start()  # before JAX is imported
 
-from errors import UserError
-from model.sampler import SamplingConfig, load_sampler, parse_mesh
-from training import distributed
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from checkpoints.read import load_sampler  # noqa: E402
+from errors import UserError  # noqa: E402
+from model.sampler import SamplingConfig, parse_mesh  # noqa: E402
+from training import distributed  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to sample from (its newest checkpoint).")
@@ -65,10 +67,10 @@ def main(argv):
             **{f.name: FLAGS[f.name].value for f in dataclasses.fields(SamplingConfig)}
         )
         texts = read_prompts()
-        sampler, config = load_sampler(FLAGS.workdir, parse_mesh(FLAGS.mesh))
+        sampler, run = load_sampler(FLAGS.workdir, parse_mesh(FLAGS.mesh))
         from data.hf_tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(config.data.tokenizer)
+        tokenizer = load_tokenizer(run.config.data.tokenizer)
         prompts = sampler.check_room(
             [tokenizer.encode(t) for t in texts], sampling.max_new_tokens, FLAGS.truncate_prompt
         )

@@ -9,33 +9,22 @@ in the config, the data or the workdir ends the run with one `error: ...` line.
 """
 
 import json
-import logging as logging_lib
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter quiet
+import startup
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+startup.quiet_start(tensorflow=True)  # before JAX and TensorFlow are imported
 
-from data.pipeline import hide_accelerators_from_tf
-from errors import UserError
-from training import distributed, loop
-from training.memory import describe
-from training.trainer import Trainer
+import jax  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-try:  # config_flags applies --config.* overrides here, at import, and names unknown fields
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config",
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs/default.py"),
-        "Config file; override fields with --config.<field>=<value>.",
-        lock_config=True,
-    )
-except (AttributeError, KeyError) as error:
-    inner = error.args[0] if error.args else error  # ml_collections wraps a KeyError
-    message = str(inner.args[0] if isinstance(inner, KeyError) else inner).replace("\n", ". ")
-    raise SystemExit(f"error: unknown config field in the command line: {message}") from None
+from errors import UserError  # noqa: E402
+from training import distributed, loop  # noqa: E402
+from training.memory import describe, out_of_memory_as_user_error  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
+
+_CONFIG = startup.define_config_flag("Config file; override fields with --config.<field>=<value>.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json go here.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run",
@@ -48,18 +37,12 @@ distributed.define_flags()
 flags.mark_flag_as_required("workdir")
 
 
-class _QuietLibraries(logging_lib.Filter):
-    """Drops orbax's per-save INFO lines; its warnings and errors still show."""
-
-    def filter(self, record):
-        return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
-
-
 _DATA_STREAMS = []  # kept alive until exit_without_teardown(): see loop.train's `hold`
 
 
 def run(config, workdir: str, dry_run: bool = False) -> None:
-    """Trains (or only compiles, with `dry_run`); a UserError becomes one `error:` line."""
+    """Trains (or only compiles, with `dry_run`); a UserError, or a device out of memory,
+    becomes one `error:` line."""
     try:
         if not workdir.strip():
             raise UserError("--workdir is empty: name a directory for checkpoints and metrics.")
@@ -74,7 +57,8 @@ def run(config, workdir: str, dry_run: bool = False) -> None:
             print("\n".join(describe(report)))
             print(json.dumps(report))
             return
-        result = loop.train(config, workdir, hold=_DATA_STREAMS)
+        with out_of_memory_as_user_error():
+            result = loop.train(config, workdir, hold=_DATA_STREAMS)
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
     logging.info(
@@ -86,8 +70,6 @@ def run(config, workdir: str, dry_run: bool = False) -> None:
 
 def main(argv):
     del argv
-    hide_accelerators_from_tf()  # before anything builds a TensorFlow op
-    logging.get_absl_handler().addFilter(_QuietLibraries())
     distributed.start_from_flags()
     logging.info(
         "JAX %s: %d processes, %d devices (%s)",
@@ -116,4 +98,4 @@ def exit_without_teardown():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    startup.run(main)

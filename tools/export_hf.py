@@ -20,17 +20,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import startup  # noqa: E402
+
+startup.quiet_start()  # before JAX is imported
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
+from checkpoints.read import load_run  # noqa: E402
 from data.hf_tokenizer import save_for_transformers  # noqa: E402
 from errors import UserError  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.hf import config_to_hf, hf_tensors, param_shapes  # noqa: E402
-from training.checkpoint import load_params, newest_step_meta  # noqa: E402
 
 INDEX = "model.safetensors.index.json"
 
@@ -75,18 +77,22 @@ def check_new_directory(out_dir: str) -> None:
         raise UserError(f"{out_dir!r} exists and is not empty; give a new or empty directory.")
 
 
+def _on_host(model_config: ModelConfig):
+    """The params as ShapeDtypeStructs on this host's CPU; a model HF cannot express is
+    refused first, before anything is read."""
+    config_to_hf(model_config)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), param_shapes(model_config)
+    )
+
+
 def export_hf(workdir: str, out_dir: str, max_shard_bytes: int) -> str:
     """Writes W's newest checkpoint into OUT_DIR; returns a one-line summary."""
     check_new_directory(out_dir)
-    step, meta = newest_step_meta(workdir)
-    config = meta["config"]
-    model_config = ModelConfig.from_dict(config["model"])
-    config_to_hf(model_config)  # a model HF cannot express is refused before anything is read
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), param_shapes(model_config)
-    )
-    params = jax.tree.map(np.asarray, load_params(workdir, step, abstract))
+    run = load_run(workdir, abstract=_on_host)
+    config, model_config, step = run.config, run.model_config, run.step
+    params = jax.tree.map(np.asarray, run.params)
 
     tokenizer = save_for_transformers(
         config["data"]["tokenizer"], out_dir, model_config.max_seq_len

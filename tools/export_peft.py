@@ -22,19 +22,21 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import startup  # noqa: E402
+
+startup.quiet_start()  # before JAX is imported
 
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
+from checkpoints.read import load_adapters, load_run  # noqa: E402
 from errors import UserError  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.hf import family_of  # noqa: E402
 from model.hf_layout import GPT2, tensor_layout  # noqa: E402
 from model.lora import LoraConfig  # noqa: E402
 from tools.export_hf import check_new_directory  # noqa: E402
-from training.checkpoint import load_adapters, newest_step_meta  # noqa: E402
 
 PREFIX = "base_model.model."  # PEFT's name for the wrapped model in saved adapter weights
 
@@ -103,10 +105,10 @@ def adapter_config(lora: LoraConfig, ranks: dict, family, base: str) -> dict:
 def export_peft(workdir: str, out_dir: str, base: str, step: int | None = None) -> str:
     """Writes the adapters of W's step into OUT_DIR; returns a one-line summary."""
     check_new_directory(out_dir)
-    step, meta = newest_step_meta(workdir, step)
-    model_config = ModelConfig.from_dict(meta["config"]["model"])
+    run = load_run(workdir, step)  # the config and step alone: no arrays read yet
+    model_config, step = run.model_config, run.step
     family = family_of(model_config)  # a model HF cannot express is refused before reading
-    lora = LoraConfig(**meta["config"].get("lora", {}))
+    lora = LoraConfig(**run.config.get("lora", {}))
     tensors, ranks = peft_tensors(load_adapters(workdir, step), model_config, lora.rank)
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), {"format": "pt"})

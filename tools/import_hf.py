@@ -4,9 +4,10 @@
 
 HF_DIR holds config.json (a GPT2LMHeadModel or LlamaForCausalLM), the weights as
 safetensors (model.safetensors, or the shards model.safetensors.index.json lists)
-and the tokenizer: tokenizer.json (with its tokenizer_config.json), or a
-sentencepiece tokenizer.model. W gets a params-only checkpoint at step 0, its
-config.json (configs/base with the imported model section) and the tokenizer
+and the tokenizer: tokenizer.json (with its tokenizer_config.json and chat template,
+wherever transformers would read it from), or a sentencepiece tokenizer.model.
+W gets a params-only checkpoint at step 0, its config.json (configs/base with the
+imported model section) and the tokenizer (its chat template in its tokenizer_config.json)
 under W/tokenizer/, which config.data.tokenizer names. sample.py and
 tools/export_hf.py start from it; train.py continues from it (fresh optimizer,
 data from the start) with --config=configs/json_file.py:W/config.json, which
@@ -26,7 +27,9 @@ import types
 from collections.abc import Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import startup  # noqa: E402
+
+startup.quiet_start()  # before JAX is imported
 
 import jax  # noqa: E402
 import ml_dtypes  # noqa: E402, F401 -- registers bfloat16 with numpy, so safetensors can read it
@@ -35,15 +38,15 @@ from etils import epath  # noqa: E402
 from flax import traverse_util  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 
+from checkpoints.write import save_params  # noqa: E402
 from configs.base import get_base_config  # noqa: E402
 from data.hf_tokenizer import CONFIG_FILE, HFTokenizer, read_tokenizer_config  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from errors import UserError  # noqa: E402
 from model.config import DTYPES  # noqa: E402
 from model.hf import config_from_hf, params_from_hf  # noqa: E402
-from training.checkpoint import save_params  # noqa: E402
+from paths import workdir_path  # noqa: E402
 from training.config import validate_config  # noqa: E402
-from training.paths import workdir_path  # noqa: E402
 
 INDEX = "model.safetensors.index.json"
 

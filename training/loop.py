@@ -18,12 +18,12 @@ from data.pipeline import make_eval_batches, make_train_iterator
 from errors import UserError
 from evaluation.evaluator import score_batches
 from evaluation.in_training import TrainingTasks
+from paths import workdir_path
 from training.checkpoint import Checkpointer
 from training.config import describe, tokens_per_step
 from training.hardware import peak_flops_per_device
 from training.init_from import initial_checkpoint
 from training.metrics import MetricsWriter
-from training.paths import workdir_path
 from training.preemption import Preemption
 from training.step import make_eval_step
 from training.trainer import Trainer
@@ -101,8 +101,8 @@ def _write_config(config, workdir):
 def train(config, workdir: str, hold: list | None = None) -> dict:
     """Trains (or resumes) `config` in `workdir`; returns the last logged metrics.
 
-    Everything is validated (config fields, data files, tokenizer) before anything
-    is written to `workdir`. `hold`, if given, receives the data streams, so that a
+    Everything is validated (config fields, data files, tokenizer, the step's memory)
+    before anything is written to `workdir`. `hold`, if given, receives the data streams, so that a
     caller about to exit can skip their teardown: destroying a tf.data iterator
     waits for the tokenization in flight (4-8 s seen after a SIGTERM).
     """
@@ -122,6 +122,7 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
     logging.info(
         "%s", describe(config, trainer.model_config, trainer.num_params, jax.device_count())
     )
+    train_step = trainer.checked_train_step()  # a step that does not fit stops here
 
     workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
@@ -157,8 +158,9 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
     tokenizer = load_tokenizer(config.data.tokenizer)
     peak_flops, peak_source = peak_flops_per_device(trainer.model_config.dtype)
     logging.info(
-        "MFU: model FLOPs with causal attention counted in full (PaLM's convention), relative "
-        "to %.3g FLOP/s per device (%s)",
+        "MFU: model FLOPs (%.4g per token: causal attention counted in full, PaLM's convention; "
+        "recomputation not counted; model/flops.py), relative to %.3g FLOP/s per device (%s)",
+        trainer.flops_per_token,
         peak_flops,
         peak_source,
     )
@@ -213,7 +215,7 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
         while step < num_steps:
             profiler.before_step(step + 1)
             batch = trainer.to_global(next(train_iter))
-            state, metrics = trainer.train_step(state, batch)
+            state, metrics = train_step(state, batch)
             step += 1
             if pending is not None:
                 finish(*pending)

@@ -1,4 +1,5 @@
-"""Where a compiled train step's per-device memory goes, for `train.py --dry_run`.
+"""Where a compiled train step's per-device memory goes (`train.py --dry_run`), and
+whether it fits the devices, checked before a run's first step.
 
 XLA reports totals (`compiled.memory_analysis()`: arguments, outputs, temporaries).
 Here the arguments are split into parameters, optimizer state and batch from their
@@ -9,12 +10,14 @@ already, so per device), each with the JAX operation that made it and, where it
 is recognisable, the knob that shrinks it.
 """
 
+import contextlib
 import math
 import re
 
 import jax
 import numpy as np
 
+from errors import UserError
 from training.step import forward_sums
 
 # `%name = f32[8,128,256]{2,1,0} opcode(...)`, with op_name metadata when JAX gave one.
@@ -23,6 +26,11 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _CALLED = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
 _NOT_ALLOCATED = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
+
+SHRINK = (
+    "lower it with train.num_microbatches (more), data.seq_len, model.remat_policy=full, "
+    "model.loss_chunk_size or mesh.fsdp (train.py --dry_run shows where it goes; docs/MEMORY.md)."
+)
 
 KNOBS = {
     "attention": "model.attention_implementation, model.attention_block_size",
@@ -164,3 +172,50 @@ def describe(report: dict) -> list[str]:
         lines.append(f"  {gib(row['bytes'])}  {row['dtype']}[{shape}]{times}  {row['op']}{what}")
     lines.append("What each knob costs and saves: docs/MEMORY.md.")
     return lines
+
+
+def device_memory_bytes(device) -> int | None:
+    """Bytes one device can hold: an accelerator's allocator limit; on CPU, the host's
+    available memory shared by its devices (simulated ones share one host); None if unknown."""
+    stats = device.memory_stats()  # None on CPU
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024  # in kB
+    except (OSError, KeyError, ValueError):  # not Linux
+        return None
+    return available // len(jax.local_devices(backend="cpu"))
+
+
+def check_fits(needed_bytes: int, device) -> None:
+    """Refuses a step whose compiled memory (`memory_report`'s per-device upper bound) exceeds
+    what a device has, before anything is allocated."""
+    available = device_memory_bytes(device)
+    if needed_bytes and available and needed_bytes > available:
+        where = (
+            f"the host's available memory shared by {len(jax.local_devices(backend='cpu'))} "
+            "CPU devices"
+            if device.platform == "cpu"
+            else f"{device.device_kind}'s memory for JAX"
+        )
+        raise UserError(
+            f"the train step needs {needed_bytes / 2**30:.2f} GiB per device, more than the "
+            f"{available / 2**30:.2f} GiB a device has ({where}); {SHRINK}"
+        )
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error():
+    """A device that runs out of memory anyway (in a compile, a step, an evaluation; the
+    device may be shared) ends with XLA's first line and the same advice, no traceback."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        xla_line = str(error).splitlines()[0]
+        raise UserError(f"a device ran out of memory ({xla_line}); {SHRINK}") from None

@@ -15,7 +15,7 @@ from model.flops import train_flops_per_token
 from model.lora import LoraConfig, is_lora_tree, merged_params, trainable
 from sharding import activate, batch_sharding, logical_rules, make_mesh
 from training.config import validate_config
-from training.memory import breakdown
+from training.memory import breakdown, check_fits
 from training.optimizer import make_optimizer
 from training.state import TrainState, init_train_state, state_shardings
 from training.step import make_train_step
@@ -103,7 +103,10 @@ class Trainer:
         self.num_params = _count(self.abstract_model_params)
         self.num_trainable_params = _count(trainable(abstract.params))
         self.flops_per_token = train_flops_per_token(
-            self.model_config, self.abstract_model_params, self.seq_len
+            self.model_config,
+            self.abstract_model_params,
+            self.seq_len,
+            adapters=abstract.params["lora"] if self.lora else None,
         )
 
     def init_state(self) -> TrainState:
@@ -161,6 +164,14 @@ class Trainer:
             lowered = self.train_step.jitted.lower(self.abstract_state, self.abstract_batch())
             compiled = lowered.compile()
         return compiled, time.perf_counter() - start
+
+    def checked_train_step(self):
+        """The train step, compiled now and refused (a UserError naming both sizes and the
+        knobs) if it needs more memory than a device has, before anything is allocated. The
+        loop runs this executable, so the check costs no second compile."""
+        compiled, _ = self.compile()
+        check_fits(memory_report(compiled).get("per_device_bytes", 0), jax.local_devices()[0])
+        return compiled
 
     def dry_run(self) -> dict:
         """Parameter count, FLOPs/token, compile time and per-device memory of the step:

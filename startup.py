@@ -1,0 +1,153 @@
+"""What every command does first: a quiet start, and one error line for a bad --config.
+
+Call `quiet_start()` at the top of an entry point, before JAX or TensorFlow is
+imported. On a healthy CPU-only machine both libraries print start-up lines that
+look like failures: TensorFlow (only the input pipeline here) its oneDNN banner,
+"Could not find cuda drivers" and a failed cuInit, from C++ before its log level
+applies; JAX "Unable to initialize backend 'tpu'" for a backend that is not
+installed. Only those lines are dropped: JAX still warns when a GPU or TPU is
+present but unusable, every other line of either library is kept, and JAX
+still chooses its platforms itself (JAX_PLATFORMS is left to the user).
+Orbax's INFO lines (every save and restore) are dropped too.
+"""
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import sys
+import tempfile
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+_GIVE_A_CONFIG = (
+    "give a config file, e.g. --config=configs/default.py (the presets are in configs/)."
+)
+
+# TensorFlow's lines on a healthy machine without a GPU, written to file descriptor 2
+# by its C++ libraries (two of them: each prints its own) while it loads.
+_TENSORFLOW_START_UP = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|\] oneDNN custom operations are on\."
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit"
+)
+
+
+def quiet_start(tensorflow: bool = False) -> None:
+    """Silences the libraries' start-up lines; `tensorflow=True` also imports TensorFlow now
+    (for commands that read data with it), with no accelerator visible to it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's INFO and WARNING lines; errors stay
+    logging.getLogger("jax._src.xla_bridge").addFilter(_not_a_missing_backend)
+    absl_logging.get_absl_handler().addFilter(_not_orbax_info)
+    if tensorflow:
+        with _stderr_without(_TENSORFLOW_START_UP):
+            hide_accelerators_from_tf()
+
+
+@functools.cache
+def hide_accelerators_from_tf() -> None:
+    """TensorFlow must never take the GPU/TPU that JAX trains on (it would claim its memory)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+        tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):  # already initialised, or no such device type
+        pass
+
+
+def _not_a_missing_backend(record: logging.LogRecord) -> bool:
+    """JAX logs at INFO each backend it knows but cannot load (libtpu on a GPU or CPU
+    machine); where such hardware is present it warns as well, and that warning stays."""
+    return not (
+        record.levelno <= logging.INFO
+        and record.getMessage().startswith("Unable to initialize backend")
+    )
+
+
+def _not_orbax_info(record: logging.LogRecord) -> bool:
+    """Orbax logs every save and restore at INFO (~30 lines); its warnings and errors stay."""
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+@contextlib.contextmanager
+def _stderr_without(pattern: re.Pattern):
+    """Runs the block with file descriptor 2 (C++ writes there too) captured, then writes
+    back every line that does not match `pattern`, in order."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not pattern.search(line)))
+            sys.stderr.flush()
+
+
+class _ConfigFileParser(ConfigFileFlagParser):
+    """Loads --config; a path that is not a file, or a file without get_config(), stops the
+    command with one error line (ml_collections would defer the first to the config's first
+    use, as two tracebacks)."""
+
+    loaded = False  # get_config() ran: a KeyError or AttributeError after it is an override's
+
+    def parse(self, path):
+        file = path.split(":", 1)[0]  # ml_collections passes what follows ':' to get_config
+        if not os.path.isfile(file):
+            problem = "is a directory" if os.path.isdir(file) else "no such file"
+            where = "" if os.path.isabs(file) else f" in {os.getcwd()}"
+            raise SystemExit(f"error: --config={path}: {problem}{where}; {_GIVE_A_CONFIG}")
+        try:
+            config = super().parse(path)
+        except AttributeError as error:
+            if error.name != "get_config":
+                raise  # a bug inside get_config(): its traceback says where
+            raise SystemExit(f"error: --config={path}: defines no get_config(); {_GIVE_A_CONFIG}")
+        self.loaded = True
+        return config
+
+
+def define_config_flag(help_string: str) -> flags.FlagHolder:
+    """--config: a config file (default configs/default.py) with --config.<field>=<value>
+    overrides; a missing file or an unknown field is one `error:` line (with `run`)."""
+    try:  # with the default file, ml_collections applies the overrides here, at import
+        holder = config_flags.DEFINE_config_file(
+            "config", os.path.join(REPO, "configs/default.py"), help_string, lock_config=True
+        )
+    except (AttributeError, KeyError) as error:
+        raise SystemExit(_unknown_field(error)) from None
+    flags.FLAGS["config"].parser = _ConfigFileParser("config", lock_config=True)
+    return holder
+
+
+def run(main) -> None:
+    """app.run(main), with an unknown --config.* field in the command line as one `error:`
+    line (ml_collections raises it while absl parses the flags)."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        if "config" not in flags.FLAGS or not flags.FLAGS["config"].parser.loaded:
+            raise  # not an override: a bug, e.g. in the config file's get_config()
+        raise SystemExit(_unknown_field(error)) from None
+
+
+def _unknown_field(error: Exception) -> str:
+    inner = error.args[0] if error.args else error  # ml_collections wraps a KeyError
+    message = str(inner.args[0] if isinstance(inner, KeyError) else inner).replace("\n", ". ")
+    return f"error: unknown config field in the command line: {message}"
