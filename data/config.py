@@ -111,3 +111,13 @@ def default_data_config() -> ml_collections.ConfigDict:
 def validate(cfg) -> DataConfig:
     """Checks `config.data` (every field, before tf.data sees any of it)."""
     return from_values(DataConfig, cfg, "data")
+
+
+def split_field(cfg, split: str) -> str:
+    """The config field that names `split` ('train' or 'eval') of the source, for messages."""
+    train = split == "train"
+    return {
+        "stdlib": "data.source",
+        "files": "data.train_files" if train else "data.eval_files",
+        "tfds": "data.tfds_train_split" if train else "data.tfds_eval_split",
+    }[cfg.source]

@@ -1,56 +1,18 @@
-"""Packing: token streams -> fixed windows -> model batches.
+"""Windows -> model batches, in numpy (no TensorFlow: the cache pipeline reads with it).
 
-Documents (each already ending in eos) are concatenated and cut into windows of
-`seq_len + 1` tokens; a document longer than a window continues in the next
-one. The cut is a `tf.data` scan over batches of tokenized documents, so the
-work is a few vectorised tensor ops per batch of documents, not per token. Each
-window carries, beside its tokens, the stream-wide id of the document every
-token came from (-1 = padding); the model's segment ids, positions and loss
-weights are derived from those ids per batch, in numpy.
+A window is `seq_len + 1` tokens of documents back to back (each ending in eos;
+a document longer than a window continues in the next one), cut by the token
+cache's reader (data.token_cache), the stream's tf.data scan (data.stream), or
+the SFT packer (data.sft_batches). Each window carries, beside its tokens, the id
+of the document every token came from (PAD_DOC = padding); the model's segment
+ids, positions and loss weights are derived from those ids per batch, here.
 """
 
 import numpy as np
-import tensorflow as tf
 
 from data.batch import make_batch
 
 PAD_DOC = -1  # document id of padding tokens
-
-
-def pack_windows(token_batches: tf.data.Dataset, window: int) -> tf.data.Dataset:
-    """RaggedTensor [docs, None] per element -> (tokens [window], doc_ids [window]).
-
-    The last partial window is completed with padding; nothing is dropped.
-    """
-
-    def flatten(tokens):
-        local_ids = tf.cast(tokens.value_rowids(), tf.int32)
-        return tokens.flat_values, local_ids, tf.cast(tokens.nrows(), tf.int32)
-
-    # One padding chunk after the data flushes the last partial window out of the scan.
-    flush = tf.data.Dataset.from_tensors(
-        (tf.zeros([window - 1], tf.int32), tf.fill([window - 1], PAD_DOC), tf.constant(0, tf.int32))
-    )
-    chunks = token_batches.map(flatten).concatenate(flush)
-
-    def cut(state, chunk):
-        carry_tokens, carry_ids, next_doc = state
-        tokens, local_ids, num_docs = chunk
-        doc_ids = tf.where(local_ids >= 0, local_ids + next_doc, PAD_DOC)
-        tokens = tf.concat([carry_tokens, tokens], 0)
-        doc_ids = tf.concat([carry_ids, doc_ids], 0)
-        full = (tf.size(tokens) // window) * window
-        windows = (
-            tf.reshape(tokens[:full], [-1, window]),
-            tf.reshape(doc_ids[:full], [-1, window]),
-        )
-        return (tokens[full:], doc_ids[full:], next_doc + num_docs), windows
-
-    empty = tf.zeros([0], tf.int32)
-    windows = chunks.scan((empty, empty, tf.constant(0, tf.int32)), cut).unbatch()
-    return windows.filter(
-        lambda tokens, doc_ids: doc_ids[0] != PAD_DOC
-    )  # an all-padding flush window
 
 
 def pad_rows(tokens: np.ndarray, doc_ids: np.ndarray, rows: int):

@@ -18,24 +18,11 @@ data.source=sft (fine-tuning) reads neither: whole JSONL examples are packed
 into rows, with loss weights only on response tokens (data.sft_batches).
 """
 
-import functools
-
-import tensorflow as tf
-
 from data import prepare, sft_batches, stream, windows
 from data.config import validate
 from data.hf_tokenizer import load_tokenizer
 from errors import UserError
-
-
-@functools.cache
-def hide_accelerators_from_tf() -> None:
-    """TensorFlow must never take the GPU/TPU that JAX trains on; done once."""
-    try:
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):  # already initialised, or no such device type
-        pass
+from startup import hide_accelerators_from_tf
 
 
 def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size):

@@ -33,7 +33,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+import startup
 from data import sources, token_cache
+from data.config import split_field, validate
 from data.hf_tokenizer import load_tokenizer
 from errors import UserError
 
@@ -74,7 +76,7 @@ def _source_identity(cfg, split: str) -> dict:
     else:
         globs = cfg.train_files if train else cfg.eval_files
         files, file_format = (
-            sources.expand_globs(globs, sources.split_field(cfg, split)),
+            sources.expand_globs(globs, split_field(cfg, split)),
             cfg.file_format,
         )
     stats = [(os.path.abspath(f), os.stat(f)) for f in files]
@@ -199,7 +201,7 @@ def _tokenize(cfg, tokenizer, split: str, directory: str, shard_tokens: int, rep
     report.warn_once()
     if not writer.num_tokens:
         raise UserError(
-            f"{sources.split_field(cfg, split)}: the {split} split has no text (no documents, or "
+            f"{split_field(cfg, split)}: the {split} split has no text (no documents, or "
             "all of them empty): nothing to prepare; add text."
         )
     return writer.close(report.count - invalid_before)
@@ -218,11 +220,8 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv) -> None:
-    from data.config import validate
-    from data.pipeline import hide_accelerators_from_tf
-
     del argv
-    hide_accelerators_from_tf()
+    startup.hide_accelerators_from_tf()
     cfg = _CONFIG.value.data
     try:
         validate(cfg)
@@ -248,19 +247,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:  # as in train.py: --config.* overrides are applied here and name unknown fields
-        _CONFIG = config_flags.DEFINE_config_file(
-            "config",
-            os.path.join(root, "configs/default.py"),
-            "train.py's config file; its data section says what to prepare and where.",
-            lock_config=True,
-        )
-    except (AttributeError, KeyError) as error:
-        inner = error.args[0] if error.args else error
-        message = str(inner.args[0] if isinstance(inner, KeyError) else inner).replace("\n", ". ")
-        raise SystemExit(f"error: unknown config field in the command line: {message}") from None
-    app.run(main)
+    _CONFIG = startup.define_config_flag(
+        "train.py's config file; its data section says what to prepare and where."
+    )
+    startup.run(main)

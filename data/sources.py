@@ -84,16 +84,6 @@ def clean_documents(origins: tf.Tensor, texts: tf.Tensor, report: InvalidUtf8Rep
     return tf.boolean_mask(texts, tf.strings.length(tf.strings.strip(texts)) > 0)
 
 
-def split_field(cfg, split: str) -> str:
-    """The config field that names `split` ('train' or 'eval') of the source, for messages."""
-    train = split == "train"
-    return {
-        "stdlib": "data.source",
-        "files": "data.train_files" if train else "data.eval_files",
-        "tfds": "data.tfds_train_split" if train else "data.tfds_eval_split",
-    }[cfg.source]
-
-
 def stdlib_files(split: str) -> list[str]:
     """The stdlib's .py files (no site-packages) in `split`: 'train' or 'eval'."""
     root = sysconfig.get_paths()["stdlib"]

@@ -1,8 +1,8 @@
 """data.pipeline=stream: tf.data tokenizes on the fly, for corpora too large to cache.
 
 documents (data.sources) -> clean UTF-8 -> tokenize in the graph, many documents
-per op (tensorflow-text sentencepiece, eos appended) -> pack into seq_len+1
-windows (data.packing) -> shuffle -> batch -> prefetch -> numpy dict per process.
+per op (tensorflow-text sentencepiece, eos appended) -> cut into seq_len+1
+windows (`pack_windows`) -> shuffle -> batch -> prefetch -> numpy dict per process.
 
 The shuffle is a *local* buffer of `data.shuffle_buffer` windows over a stream
 that reads files (or TFDS shards) in a seeded order: windows that are near in
@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import packing, sources
+from data.config import split_field
 from errors import UserError
 
 DOCS_PER_OP = 128  # documents tokenized per tensorflow-text call
@@ -50,7 +51,48 @@ def _windows(cfg, tokenizer, report, split, *, process_index, process_count, shu
         return tokenizer.tf_tokenize(sources.clean_documents(origins, texts, report))
 
     tokens = docs.batch(DOCS_PER_OP).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
-    return packing.pack_windows(tokens.prefetch(2), cfg.seq_len + 1)
+    return pack_windows(tokens.prefetch(2), cfg.seq_len + 1)
+
+
+def pack_windows(token_batches: tf.data.Dataset, window: int) -> tf.data.Dataset:
+    """RaggedTensor [docs, None] per element -> (tokens [window], doc_ids [window]): a
+    tf.data scan over batches of documents, a few vectorised ops per batch, not per token.
+
+    The last partial window is completed with padding; nothing is dropped.
+    """
+
+    def flatten(tokens):
+        local_ids = tf.cast(tokens.value_rowids(), tf.int32)
+        return tokens.flat_values, local_ids, tf.cast(tokens.nrows(), tf.int32)
+
+    # One padding chunk after the data flushes the last partial window out of the scan.
+    flush = tf.data.Dataset.from_tensors(
+        (
+            tf.zeros([window - 1], tf.int32),
+            tf.fill([window - 1], packing.PAD_DOC),
+            tf.constant(0, tf.int32),
+        )
+    )
+    chunks = token_batches.map(flatten).concatenate(flush)
+
+    def cut(state, chunk):
+        carry_tokens, carry_ids, next_doc = state
+        tokens, local_ids, num_docs = chunk
+        doc_ids = tf.where(local_ids >= 0, local_ids + next_doc, packing.PAD_DOC)
+        tokens = tf.concat([carry_tokens, tokens], 0)
+        doc_ids = tf.concat([carry_ids, doc_ids], 0)
+        full = (tf.size(tokens) // window) * window
+        windows = (
+            tf.reshape(tokens[:full], [-1, window]),
+            tf.reshape(doc_ids[:full], [-1, window]),
+        )
+        return (tokens[full:], doc_ids[full:], next_doc + num_docs), windows
+
+    empty = tf.zeros([0], tf.int32)
+    windows = chunks.scan((empty, empty, tf.constant(0, tf.int32)), cut).unbatch()
+    return windows.filter(
+        lambda tokens, doc_ids: doc_ids[0] != packing.PAD_DOC
+    )  # an all-padding flush window
 
 
 def _seed(*parts: int) -> int:
@@ -103,7 +145,7 @@ class TrainIterator:
         except StopIteration:
             if self._window == 0:
                 raise UserError(
-                    f"{sources.split_field(self._cfg, 'train')}: process {self._process_index} of "
+                    f"{split_field(self._cfg, 'train')}: process {self._process_index} of "
                     f"{self._process_count} got no tokens (empty corpus or all documents empty). "
                     "Add text or use fewer processes."
                 ) from None
@@ -178,5 +220,5 @@ class EvalStream:
                 tokens[self._rows], doc_ids[self._rows], self._cfg.pack_documents
             )
         if empty:
-            field = sources.split_field(self._cfg, "eval")
+            field = split_field(self._cfg, "eval")
             raise UserError(f"{field}: the eval split has no tokens (empty corpus). Add text.")

@@ -22,7 +22,8 @@ about a millisecond (BENCHMARKS.md), while the device runs the previous step.
 
 import numpy as np
 
-from data import packing, shuffle, sources
+from data import packing, shuffle
+from data.config import split_field
 from data.token_cache import TokenSplit
 from errors import UserError
 
@@ -58,7 +59,7 @@ class TrainIterator:
         self._next = 0  # the next window of the endless sequence
         if self._num_windows < self._global_batch_size:
             raise UserError(
-                f"{sources.split_field(cfg, 'train')}: the train split ({split.num_tokens} tokens "
+                f"{split_field(cfg, 'train')}: the train split ({split.num_tokens} tokens "
                 f"in {split.path}) makes {self._num_windows} windows of data.seq_len+1="
                 f"{self._length} tokens, fewer than one batch of {self._global_batch_size}; add "
                 "text, or lower train.global_batch_size or data.seq_len."

@@ -296,3 +296,30 @@ def test_the_prepare_command_prepares_what_training_reads_and_reports_bad_caches
     assert result.returncode != 0 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(shard) in errors[0] and "truncated" in errors[0]
+
+
+def test_reading_a_token_cache_imports_no_tensorflow(tmp_path):
+    """The cache pipeline (token_cache -> windows -> packing) reads batches in numpy alone, in
+    a fresh process; they are the batches training reads."""
+    cfg, directory, _ = _prepared(tmp_path)
+    expected = next(make_train_iterator(cfg, global_batch_size=4, seed=0))
+    fields = {k: cfg[k] for k in ("source", "seq_len", "sampling", "pack_documents")}
+    code = f"""
+import json, sys, types
+from data import token_cache, windows
+cfg = types.SimpleNamespace(**{fields!r}, eval_max_batches=0)
+manifest = token_cache.read_manifest({directory!r})
+split = lambda name: token_cache.open_split({directory!r}, manifest, name)
+one = dict(global_batch_size=4, process_index=0, process_count=1)
+batch = next(windows.TrainIterator(split("train"), cfg, "", seed=0, **one))
+assert list(windows.EvalStream(split("eval"), cfg, **one))
+assert "tensorflow" not in sys.modules, "TensorFlow imported"
+print(json.dumps({{k: v.tolist() for k, v in batch.items()}}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    batch = json.loads(result.stdout.splitlines()[-1])
+    for key, value in expected.items():
+        np.testing.assert_array_equal(batch[key], value, err_msg=key)

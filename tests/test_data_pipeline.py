@@ -3,8 +3,10 @@
 Tests of what both pipelines share run on both; the stream pipeline's own sharding, resume
 and reshuffling are tested here, the cache pipeline's in test_data_cache.py."""
 
+import ast
 import collections
 import json
+import os
 
 import numpy as np
 import pytest
@@ -321,3 +323,45 @@ def test_a_tokenizer_json_gives_the_batches_of_its_sentencepiece_model(tmp_path,
         for cfg in (ours, theirs)
     ]
     _assert_same(*batches)
+
+
+def test_no_module_of_the_data_package_imports_one_that_imports_it_back():
+    """The data layer reads one way (sources -> tokenization -> cache -> stream/batches):
+    every import between data/ modules, function-local ones too, forms no cycle."""
+    data_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+    graph = {}
+    for name in sorted(os.listdir(data_dir)):
+        if name.endswith(".py"):
+            with open(os.path.join(data_dir, name)) as f:
+                tree = ast.parse(f.read())
+            graph[f"data.{name[:-3]}"] = {
+                target
+                for node in ast.walk(tree)
+                for target in _imported(node)
+                if target.startswith("data.")
+            }
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            cycle = " -> ".join([*path[path.index(module) :], module])
+            raise AssertionError(f"import cycle: {cycle}")
+        if module in done or module not in graph:
+            return
+        path.append(module)
+        for target in sorted(graph[module]):
+            visit(target)
+        path.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)
+
+
+def _imported(node) -> list[str]:
+    """The modules an import statement names (`from data import a` names data.a)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return []
