@@ -10,14 +10,15 @@ turns into text:
 
     plain  "System: ...\\n" / "User: ...\\n" for those turns, "Assistant: " then the
            reply followed by the tokenizer's eos token for assistant turns;
-    hf     the chat_template of the tokenizer_config.json beside a tokenizer.json
-           `data.tokenizer` (an imported Hugging Face model's own template), rendered
+    hf     the chat template beside a tokenizer.json `data.tokenizer` (an imported
+           Hugging Face model's own; data.hf_tokenizer.read_tokenizer_config), rendered
            with jinja2 as transformers renders it; it supplies its own end-of-turn text.
 
 `encode_example` gives the token ids and a mask that is 1 on the tokens of
 assistant turns (with the eos or end-of-turn text ending them) and 0 elsewhere:
-only the responses are learned. `prompt_text` is the text a model is prompted
-with to generate the last assistant turn, and `reference` that turn's content.
+only the responses are learned. `prompt_ids` are the tokens a model is prompted
+with to generate the last assistant turn (as training encodes them), and
+`reference` that turn's content.
 """
 
 import itertools
@@ -28,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from data.config import SFT_TEMPLATES
-from data.hf_tokenizer import read_tokenizer_config
+from data.hf_tokenizer import chat_template as chat_template_of, read_tokenizer_config
 from errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -85,22 +86,31 @@ def _token_text(token) -> str:
 
 
 def load_template(name: str, tokenizer_path: str) -> Template:
-    """The template `data.sft_template` names; "hf" reads the chat_template of the
-    tokenizer_config.json beside `tokenizer_path` (a tokenizer.json)."""
-    if name != "hf":
-        return Template(name)
+    """The template `data.sft_template` names; "hf" is the tokenizer's own chat template
+    (data.hf_tokenizer.read_tokenizer_config says where it is read from). Logs which
+    template is used and why, and warns when plain is used on a tokenizer with a template."""
     config = read_tokenizer_config(tokenizer_path) if tokenizer_path.endswith(".json") else {}
-    chat_template = config.get("chat_template")
-    if isinstance(chat_template, list):  # several named templates: the default one
-        chat_template = {t.get("name"): t.get("template") for t in chat_template}.get("default")
-    if not chat_template:
+    chat_template = chat_template_of(config)
+    if name == "hf" and not chat_template:
         raise UserError(
             f"data.sft_template=hf: data.tokenizer={tokenizer_path!r} has no chat_template (it is "
-            "read from the tokenizer_config.json beside a tokenizer.json, as tools/import_hf.py "
-            "writes them); use data.sft_template=plain."
+            "read from chat_template.jinja or the chat_template of tokenizer_config.json beside "
+            "a tokenizer.json, the one named default of several); use data.sft_template=plain."
         )
-    tokens = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
-    return Template("hf", chat_template, tokens)
+    if name == "hf":
+        logging.info("SFT template: hf (the chat template of %s)", tokenizer_path)
+        tokens = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
+        return Template("hf", chat_template, tokens)
+    if chat_template:
+        logging.warning(
+            "SFT template: %s, as data.sft_template asks, although %s has a chat template "
+            "(data.sft_template=hf uses the format the model was tuned with).",
+            name,
+            tokenizer_path,
+        )
+    else:
+        logging.info("SFT template: %s (the tokenizer has no chat template)", name)
+    return Template(name)
 
 
 def _as_template(template) -> Template:
@@ -220,18 +230,6 @@ def prompt_ids(tokenizer, example: dict, template) -> np.ndarray:
     last = np.flatnonzero(mask)[-1]  # the last response's last token
     before = np.flatnonzero(mask[:last] == 0)
     return ids[: before[-1] + 1 if before.size else 0]
-
-
-def prompt_text(example: dict, template) -> str:
-    """Everything up to and including the start of the last assistant turn: the prompt
-    that generates it. With the plain template, a multi-turn example's earlier responses
-    end here without the eos token that ends them in training (text cannot hold it):
-    `prompt_ids` gives the exact tokens."""
-    template = _as_template(template)
-    messages = example["messages"][: _last_assistant(example["messages"])]
-    if template.name == "hf":
-        return template.render(messages, add_generation_prompt=True)
-    return "".join(text for text, _ in _segments(messages, template)) + _PLAIN_PREFIX["assistant"]
 
 
 def reference(example: dict) -> str:

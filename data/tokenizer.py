@@ -66,6 +66,11 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    @property
+    def bos_id(self) -> int | None:
+        """None when the model has no bos piece (sentencepiece says -1)."""
+        return self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 

@@ -7,6 +7,7 @@ forward pass and loss sums that training evaluates with).
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from evaluation.metrics import loss_metrics, target_bytes
@@ -16,14 +17,29 @@ from training.step import make_eval_step
 
 
 def score_batches(eval_step, to_global, params, batches, tokenizer) -> dict:
-    """Loss, perplexity and bits per byte over finite `batches` (data/batch.py format)."""
+    """Loss, perplexity and bits per byte over finite `batches` (data/batch.py format).
+    Each row's target bytes go through `to_global` beside the row, so the bytes are summed
+    over the same global rows as the loss, whether a process feeds only its own rows
+    (training's evaluation) or the whole batch (Evaluator)."""
     ce_sum, tokens, num_bytes = 0.0, 0.0, 0
     for batch in batches:
-        out = jax.device_get(eval_step(params, to_global(batch)))
+        placed = to_global({**batch, "bytes": _bytes_by_row(tokenizer, batch)})
+        num_bytes += int(_total(placed.pop("bytes")))
+        out = jax.device_get(eval_step(params, placed))
         ce_sum += float(out["ce_sum"])
         tokens += float(out["weight_sum"])
-        num_bytes += target_bytes(tokenizer, batch["targets"], batch["weights"])
     return loss_metrics(ce_sum, tokens, num_bytes)
+
+
+_total = jax.jit(jnp.sum)
+
+
+def _bytes_by_row(tokenizer, batch: dict) -> np.ndarray:
+    """Each row's target bytes in its first column (zeros elsewhere): shaped like the
+    batch's fields, so it is placed as they are."""
+    counts = np.zeros(batch["targets"].shape, np.int32)
+    counts[:, 0] = target_bytes(tokenizer, batch["targets"], batch["weights"])
+    return counts
 
 
 class Evaluator:
@@ -53,13 +69,14 @@ class Evaluator:
         params = self.sampler.params if params is None else params
         return score_batches(self._eval_step, self._to_global, params, batches, self.tokenizer)
 
-    def generate(self, prompts: list[str], sampling: SamplingConfig, params=None) -> list[str]:
+    def generate(self, prompts: list, sampling: SamplingConfig, params=None) -> list[str]:
         """Each prompt's continuation as text (up to eos or max_new_tokens); a prompt too
-        long for the model keeps its last tokens."""
+        long for the model keeps its last tokens. A prompt is text (encoded here) or token
+        ids, given as they are: SFT evaluation passes the exact ids training scores."""
         eos = self.tokenizer.eos_id
-        ids = self.sampler.check_room(
-            [self.tokenizer.encode(p) for p in prompts], sampling.max_new_tokens, truncate=True
-        )
+        encode = self.tokenizer.encode
+        ids = [encode(p) if isinstance(p, str) else list(map(int, p)) for p in prompts]
+        ids = self.sampler.check_room(ids, sampling.max_new_tokens, truncate=True)
         texts = []
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start : start + self.batch_size]

@@ -6,13 +6,16 @@
 
 Importing this module registers the model as "meshlm", so
 `lm_eval.simple_evaluate(model="meshlm", model_args={"workdir": W, "mesh": "1,1,8"})`
-works too.
+works too (`prefix_token_id` is one more of its model_args, as for HFLM).
 Only this module imports lm-eval; meshlm runs without it.
 
 Scoring follows lm-eval's Hugging Face backend (HFLM): context and continuation are
 tokenized as lm-eval's TemplateLM does, a sequence longer than the model keeps its
-last max_length + 1 tokens, and an empty context is the prefix token alone: eos, the
-token every training document follows (HFLM uses bos unless given `prefix_token_id`).
+last max_length + 1 tokens, and an empty context (every rolling log-likelihood's first
+window) is the prefix token alone, chosen by HFLM's rule: `prefix_token_id` if given,
+else the tokenizer's bos if it has one, else eos. Runs trained here with the bundled
+tokenizer never saw bos (each training document follows eos): give them
+`prefix_token_id=` their eos id (docs/EVALUATION.md).
 Rolling log-likelihoods use lm-eval's disjoint windows of max_length tokens.
 Generation is greedy unless the task asks for `do_sample` with a temperature > 0.
 """
@@ -24,9 +27,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from checkpoints.read import load_sampler
 from data.hf_tokenizer import load_tokenizer
+from errors import UserError
 from evaluation.evaluator import Evaluator
-from model.sampler import PROMPT_BUCKET, SamplingConfig, load_sampler, parse_mesh
+from model.sampler import PROMPT_BUCKET, SamplingConfig, parse_mesh
 from sharding import activate, batch_sharding, replicated
 
 
@@ -34,12 +39,29 @@ from sharding import activate, batch_sharding, replicated
 class MeshLM(TemplateLM):
     """A meshlm checkpoint (newest step of `workdir`, or `step`) on a mesh of this host."""
 
-    def __init__(self, workdir: str, mesh: str = "-1,1,1", step=None, batch_size=8, **unused):
-        """`unused`: arguments lm-eval passes to every model (device, max_batch_size)."""
+    def __init__(
+        self,
+        workdir: str,
+        mesh: str = "-1,1,1",
+        step=None,
+        batch_size=8,
+        prefix_token_id=None,
+        **unused,
+    ):
+        """`prefix_token_id`: the token an empty context is (HFLM's argument; default bos,
+        else eos). `unused`: arguments lm-eval passes to every model (device, max_batch_size)."""
         super().__init__()
         step = None if step is None else int(step)
-        self.sampler, config = load_sampler(workdir, parse_mesh(mesh), step=step)
-        self._tokenizer = load_tokenizer(config.data.tokenizer)
+        self.sampler, run = load_sampler(workdir, parse_mesh(mesh), step=step)
+        self._tokenizer = load_tokenizer(run.config.data.tokenizer)
+        self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
+        vocab_size = self._tokenizer.vocab_size
+        if self._prefix_token_id is not None and not 0 <= self._prefix_token_id < vocab_size:
+            raise UserError(
+                f"prefix_token_id={prefix_token_id}: not a token id of {workdir}'s tokenizer "
+                f"(0 to {vocab_size - 1}); give its eos, {self._tokenizer.eos_id}, or leave it "
+                "out for HFLM's choice (bos, else eos)."
+            )
         self.batch_size = int(batch_size)
         self.max_length = self.sampler.model_config.max_seq_len
         self._evaluator = Evaluator(self.sampler, self._tokenizer, self.batch_size)
@@ -65,6 +87,14 @@ class MeshLM(TemplateLM):
     @property
     def eot_token_id(self) -> int:
         return self._tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """HFLM's rule: `prefix_token_id` if given, else bos if the tokenizer has one, else eos."""
+        if self._prefix_token_id is not None:
+            return self._prefix_token_id
+        bos = self._tokenizer.bos_id
+        return self.eot_token_id if bos is None else bos
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         return self._tokenizer.encode(string)

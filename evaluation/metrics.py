@@ -17,12 +17,12 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 
-def target_bytes(tokenizer, targets: np.ndarray, weights: np.ndarray) -> int:
-    """UTF-8 bytes of the decoded weighted targets, row by row (eos decodes to nothing)."""
-    return sum(
+def target_bytes(tokenizer, targets: np.ndarray, weights: np.ndarray) -> list[int]:
+    """UTF-8 bytes of each row's decoded weighted targets (eos decodes to nothing)."""
+    return [
         len(tokenizer.decode(row[mask > 0].tolist()).encode("utf-8"))
         for row, mask in zip(np.asarray(targets), np.asarray(weights))
-    )
+    ]
 
 
 def loss_metrics(ce_sum: float, tokens: float, num_bytes: int) -> dict:

@@ -3,8 +3,9 @@
 Examples are read and encoded by data/sft.py with the run's data.sft_template: the
 same text and loss weights as SFT training (1 on assistant tokens). Each example is
 one row of a batch, its first seq_len + 1 tokens (as in training, a longer example is
-cut there; they are counted). Generation prompts the model with everything up to the
-start of the last assistant turn and compares its response with that turn's content.
+cut there; they are counted). Generation prompts the model with the token ids before
+the last assistant turn's content, exactly as training encodes them (sft.prompt_ids:
+earlier turns' eos, one bos), and compares its response with that turn's content.
 """
 
 import numpy as np
@@ -60,7 +61,7 @@ def evaluate_sft(evaluator, examples, data_config, sampling, params=None):
         examples, evaluator.tokenizer, template, data_config.seq_len, evaluator.batch_size
     )
     metrics = evaluator.score(batches, params)
-    prompts = [sft.prompt_text(example, template) for example in examples]
+    prompts = [sft.prompt_ids(evaluator.tokenizer, example, template) for example in examples]
     predictions = evaluator.generate(prompts, sampling, params)
     metrics.update(generation_metrics(predictions, [sft.reference(e) for e in examples]))
     metrics["truncated"] = truncated
