@@ -21,7 +21,7 @@ import os
 
 from configs import json_file
 from configs.base import get_base_config
-from data.hf_tokenizer import read_tokenizer_config
+from data.hf_tokenizer import chat_template, read_tokenizer_config
 
 
 def get_config(init_from: str):
@@ -30,7 +30,7 @@ def get_config(init_from: str):
     config.model.update(initial.model.to_dict())
     tokenizer = initial.data.tokenizer
     has_chat_template = tokenizer.endswith(".json") and bool(
-        read_tokenizer_config(tokenizer).get("chat_template")
+        chat_template(read_tokenizer_config(tokenizer))
     )
     config.data.update(
         source="sft",

@@ -28,6 +28,8 @@ from data.tokenizer import Tokenizer
 from errors import UserError
 
 CONFIG_FILE = "tokenizer_config.json"  # transformers' special tokens and options
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # and the named ones besides "default"
 # sentencepiece piece types (sentencepiece_model.proto) and model types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 SP_BPE = 2
@@ -108,14 +110,34 @@ class HFTokenizer:
 
 
 def read_tokenizer_config(tokenizer_json: str) -> dict:
-    """The tokenizer_config.json beside a tokenizer.json, or {} if there is none."""
-    path = epath.Path(tokenizer_json).parent / CONFIG_FILE
-    if not path.is_file():
-        return {}
+    """The tokenizer_config.json beside a tokenizer.json ({} if there is none), with the
+    chat templates of the files beside it in its "chat_template" field, as transformers
+    reads them: chat_template.jinja (the "default" one) and additional_chat_templates/NAME.jinja
+    replace the field; several templates become a list of {"name", "template"}."""
+    directory = epath.Path(tokenizer_json).parent
+    path = directory / CONFIG_FILE
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        files = [f for f in [directory / CHAT_TEMPLATE_FILE] if f.is_file()]
+        if (directory / CHAT_TEMPLATE_DIR).is_dir():
+            files += sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))
+        templates = {f.stem if f.parent != directory else "default": f.read_text() for f in files}
     except (OSError, ValueError) as error:
         raise UserError(f"data.tokenizer: cannot read {str(path)!r} ({error}).") from None
+    if list(templates) == ["default"]:
+        config["chat_template"] = templates["default"]
+    elif templates:
+        config["chat_template"] = [{"name": k, "template": v} for k, v in templates.items()]
+    return config
+
+
+def chat_template(config: dict) -> str | None:
+    """The template transformers applies by default: the "chat_template" field, or the
+    one named "default" when it lists several; None if there is none."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template}.get("default")
+    return template or None
 
 
 def load_tokenizer(path: str) -> Tokenizer | HFTokenizer:

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from checkpoints.write import save_params
 from configs import finetune_sft
 from data import sft
 from data.pipeline import make_train_iterator
@@ -19,7 +20,6 @@ from data.tokenizer import train_tokenizer
 from errors import UserError
 from evaluation.run import evaluate_workdir
 from tests.helpers import tiny_config
-from training import checkpoint
 from training.config import validate_config
 from training.init_from import initial_checkpoint
 from training.loop import train
@@ -147,7 +147,6 @@ def test_templates_mark_the_assistant_turns(tmp_path):
         assert "".join(chr(i) for i, m in zip(ids, mask) if m) == learned
         prompt = text[: text.rindex("ciao")]
         assert "".join(map(chr, sft.prompt_ids(CodePoints(), example, template))) == prompt
-        assert sft.prompt_text(example, template) == prompt.replace("\0", "")  # no eos in text
     assert sft.reference(example) == "ciao"
 
     (tmp_path / "tokenizer_config.json").write_text("{}")
@@ -183,7 +182,7 @@ def test_init_from_reshards_and_names_what_does_not_fit(files, tmp_path):
     other_mesh = config.copy_and_resolve_references()
     other_mesh.mesh.update(data=4, fsdp=2, tensor=1)  # params split over fsdp there
     saved = Trainer(other_mesh).init_state().params
-    checkpoint.save_params(base, saved, {}, Trainer(config).model_config.weight_fields())
+    save_params(base, saved, {}, Trainer(config).model_config.weight_fields())
 
     config.train.init_from = base
     trainer = Trainer(config)
@@ -236,7 +235,7 @@ def test_finetuning_learns_the_task_and_resumes_bit_for_bit(files, tmp_path, cap
     trainer = Trainer(config)  # an initialised model, saved as tools/import_hf.py saves one
     config_dict = json.loads(config.to_json_best_effort())
     model_fields = trainer.model_config.weight_fields()
-    checkpoint.save_params(base, trainer.init_state().params, config_dict, model_fields)
+    save_params(base, trainer.init_state().params, config_dict, model_fields)
     config.train.init_from = base
     config.checkpoint.update(every_steps=150, async_save=False)
     whole = str(tmp_path / "whole")

@@ -16,7 +16,10 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from checkpoints.read import load_params, newest_step_meta
+from configs import finetune_sft
 from configs.json_file import get_config as config_from_json
+from data import sft
 from data.hf_tokenizer import HFTokenizer, load_tokenizer, tokenizer_from_sentencepiece
 from data.tokenizer import DEFAULT_TOKENIZER
 from errors import UserError
@@ -26,7 +29,7 @@ from model.hf import config_to_hf, param_shapes
 from tests.helpers import LLAMA_STYLE, TINY_MODEL, random_batch, setup, tiny_config
 from tests.test_hf_parity import POSITIONS, VOCAB, gpt2, llama, random_model
 from tools import export_hf, import_hf
-from training import checkpoint, loop
+from training import loop
 from training.checkpoint import Checkpointer
 
 WORDS = ["<|endoftext|>"] + [f"w{i}" for i in range(60)]  # id 0 is the models' eos
@@ -61,13 +64,13 @@ def tensors(directory) -> dict:
 
 def meshlm_params(workdir):
     """The newest checkpoint's config (float32 compute) and params, as sample.py loads them."""
-    step, meta = checkpoint.newest_step_meta(workdir)
+    step, meta = newest_step_meta(workdir)
     config = ModelConfig.from_dict({**meta["config"]["model"], "dtype": "float32"})
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), param_shapes(config)
     )
-    return config, checkpoint.load_params(workdir, step, abstract)
+    return config, load_params(workdir, step, abstract)
 
 
 def assert_exported_logits_match(workdir, out_dir):
@@ -294,11 +297,11 @@ def test_workdirs_that_cannot_be_imported_into_or_exported_from(tmp_path, good_h
     import_hf.main([good_hf_dir, f"--workdir={workdir}"])
     with pytest.raises(SystemExit, match="error: .*busy' exists and is not empty"):
         export_hf.main([f"--workdir={workdir}", str(tmp_path / "busy")])
-    step, meta = checkpoint.newest_step_meta(workdir)
+    step, meta = newest_step_meta(workdir)
     assert (step, meta["params_only"], meta["model"]["num_kv_heads"]) == (0, True, 2)
     other = ModelConfig.from_dict({**meta["config"]["model"], "mlp_dim": 64})
     with pytest.raises(UserError, match="parameters of another shape"):
-        checkpoint.load_params(workdir, step, param_shapes(other))
+        load_params(workdir, step, param_shapes(other))
 
 
 @pytest.mark.parametrize(
@@ -332,3 +335,64 @@ def test_only_sentencepiece_bpe_converts_to_a_tokenizer_json():
     proto.normalizer_spec.add_dummy_prefix = True
     with pytest.raises(UserError, match=r"differs in \['model_type', 'add_dummy_prefix'\]"):
         tokenizer_from_sentencepiece(proto)
+
+
+CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+TOOLS = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    "where, template",
+    [
+        ("saved", CHAT),  # transformers 5 writes chat_template.jinja
+        ("saved", {"default": CHAT, "tool_use": TOOLS}),  # and chat_templates/tool_use.jinja
+        ("tokenizer_config.json", CHAT),  # older transformers (and many hub models)
+        ("tokenizer_config.json", [{"name": "default", "template": CHAT}]),
+    ],
+    ids=["jinja", "named-jinja", "config", "named-config"],
+)
+def test_chat_templates_survive_import_sft_and_export(
+    tmp_path, good_hf_dir, caplog, where, template
+):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(good_hf_dir, hf_dir)
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    hf_tokenizer.eos_token = WORDS[0]
+    if where == "saved":
+        hf_tokenizer.chat_template = template
+    hf_tokenizer.save_pretrained(hf_dir)
+    if where == "tokenizer_config.json":
+        config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    assert hf_tokenizer.chat_template  # what transformers sees, the import must keep
+
+    workdir, out_dir = str(tmp_path / "w"), str(tmp_path / "out")
+    import_hf.import_hf(str(hf_dir), workdir, "float32", "float32")
+    preset = finetune_sft.get_config(workdir)
+    assert preset.data.sft_template == "hf"
+    messages = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
+    with caplog.at_level(logging.INFO):
+        chat = sft.load_template(preset.data.sft_template, preset.data.tokenizer)
+    assert chat.render(messages, add_generation_prompt=False) == hf_tokenizer.apply_chat_template(
+        messages, tokenize=False
+    )
+    assert "SFT template: hf (the chat template of" in caplog.text
+
+    export_hf.export_hf(workdir, out_dir, 10**9)
+    assert AutoTokenizer.from_pretrained(out_dir).chat_template == hf_tokenizer.chat_template
+
+
+def test_sft_says_when_plain_is_used_and_why(tmp_path, caplog):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with caplog.at_level(logging.INFO):
+        sft.load_template("plain", str(tmp_path / "tokenizer.json"))
+    assert "SFT template: plain (the tokenizer has no chat template)" in caplog.text
+    (tmp_path / "chat_template.jinja").write_text(CHAT)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        sft.load_template("plain", str(tmp_path / "tokenizer.json"))
+    plain = [r.levelname for r in caplog.records if "SFT template: plain" in r.message]
+    assert plain == ["WARNING"]
+    assert "has a chat template" in caplog.text
