@@ -10,7 +10,19 @@ within one:
     `causal_attention_flops = noncausal_attention_flops / 2`): the causal mask
     leaves half of the score matrix unused, so the attention term is halved,
     6·L·H·Q·T per token (`causal_discount=True`).
-The 6N term is the same in both.
+The matmul-weight term is the same in both: 6N for weights that train (forward 2N,
+gradients of input and weight 2N each); 4N for frozen ones, such as a LoRA run's base,
+whose weight gradient is never computed (its input gradient still carries the
+gradient back to the adapters), plus 6 per adapter weight.
+
+Rematerialization is not counted: MFU counts the FLOPs the model needs, so
+recomputing activations (model.remat_policy, the chunked loss's backward) costs time
+and lowers MFU, as in PaLM and MaxText (hardware FLOPs utilization, HFU, would count
+it; it is not reported). tests/test_flops_and_peaks.py checks the count against the
+matmuls of the traced train step: equal without recomputation, below it with.
+Attention implementations that skip masked tiles (blockwise, splash, cudnn) run about
+the halved attention term, so with them the PaLM count is above what runs by up to
+half the attention term.
 """
 
 import jax
@@ -19,27 +31,35 @@ import numpy as np
 from model.config import ModelConfig
 
 
-def matmul_params(config: ModelConfig, params) -> int:
-    """Parameters that take part in a matmul per token.
+def _count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
-    Every parameter counts except the lookup tables: the learned position table,
-    and the token embedding when it is not also the (tied) output projection.
+
+def matmul_params(config: ModelConfig, params) -> int:
+    """Weights that take part in a matmul per token: every Dense kernel and the output
+    projection (lm_head, or the token embedding when tied).
+
+    Biases, norm scales and lookup tables (the position table, an untied token
+    embedding) are left out: they cost a few FLOPs per element, not 2 per weight.
     """
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    lookups = 0
-    if config.position_embedding == "learned":
-        lookups += config.max_seq_len * config.embed_dim
-    if not config.tie_embeddings:
-        lookups += config.vocab_size * config.embed_dim
-    return total - lookups
+    kernels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if any(getattr(key, "key", None) == "kernel" for key in path)
+    ]
+    output = params["token_embed"] if config.tie_embeddings else params["lm_head"]
+    return _count(kernels) + _count(output)
 
 
 def train_flops_per_token(
-    config: ModelConfig, params, seq_len: int, causal_discount: bool = False
+    config: ModelConfig, params, seq_len: int, causal_discount: bool = False, adapters=None
 ) -> float:
     """Training FLOPs per token: PaLM's 6N + 12·L·H·Q·T by default (the training log's MFU).
 
     6N: forward (2N) and backward (4N) multiply-adds of every matmul weight.
+    With LoRA `adapters`, `params` is the frozen base: 4N (forward, and the input
+    gradient that reaches the adapters; no weight gradient) plus 6 per adapter weight
+    (x @ A @ B forward, and both gradients of A and B backward).
     12·L·H·Q·T: the attention scores and weighted values (QK^T and AV, 2 matmuls,
     each 2·H·Q·T FLOPs forward and twice that backward) for L layers, H heads of
     size Q and a context of T tokens, counted in full as in PaLM appendix B.
@@ -49,4 +69,7 @@ def train_flops_per_token(
     attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
     if causal_discount:
         attention //= 2
-    return 6 * matmul_params(config, params) + attention
+    weights = matmul_params(config, params)
+    if adapters is None:
+        return 6 * weights + attention
+    return 4 * weights + 6 * _count(adapters) + attention
