@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 from model.attention_ops import attend  # noqa: E402
 
 flags.DEFINE_list("lengths", ["1024", "4096"], "Sequence lengths.")
@@ -72,10 +73,10 @@ def measure(implementation: str, length: int) -> dict:
 
 def main(argv):
     del argv
+    print(describe_machine())
     print(
         f"{jax.devices()[0].device_kind}; batch {FLAGS.batch}, heads {FLAGS.heads}/"
-        f"{FLAGS.kv_heads}, head_dim {FLAGS.head_dim}, {FLAGS.dtype}, block {FLAGS.block_size}; "
-        f"load average {os.getloadavg()[0]:.2f}\n"
+        f"{FLAGS.kv_heads}, head_dim {FLAGS.head_dim}, {FLAGS.dtype}, block {FLAGS.block_size}\n"
     )
     print("| length | implementation | forward + backward (median) | temporaries |")
     print("|---|---|---|---|")

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 from errors import UserError  # noqa: E402
 from training.checkpoint import Checkpointer  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
@@ -46,6 +47,7 @@ def time_saves(trainer, state, async_save: bool) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    print(describe_machine())
     try:
         trainer = Trainer(_CONFIG.value)
     except UserError as error:  # a bad --config value: one line, no traceback

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 from model import Transformer  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.decode import cache_bytes_per_token, init_cache  # noqa: E402
@@ -65,16 +66,12 @@ def main(argv):
     model_config = ModelConfig.from_dict(config.model)
     mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-    def random_params(abstract):
-        init = jax.jit(
-            lambda key: nn.meta.unbox(
-                Transformer(model_config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
-            ),
-            out_shardings=jax.tree.map(lambda a: a.sharding, abstract),
+    random_params = jax.jit(
+        lambda key: nn.meta.unbox(
+            Transformer(model_config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
         )
-        return init(jax.random.key(0))
-
-    sampler = Sampler(model_config, random_params, mesh)
+    )(jax.random.key(0))
+    sampler = Sampler(model_config, random_params, mesh)  # places them on the mesh
     model, params = sampler.model, sampler.params
     greedy = SamplingConfig(max_new_tokens=FLAGS.new_tokens, temperature=0.0)
     one_token = SamplingConfig(max_new_tokens=1, temperature=0.0)
@@ -87,6 +84,7 @@ def main(argv):
         new_tokens=FLAGS.new_tokens,
         kv_cache_bytes_per_token=cache_bytes_per_token(model_config),
     )
+    print(describe_machine())
     print(
         f"{jax.device_count()} x {result['device_kind']}, {model_config.dtype}; KV cache "
         f"{result['kv_cache_bytes_per_token']:,} bytes per token per sequence"

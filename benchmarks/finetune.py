@@ -7,7 +7,7 @@ Rank 0 is full fine-tuning. Bytes come from the compiled step (as `train.py --dr
 parameters and optimizer state per device, and the step's whole per-device estimate; the
 checkpoint column is the arrays each step checkpoint writes (all devices together; LoRA:
 adapters and their optimizer state, the base being written once per workdir,
-training/lora_checkpoint.py). Step times use random batches of the config's shape on all
+checkpoints/lora.py). Step times use random batches of the config's shape on all
 devices JAX sees (flags --config, --steps, --warmup, --compile_only are
 benchmarks/train_step.py's). Prints a Markdown table, then JSON lines.
 """
@@ -25,9 +25,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 from benchmarks.train_step import FLAGS, time_steps  # noqa: E402  (--config, --steps, --warmup, --compile_only)
+from checkpoints.lora import stored  # noqa: E402
 from errors import UserError  # noqa: E402
-from training.lora_checkpoint import stored  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 flags.DEFINE_list("lora_ranks", ["0", "8"], "lora.rank values; 0 = full fine-tuning.")
@@ -69,6 +70,7 @@ def measure(config, rank: int) -> dict:
 def main(argv):
     del argv
     config = FLAGS.config
+    print(describe_machine())
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh {config.mesh.to_dict()}")
     print(
         "| lora.rank | trainable params | params | optimizer state | temporaries | per device "

@@ -20,7 +20,6 @@ offsets (about 5 minutes on 2 cores).
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 from data import packing, prepare  # noqa: E402
 from data.config import default_data_config  # noqa: E402
 from data.pipeline import make_train_iterator  # noqa: E402
@@ -257,10 +257,7 @@ def main() -> None:
     parser.add_argument("--quality_characters", type=int, default=1_100_000)
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     args = parser.parse_args()
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)"
-    )
+    print(f"{describe_machine()} (other processes share these cores)")
     if args.quality:
         quality(args)
         return

@@ -24,6 +24,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 from errors import UserError  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
@@ -53,6 +54,7 @@ def main(argv):
     del argv
     config = FLAGS.config
     tokens = FLAGS.tokens_per_step or config.train.global_batch_size * config.data.seq_len
+    print(describe_machine())
     print(
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, {tokens:,} tokens per step, "
         f"num_microbatches=1, mesh {config.mesh.to_dict()}\n"

@@ -23,6 +23,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 
 
 def records(workdir: str) -> list[dict]:
@@ -99,6 +102,7 @@ def main():
     parser.add_argument("--finish_steps", type=int, default=40)
     args, extra_flags = parser.parse_known_args()
     extra_flags = [f for f in extra_flags if f != "--"]
+    print(describe_machine())
     runs = []
     for index in range(args.repeats):
         load = os.getloadavg()[0]

@@ -12,7 +12,6 @@ the input's own cost. A restore into a later epoch packs that epoch's rows anew.
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 from data.config import default_data_config  # noqa: E402
 from data.pipeline import make_train_iterator  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
         next(it)
         restore = time.perf_counter() - start
     cells = args.batches * args.batch * args.seq_len
-    print(f"{platform.node()}: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(describe_machine())
     print(f"{args.examples} examples: read and tokenized in {setup:.2f} s")
     print(
         f"batch of {args.batch} x {args.seq_len}: {per_batch * 1e3:.2f} ms; "

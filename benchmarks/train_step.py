@@ -27,6 +27,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
 from data import batch as data_batch  # noqa: E402
 from errors import UserError  # noqa: E402
 from model.flops import train_flops_per_token  # noqa: E402
@@ -95,7 +96,11 @@ def main(argv):
     tokens = tokens_per_step(config)
     # PaLM counts causal attention in full (train.py logs this one); MaxText halves it.
     causal_flops = train_flops_per_token(
-        model_config, trainer.abstract_state.params, config.data.seq_len, causal_discount=True
+        model_config,
+        trainer.abstract_model_params,
+        config.data.seq_len,
+        causal_discount=True,
+        adapters=trainer.abstract_state.params["lora"] if trainer.lora else None,
     )
     result = dict(
         device_kind=jax.devices()[0].device_kind,
@@ -112,7 +117,9 @@ def main(argv):
         compile_s=compile_s,
         peak_memory_bytes_per_device=memory.get("per_device_bytes"),
         load_average=os.getloadavg()[0],
+        cpu_model=cpu_model(),
     )
+    print(describe_machine())
     print(
         f"device: {jax.device_count()} x {result['device_kind']}  mesh={result['mesh']}"
         f"  (host load average {result['load_average']:.2f}: other work skews CPU timings)"
