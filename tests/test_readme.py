@@ -168,3 +168,47 @@ def test_readme_commands_run(tmp_path):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         failures = sum(pool.map(lambda c: run_chain(c, tmp), chains(runnable_blocks())), [])
     assert not failures, "\n\n".join(failures)
+
+
+def layout_entries(text: str) -> dict[str, str]:
+    """README's Layout block as {first word: its text}: an entry starts at column 0 and
+    goes on over the indented lines below it."""
+    block = re.search(r"^## Layout\n+```\n(.*?)^```", text, re.M | re.S)
+    assert block, "README.md has no ## Layout code block"
+    entries: dict[str, str] = {}
+    name = ""
+    for line in block.group(1).splitlines():
+        if line[:1].strip():
+            name, _, line = line.partition(" ")
+            entries[name] = ""
+        entries[name] += " " + line
+    return entries
+
+
+def python_modules() -> list[str]:
+    """Every Python module of the repository (relative paths), tests and packages'
+    __init__.py aside."""
+    found = []
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "__pycache__")]
+        found += [
+            os.path.relpath(os.path.join(folder, f), REPO)
+            for f in files
+            if f.endswith(".py") and f != "__init__.py"
+        ]
+    return sorted(found)
+
+
+def test_readme_layout_names_every_module():
+    """A module missing from README's Layout is a part of the house a newcomer cannot find."""
+    with open(README) as f:
+        entries = layout_entries(f.read())
+    missing = []
+    for path in python_modules():
+        top, _, rest = path.partition(os.sep)
+        if not rest:  # a top-level script: its own entry
+            if top not in entries:
+                missing.append(path)
+        elif not re.search(rf"(?<![\w.]){re.escape(rest)}\b", entries.get(top + "/", "")):
+            missing.append(path)
+    assert not missing, f"README.md's Layout does not name: {', '.join(missing)}"
