@@ -10,14 +10,15 @@ import jax
 import numpy as np
 import pytest
 
+from checkpoints.lora import BASE_DIR
+from checkpoints.read import load_params
 from errors import UserError
 from model.hf import to_hf
 from model.lora import merged_params, scaled
 from tests.helpers import LLAMA_STYLE, random_batch, tiny_config
 from tools import export_peft
 from training import vectorized
-from training.checkpoint import Checkpointer, Restored, load_params
-from training.lora_checkpoint import BASE_DIR
+from training.checkpoint import Checkpointer, Restored
 from training.step import forward_sums
 from training.trainer import Trainer
 

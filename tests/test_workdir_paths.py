@@ -20,10 +20,11 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from orbax.checkpoint._src.path import gcs_utils
 
+from checkpoints.read import newest_step_meta
 from data.hf_tokenizer import load_tokenizer
 from tests.test_train_loop import small_config
 from tools import export_hf, import_hf
-from training import checkpoint, loop, sweep_summary, sweeps
+from training import loop, sweep_summary, sweeps
 from training.metrics import MetricsWriter
 
 WORKDIR = "gs://bucket/run"
@@ -135,7 +136,7 @@ def test_training_resume_and_set_aside_on_a_gs_workdir(fake_gcs):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert _steps(run / "checkpoints") == [3, 6]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert checkpoint.newest_step_meta(WORKDIR)[0] == 6  # what sample.py and eval.py read
+    assert newest_step_meta(WORKDIR)[0] == 6  # what sample.py and eval.py read
 
     # Step 6 made unreadable: set aside on the bucket, training resumes from step 3.
     for path in (run / "checkpoints" / "6" / "params").rglob("*"):
@@ -161,7 +162,7 @@ def test_training_resume_and_set_aside_on_a_gs_workdir(fake_gcs):
     hf_dir = str(fake_gcs.parent / "hf")
     export_hf.export_hf(WORKDIR, hf_dir, 2**30)
     import_hf.import_hf(hf_dir, "gs://bucket/imported", "float32", "float32")
-    step, meta = checkpoint.newest_step_meta("gs://bucket/imported")
+    step, meta = newest_step_meta("gs://bucket/imported")
     assert step == 0 and meta["config"]["data"]["tokenizer"].startswith("gs://bucket/imported/")
     assert load_tokenizer(meta["config"]["data"]["tokenizer"]).encode("def f():")
     imported = fake_gcs / "bucket" / "imported"
