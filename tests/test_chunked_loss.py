@@ -12,6 +12,7 @@ import pytest
 import train
 from tests.helpers import LLAMA_STYLE, random_batch, tiny_config
 from training.loss import chunked_cross_entropy_sums, cross_entropy_sums
+from training.memory import largest_arrays
 from training.trainer import Trainer
 
 Z_LOSS = 1e-2
@@ -80,15 +81,18 @@ def test_chunked_loss_never_holds_the_whole_logits():
     assert chunked < logits_bytes / 4, (chunked, logits_bytes)
 
 
+def chunked_trainer(chunk_size, **model):
+    config = tiny_config(**LLAMA_STYLE, loss_chunk_size=chunk_size, **model)
+    config.train.z_loss_weight = Z_LOSS
+    config.optimizer.warmup_steps = 0
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    return Trainer(config)
+
+
 def test_a_train_step_with_the_chunked_loss_equals_the_full_one():
-    """Same loss, gradient norm and updated params on a data x FSDP x tensor mesh."""
-    trainers = []
-    for chunk_size in (0, 5):  # 5 does not divide seq_len=16
-        config = tiny_config(**LLAMA_STYLE, loss_chunk_size=chunk_size)
-        config.train.z_loss_weight = Z_LOSS
-        config.optimizer.warmup_steps = 0
-        config.mesh.update(data=2, fsdp=2, tensor=2)
-        trainers.append(Trainer(config))
+    """Same loss, gradient norm and updated params on a data x FSDP x tensor mesh, and the
+    chunked step (so model.loss_chunk_size reaches it) holds no [rows, 16, vocab/2] logits."""
+    trainers = [chunked_trainer(0), chunked_trainer(5)]  # 5 does not divide seq_len=16
     state = trainers[0].init_state()
     batch = trainers[0].to_global(random_batch(trainers[0].config, seed=1))
     results = []
@@ -101,6 +105,12 @@ def test_a_train_step_with_the_chunked_loss_equals_the_full_one():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), chunked_params, full_params
     )
+    # Logits per device: [rows, seq_len=16, vocab=96 over tensor=2]; 96 is no other dimension.
+    compiled = [chunked_trainer(c, vocab_size=96).compile()[0].as_text() for c in (0, 5)]
+    whole_logits = [
+        [r for r in largest_arrays(text, 10_000) if r["shape"][1:] == (16, 48)] for text in compiled
+    ]
+    assert whole_logits[0] and not whole_logits[1], whole_logits
 
 
 def test_the_dry_run_says_where_memory_goes(tmp_path, capsys):

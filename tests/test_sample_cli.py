@@ -5,12 +5,14 @@ import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
-import ml_collections
+import jax.numpy as jnp
 import pytest
 
+from checkpoints.read import load_params, newest_step_meta
 from data.hf_tokenizer import load_tokenizer
-from model.sampler import SamplingConfig, load_sampler
+from model import ModelConfig, Transformer
 from tests.test_train_loop import REPO, small_config
 from training import loop
 
@@ -42,16 +44,35 @@ def test_sample_prints_what_the_sampler_generates(trained):
         "--temperature=0",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
-    sampler, config = load_sampler(trained, mesh, devices=jax.devices()[:1])
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
-    new = sampler.generate([tokenizer.encode(p) for p in prompts], greedy, tokenizer.eos_id)
+    step, meta = newest_step_meta(trained)
+    tokenizer = load_tokenizer(meta["config"]["data"]["tokenizer"])
+    new = greedy_by_full_passes(trained, step, meta, [tokenizer.encode(p) for p in prompts], 6)
     expected = "".join(
         f"--- sample {i}/2 ({len(n)} new tokens) ---\n{p + tokenizer.decode(n)}\n"
         for i, (p, n) in enumerate(zip(prompts, new), 1)
     )
     assert result.stdout == expected
+
+
+def greedy_by_full_passes(workdir, step, meta, prompts, num_new):
+    """Greedy continuations computed without the sampler or its loader (which sample.py
+    uses): the step's params read onto one device, one full forward pass per new token."""
+    model = Transformer(ModelConfig.from_dict(meta["config"]["model"]))
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), shapes)
+    params = load_params(workdir, step, abstract)
+    tokenizer = load_tokenizer(meta["config"]["data"]["tokenizer"])
+    apply = jax.jit(model.apply)
+    outputs = []
+    for ids in prompts:
+        new = []
+        while len(new) < num_new and tokenizer.eos_id not in new:
+            logits = apply({"params": params}, jnp.asarray([ids + new], jnp.int32))
+            new.append(int(jnp.argmax(logits[0, -1, : tokenizer.vocab_size])))
+        outputs.append(new)
+    return outputs
 
 
 @pytest.mark.parametrize(
