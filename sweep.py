@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from absl import app, flags
 
+import startup
 from errors import UserError
 from training import sweeps
 from training.sweep_summary import summarize
@@ -145,6 +146,7 @@ def main(argv):
             return
         sweeps.write_sweep(_WORKDIR.value, named)
         if _VECTORIZED.value:
+            startup.quiet_start(tensorflow=True)  # before JAX and TensorFlow are imported
             from training import vectorized  # imports JAX, which the other modes do not need
 
             vectorized.run(sweeps.load_config(_CONFIG.value), _WORKDIR.value, named)

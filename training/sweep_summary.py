@@ -15,8 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from paths import workdir_path  # noqa: E402
 from training import sweeps  # noqa: E402
-from training.paths import workdir_path  # noqa: E402
 
 COLUMNS = ("final_eval_loss", "best_eval_loss", "final_loss", "tokens_per_second", "step")
 

@@ -13,7 +13,7 @@ import re
 import subprocess
 
 from errors import UserError
-from training.paths import workdir_path
+from paths import workdir_path
 
 SWEEP_FILE = "sweep.json"
 STATUS_FILE = "status.json"

@@ -28,12 +28,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from data.pipeline import make_eval_batches, make_train_iterator
 from errors import UserError
 from model import Transformer
+from paths import workdir_path
 from sharding import activate, batch_sharding, logical_rules, logical_sharding, make_mesh
 from training import sweeps
 from training.config import tokens_per_step, validate_config
 from training.metrics import MetricsWriter
 from training.optimizer import make_optimizer
-from training.paths import workdir_path
 from training.state import TrainState, state_shardings
 from training.step import forward_sums, make_train_step
 
