@@ -5,8 +5,9 @@ Params and optimizer states are stacked on a leading `trials` axis and the
 unchanged train step (training/step.py) runs under `jax.vmap`, so one compile
 serves the whole sweep and small models keep a device busy. The trial axis is
 placed on devices by the `trials` logical rule (sharding/rules.py: the mesh's
-`data` axis, of size gcd(trials, devices)); inside a trial the batch then uses
-only `fsdp`. Each trial's hyperparameters live in its optimizer state as traced
+`data` axis, of size gcd(trials, devices)); each trial's batch and params are
+sharded over the rest of the devices (`fsdp`), so every device works whatever
+the trial count (_mesh_shape). Each trial's hyperparameters live in its optimizer state as traced
 scalars, and each trial writes config.json and metrics.jsonl to its own workdir
 like a train.py run. There are no checkpoints: an interrupted vectorized sweep
 starts its unfinished trials over.
@@ -105,6 +106,27 @@ def _check_fields(named: dict) -> None:
                 )
 
 
+def _mesh_shape(num_trials: int, config, num_devices: int) -> tuple[int, int]:
+    """(data, fsdp): the trials split over `data`, each trial's batch over `fsdp`; all devices
+    unless a microbatch cannot be split that many ways, which is warned about."""
+    data = math.gcd(num_trials, num_devices)
+    per_micro = config.train.global_batch_size // config.train.num_microbatches
+    room = num_devices // data
+    fsdp = max(d for d in range(1, room + 1) if room % d == 0 and per_micro % d == 0)
+    if data * fsdp < num_devices:
+        logging.warning(
+            "Vectorized sweep: %d trials use %d of the %d devices (a microbatch of %d sequences "
+            "does not split over %d); trial counts that are multiples of %d use all of them.",
+            num_trials,
+            data * fsdp,
+            num_devices,
+            per_micro,
+            room,
+            num_devices // math.gcd(num_devices, per_micro),
+        )
+    return data, fsdp
+
+
 class _Sweep:
     """Mesh, stacked state and the jitted vmapped train and eval steps for `configs`."""
 
@@ -113,11 +135,12 @@ class _Sweep:
         self.configs = configs
         config = next(iter(configs.values()))
         self.config = config
-        num_trials, devices = len(configs), jax.devices()
-        trial_shards = math.gcd(num_trials, len(devices))
-        config.mesh.update(data=trial_shards, fsdp=1, tensor=1)
-        model_config = validate_config(config, trial_shards, jax.process_count())
-        self.mesh = make_mesh(config.mesh, devices[:trial_shards])
+        devices = jax.devices()  # the global list: the same on every process
+        data, fsdp = _mesh_shape(len(configs), config, len(devices))
+        config.mesh.update(data=1, fsdp=fsdp, tensor=1)  # what one trial sees
+        model_config = validate_config(config, fsdp, jax.process_count())
+        config.mesh.data = data
+        self.mesh = make_mesh(config.mesh, devices[: data * fsdp])
         self.rules = logical_rules(config.sharding_rules + ",batch=fsdp")
         self.model = Transformer(model_config)
         num_steps = config.train.num_steps
