@@ -1,6 +1,7 @@
 """Hyperparameter sweeps: run, dispatch or summarize the trials of a sweep file.
 
     python sweep.py --config=configs/default.py --sweep=configs/sweeps/lr.py --workdir=W
+    python sweep.py ... --config.train.num_steps=300  # base overrides, before each trial's own
     python sweep.py ... --parallel=2                  # two trials at a time
     python sweep.py ... --vectorized                  # all trials as one jitted program
     python sweep.py ... --dispatch=slurm --script=W/submit.sh   # commands, not runs
@@ -9,7 +10,9 @@
 Each trial runs as its own `python train.py` process in W/<name from its overrides>:
 a crash, a NaN or a bad override ends that process only, and is recorded in the
 trial's status.json while the sweep goes on. Rerunning skips finished trials, and
-train.py resumes an interrupted one from its last checkpoint.
+train.py resumes an interrupted one from its last checkpoint. The base config takes
+train.py's `--config.<field>=<value>` overrides; sweep.json records them, and a rerun
+with other ones is refused (its finished trials ran without them).
 """
 
 import os
@@ -17,17 +20,23 @@ import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from absl import app, flags
-
 import startup
-from errors import UserError
-from training import sweeps
-from training.sweep_summary import summarize
+
+startup.quiet_start()  # before JAX is imported (loading --config imports it)
+
+from absl import flags  # noqa: E402
+from ml_collections.config_flags import config_flags  # noqa: E402
+
+from errors import UserError  # noqa: E402
+from training import sweeps  # noqa: E402
+from training.sweep_summary import summarize  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(REPO, "train.py")
 
-_CONFIG = flags.DEFINE_string("config", "configs/default.py", "The base config file.")
+_CONFIG = startup.define_config_flag(
+    "The base config file; override its fields with --config.<field>=<value>, as in train.py."
+)
 _SWEEP = flags.DEFINE_string("sweep", None, "A sweep file whose get_sweep() lists the trials.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory: one subdirectory a trial.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at a time (sequential mode).")
@@ -51,8 +60,22 @@ _DISPATCH_ARGS = flags.DEFINE_string(
 _SUMMARIZE = flags.DEFINE_string("summarize", None, "Summarize the sweep in this workdir; exit.")
 
 
+def base_overrides() -> dict:
+    """The --config.<field>=<value> overrides given, in order: each trial starts from them."""
+    return dict(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def config_file(distributed=False) -> str:
+    """The --config file for train.py: absolute here (trials run in the repository), relative
+    to the repository for dispatch (it runs in --remote_dir on other machines)."""
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not distributed:
+        return os.path.abspath(path)
+    return os.path.relpath(path, REPO) if path.startswith(REPO + os.sep) else path
+
+
 def train_command(config_path: str, trial_dir: str, overrides: dict, distributed=False) -> list:
-    """train.py's argv for one trial."""
+    """train.py's argv for one trial; `overrides` are the base's then the trial's."""
     return [
         "python" if distributed else sys.executable,
         "train.py" if distributed else TRAIN,
@@ -132,8 +155,13 @@ def main(argv):
         if not _SWEEP.value or not _WORKDIR.value:
             raise UserError("--sweep and --workdir are required (or --summarize=W alone).")
         named = sweeps.name_trials(sweeps.load_sweep(_SWEEP.value), _SWEEP.value)
+        base = base_overrides()
+        with_base = {name: {**base, **overrides} for name, overrides in named.items()}
+        if not (_DISPATCH.value and "://" in _WORKDIR.value):  # dispatch needs no bucket access
+            sweeps.write_sweep(_WORKDIR.value, named, base)
         if _DISPATCH.value:
-            commands = dispatch_commands(_DISPATCH.value, _CONFIG.value, _WORKDIR.value, named)
+            config_path = config_file(distributed=True)
+            commands = dispatch_commands(_DISPATCH.value, config_path, _WORKDIR.value, with_base)
             if _SCRIPT.value:
                 with open(_SCRIPT.value, "w") as f:
                     f.write("#!/bin/bash\n" + "\n".join(commands) + "\n")
@@ -141,17 +169,14 @@ def main(argv):
                 print(f"wrote {len(commands)} commands to {_SCRIPT.value}")
             else:
                 print("\n".join(commands))
-            if "://" not in _WORKDIR.value:  # so that --summarize can read the trials later
-                sweeps.write_sweep(_WORKDIR.value, named)
             return
-        sweeps.write_sweep(_WORKDIR.value, named)
         if _VECTORIZED.value:
-            startup.quiet_start(tensorflow=True)  # before JAX and TensorFlow are imported
-            from training import vectorized  # imports JAX, which the other modes do not need
+            startup.quiet_start(tensorflow=True)  # before TensorFlow is imported
+            from training import vectorized  # imports TensorFlow, which other modes do not need
 
-            vectorized.run(sweeps.load_config(_CONFIG.value), _WORKDIR.value, named)
+            vectorized.run(_CONFIG.value, _WORKDIR.value, named)  # the base overrides applied
         else:
-            run_sequential(_CONFIG.value, _WORKDIR.value, named, _PARALLEL.value)
+            run_sequential(config_file(), _WORKDIR.value, with_base, _PARALLEL.value)
         for line in summarize(_WORKDIR.value):
             print(line)
     except UserError as error:
@@ -159,4 +184,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    startup.run(main)

@@ -42,15 +42,16 @@ def get_sweep():
 """
 
 
-def sweep_cli(*args) -> str:
+def sweep_cli(*args, fails=False) -> str:
+    """sweep.py's stdout, or its stderr where it must fail."""
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "sweep.py"), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    assert (result.returncode != 0) == fails, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stderr if fails else result.stdout
 
 
 def write_files(tmp_path):
@@ -63,7 +64,7 @@ def test_sequential_sweep_end_to_end(tmp_path):
     config, sweep_file = write_files(tmp_path)
     workdir = str(tmp_path / "sweep")
     args = [f"--config={config}", f"--sweep={sweep_file}", f"--workdir={workdir}", "--parallel=2"]
-    sweep_cli(*args)
+    sweep_cli(*args, "--config.train.num_steps=2")  # the base config's 4 steps, as train.py
     with open(os.path.join(workdir, "summary.csv")) as f:
         rows = {row["trial"]: row for row in csv.DictReader(f)}
     done = "learning_rate=0.001,warmup_steps=1"
@@ -74,26 +75,52 @@ def test_sequential_sweep_end_to_end(tmp_path):
     assert "optimizer.warmup_steps=99" in rows[failed]["error"]
     assert os.path.getsize(os.path.join(workdir, "summary.png")) > 0
     assert "| " + done in open(os.path.join(workdir, "summary.md")).read()
+    for trial in (done, "learning_rate=0.003,warmup_steps=1"):
+        assert sweeps.read_trial_config(os.path.join(workdir, trial))["train"]["num_steps"] == 2
+        assert sweeps.read_metrics(os.path.join(workdir, trial))[-1]["step"] == 2
 
     # A rerun skips the finished trials (their metrics are not written again).
     metrics = os.path.join(workdir, done, "metrics.jsonl")
     before = open(metrics).read()
-    assert f"skipped (done): {os.path.join(workdir, done)}" in sweep_cli(*args)
+    assert f"skipped (done): {os.path.join(workdir, done)}" in sweep_cli(
+        *args, "--config.train.num_steps=2"
+    )
     assert open(metrics).read() == before
+
+    # A rerun with other base overrides is refused: the finished trials ran with the first.
+    error = sweep_cli(*args, "--config.train.num_steps=3", fails=True).strip()
+    assert error == (
+        f"error: {workdir}/sweep.json: the sweep ran with --config.train.num_steps=2, this rerun "
+        "gives --config.train.num_steps=3; give the same --config.* overrides, or a new --workdir."
+    )
+    assert "no base overrides;" in sweep_cli(*args, fails=True)
 
 
 def test_dispatch_prints_one_command_per_trial(tmp_path):
     config, sweep_file = write_files(tmp_path)
     common = [f"--config={config}", f"--sweep={sweep_file}", "--workdir=gs://bucket/sweep"]
+    common.append("--config.train.num_steps=2")
     lines = sweep_cli(*common, "--dispatch=slurm").splitlines()
     assert len(lines) == 3 and all(line.startswith("sbatch ") for line in lines)
+    base, trial = "--config.train.num_steps=2 ", "--config.optimizer.learning_rate="
+    assert all(line.index(base) < line.index(trial) for line in lines)  # the trial's win
     assert "--config.optimizer.learning_rate=0.003" in lines[1]
     assert "--workdir=gs://bucket/sweep/learning_rate=0.003,warmup_steps=1" in lines[1]
     script = str(tmp_path / "tpu.sh")
     sweep_cli(*common, "--dispatch=tpu_vm", "--tpu_name=v4", f"--script={script}")
     commands = open(script).read().splitlines()[1:]
-    assert len(commands) == 3
+    assert len(commands) == 3 and all("--config.train.num_steps=2 " in c for c in commands)
     assert all("tpu-vm ssh v4 --worker=all" in c and "--distributed" in c for c in commands)
+
+
+def test_vectorized_sweep_takes_the_base_overrides(tmp_path):
+    config, sweep_file = write_files(tmp_path)
+    workdir = str(tmp_path / "sweep")
+    args = [f"--config={config}", f"--sweep={sweep_file}", f"--workdir={workdir}"]
+    sweep_cli(*args, "--vectorized", "--config.train.num_steps=2")
+    for trial in ("learning_rate=0.001,warmup_steps=1", "learning_rate=0.003,warmup_steps=1"):
+        assert sweeps.read_trial_config(os.path.join(workdir, trial))["train"]["num_steps"] == 2
+        assert sweeps.read_metrics(os.path.join(workdir, trial))[-1]["step"] == 2
 
 
 def load_small_config(tmp_path):
@@ -104,48 +131,78 @@ def load_small_config(tmp_path):
     return module.get_config()
 
 
-def train_alone(config, initial: dict) -> list[dict]:
-    """Each step's loss and rate from train.py's own Trainer and step, on one device.
-
-    `initial` caches the first trial's initial state: the rate does not change it, and
-    its compile would otherwise be repeated for every trial."""
+def train_alone(config) -> list[dict]:
+    """Each step's metrics from train.py's own Trainer, state and step, on one device."""
     config.mesh.update(data=1, fsdp=1, tensor=1)
     trainer = Trainer(config, devices=jax.devices()[:1])
     batches = make_train_iterator(
         config.data, seed=config.seed, global_batch_size=config.train.global_batch_size
     )
-    if "state" not in initial:
-        initial["state"] = trainer.init_state()
-    state = jax.tree.map(jnp.copy, initial["state"])
-    records = []
+    state, records = trainer.init_state(), []
     for step in range(config.train.num_steps):
         state, metrics = trainer.train_step(state, trainer.to_global(next(batches)))
-        records.append(
-            {"loss": float(metrics["loss"]), "learning_rate": float(trainer.schedule(step))}
-        )
+        records.append({k: float(metrics[k]) for k in COMPARED if k != "learning_rate"})
+        records[-1]["learning_rate"] = float(trainer.schedule(step))
     return records
 
 
+COMPARED = ("loss", "learning_rate", "grad_norm", "param_norm")
+
+# One trial per field a vectorized sweep may vary, each far from the base config's value.
+VARIED = [
+    {"optimizer.learning_rate": 1e-2},
+    {"optimizer.warmup_steps": 4},
+    {"optimizer.weight_decay": 0.5},
+    {"optimizer.b1": 0.5},
+    {"optimizer.b2": 0.5},
+    {"optimizer.eps": 1e-2},
+    {"seed": 7},
+]
+
+
 def test_vectorized_trials_match_running_each_alone(tmp_path):
+    """7 trials on 8 devices (gcd 1: the whole mesh is fsdp inside each trial), each varying one
+    field, give what each trial gives trained alone."""
     config = load_small_config(tmp_path)
     config.train.update(num_steps=5, eval_every=0)
-    config.optimizer.warmup_steps = 2
-    rates = [1e-3, 3e-3, 1e-2, 3e-2]
-    named = sweeps.name_trials([{"optimizer.learning_rate": r} for r in rates], "test")
+    config.optimizer.update(warmup_steps=2, learning_rate=3e-3)
+    assert sorted(k for t in VARIED for k in t) == sorted(vectorized.VECTORIZABLE)
+    named = sweeps.name_trials(VARIED, "test")
     workdir = str(tmp_path / "vectorized")
     vectorized.run(config, workdir, named)
-    final_losses, initial = set(), {}
+    finals = set()
     for name, overrides in named.items():
-        expected = train_alone(sweeps.apply_overrides(config, overrides), initial)
+        expected = train_alone(sweeps.apply_overrides(config, overrides))
         together = [r for r in sweeps.read_metrics(os.path.join(workdir, name)) if "loss" in r]
         assert [r["step"] for r in together] == [1, 2, 3, 4, 5]
-        for key in ("loss", "learning_rate"):
+        for key in COMPARED:
             np.testing.assert_allclose(
-                [r[key] for r in together], [r[key] for r in expected], rtol=1e-5, err_msg=name
+                [r[key] for r in together],
+                [r[key] for r in expected],
+                rtol=1e-5,
+                err_msg=f"{name}: {key}",
             )
-        final_losses.add(round(together[-1]["loss"], 4))
+        finals.add(round(together[-1]["param_norm"], 4))
         assert sweeps.read_status(os.path.join(workdir, name))["status"] == "done"
-    assert len(final_losses) == len(rates)  # the trials really trained with different rates
+    assert len(finals) == len(VARIED)  # every field really changed its trial
+
+
+def small_sweep(config, num_trials: int):
+    rates = [{"optimizer.learning_rate": 1e-3 * (i + 1)} for i in range(num_trials)]
+    named = sweeps.name_trials(rates, "test")
+    return vectorized._Sweep({n: sweeps.apply_overrides(config, o) for n, o in named.items()})
+
+
+def test_vectorized_mesh_uses_every_device(tmp_path, caplog):
+    config = load_small_config(tmp_path)  # global_batch_size=8, 8 devices
+    assert dict(small_sweep(config, 3).mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(small_sweep(config, 6).mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert "devices" not in caplog.text
+
+    config.train.global_batch_size = 4  # 3 trials cannot split a batch of 4 over 8 devices
+    assert dict(small_sweep(config, 3).mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert "3 trials use 4 of the 8 devices" in caplog.text
+    assert "trial counts that are multiples of 2 use all of them" in caplog.text
 
 
 def test_sweep_definitions_and_edge_warning():

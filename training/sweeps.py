@@ -1,6 +1,7 @@
 """A sweep's bookkeeping, shared by sweep.py's modes and its summary.
 
-`<workdir>/sweep.json` lists the trials (name -> overrides); each trial's own
+`<workdir>/sweep.json` lists the trials (name -> overrides) and the base config's
+command-line overrides, which every trial starts from; each trial's own
 directory `<workdir>/<name>/` holds train.py's config.json and metrics.jsonl plus
 `status.json`: {"status": "done" | "failed" | "interrupted", "error": ...} and, for
 trials run as processes, their output in `train.log`.
@@ -30,10 +31,6 @@ def _load(flag: str, path: str, function: str):
     if not hasattr(module, function):
         raise UserError(f"--{flag}={path}: defines no {function}().")
     return getattr(module, function)()
-
-
-def load_config(path: str):
-    return _load("config", path, "get_config")
 
 
 def load_sweep(path: str) -> list[dict]:
@@ -72,10 +69,25 @@ def apply_overrides(config, overrides: dict):
     return config
 
 
-def write_sweep(workdir: str, named: dict[str, dict]) -> None:
-    workdir = workdir_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / SWEEP_FILE).write_text(json.dumps({"trials": named}, indent=2))
+def write_sweep(workdir: str, named: dict[str, dict], base_overrides: dict | None = None) -> None:
+    """Writes sweep.json; refuses a rerun whose base overrides differ from the recorded ones
+    (the finished trials, which a rerun skips, ran with those)."""
+    path = workdir_path(workdir) / SWEEP_FILE
+    base = json.loads(json.dumps(base_overrides or {}))  # tuples as lists, as read back
+    if path.is_file():
+        recorded = json.loads(path.read_text()).get("base_overrides", {})
+        if recorded != base:
+            raise UserError(
+                f"{path}: the sweep ran with {_as_flags(recorded)}, this rerun gives "
+                f"{_as_flags(base)}; give the same --config.* overrides, or a new --workdir."
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"base_overrides": base, "trials": named}, indent=2))
+
+
+def _as_flags(overrides: dict) -> str:
+    flags = " ".join(f"--config.{key}={value}" for key, value in overrides.items())
+    return flags or "no base overrides"
 
 
 def read_sweep(workdir: str) -> dict[str, dict]:
