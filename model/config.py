@@ -28,6 +28,8 @@ REMAT_POLICIES = (
 )
 ATTENTION_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8", "int4")
+LOW_RANK_TARGETS = ("query", "key", "value", "out", "mlp")
 POSITIVE = "[1, inf)"
 
 
@@ -78,6 +80,26 @@ class ModelConfig:
     scan_unroll: int = field(
         1, POSITIVE, "layers per scan iteration; >= num_layers unrolls fully (faster on CPU)"
     )
+    quantization: str = field(
+        "none",
+        QUANTIZATIONS,
+        "weights of the layers' kernels stored as int8 (a scale per output channel) or int4 "
+        "(a scale per quant_group_size inputs), dequantized before each matmul; compress.py "
+        "writes such runs, for inference only",
+    )
+    quant_group_size: int = field(128, POSITIVE, "int4: input elements that share one scale")
+    quantize_embeddings: bool = field(
+        False, bool, "quantize the token embedding (so the tied output head) and lm_head too"
+    )
+    low_rank_ratio: float = field(
+        0.0,
+        "[0, 1]",
+        "factorize the targeted kernels [in, out] as [in, r] x [r, out], r = "
+        "ceil(ratio x min(in, out)); 0 = full kernels (compress.py --low_rank writes them)",
+    )
+    low_rank_targets: str = field(
+        "query,key,value,out,mlp", "text", "kernels low_rank_ratio factorizes (comma-separated)"
+    )
 
     # Fields that change how the model is computed, not what its weights are: a
     # checkpoint may be resumed or loaded with other values of these.
@@ -115,6 +137,33 @@ class ModelConfig:
             require(head_dim % 2 == 0, "head_dim", "rotary embeddings need an even head size.")
         object.__setattr__(self, "num_kv_heads", num_kv_heads)
         object.__setattr__(self, "head_dim", head_dim)
+        unknown = set(self.low_rank_target_names) - set(LOW_RANK_TARGETS)
+        require(
+            not unknown and self.low_rank_target_names,
+            "low_rank_targets",
+            f"give comma-separated names of {', '.join(LOW_RANK_TARGETS)}.",
+        )
+        require(
+            not (self.quantization == "int4" and self.low_rank_ratio),
+            "quantization",
+            "int4 groups do not fit factorized kernels (model.low_rank_ratio > 0); use int8.",
+        )
+        if self.quantization == "int4":  # the input sizes of every quantized kernel
+            sizes = {
+                "embed_dim": self.embed_dim,
+                "num_heads x head_dim": self.num_heads * self.head_dim,
+                "mlp_dim": self.mlp_dim,
+            }
+            require(
+                all(size % self.quant_group_size == 0 for size in sizes.values()),
+                "quant_group_size",
+                "int4 groups must divide every quantized kernel's input size "
+                f"({', '.join(f'{k}={v}' for k, v in sizes.items())}); give a divisor.",
+            )
+
+    @property
+    def low_rank_target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.low_rank_targets.split(",") if t.strip())
 
     @classmethod
     def from_dict(cls, values) -> "ModelConfig":

@@ -5,11 +5,13 @@ many names as the parameter has dimensions.
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model import quantize
 from model.config import ModelConfig
 from model.lora import adapter_output
 
@@ -65,14 +67,57 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
+def weight(module, name, shape, names, num_in, init, quantized=True, transposed=False):
+    """Declares the weight `name` and returns it in the compute dtype.
+
+    A float param; or, with model.quantization (and `quantized`), an int8/int4 param
+    and its float32 scale `name + "_scale"`, dequantized here, just before the matmul
+    (model/quantize.py). `num_in` leading axes are the input; `transposed` marks a
+    2-D weight stored [out, in] (the token embedding, whose rows are output channels
+    of the tied head).
+    """
+    cfg = module.config
+    method = cfg.quantization if quantized else "none"
+    if method == "none":
+        return module.param(name, init, shape, cfg.param_dtype).astype(cfg.dtype)
+    view_shape, view_names = (shape[::-1], names[::-1]) if transposed else (shape, names)
+    q = module.param(name, zeros_init(names), shape, quantize.DTYPES[method])
+    scale = module.param(
+        f"{name}_scale",
+        ones_init(quantize.scale_names(method, view_names, num_in)),
+        quantize.scale_shape(method, view_shape, num_in, cfg.quant_group_size),
+        jnp.float32,
+    )
+    w = quantize.dequantize(q.T if transposed else q, scale, num_in, cfg.dtype)
+    return w.T if transposed else w
+
+
+
+def low_rank(config: ModelConfig, shape, num_in: int) -> int:
+    """The rank of a factorized kernel [*in, *out]: ceil(ratio x min(in, out)), at least 1."""
+    smallest = min(math.prod(shape[:num_in]), math.prod(shape[num_in:]))
+    return max(1, math.ceil(config.low_rank_ratio * smallest))
+
+
+def target_name(module_name: str) -> str:
+    """The model.low_rank_targets / lora.targets name of a Dense: query, key, value, out, mlp."""
+    return "mlp" if module_name in ("wi", "wi_gate", "wi_up", "wo") else module_name
+
+
 class Dense(nn.Module):
-    """`einsum(equation, x, kernel) (+ bias)` with a full-rank, logically named kernel.
+    """`einsum(equation, x, kernel) (+ bias)` with a logically named kernel.
 
     Multi-axis kernels such as [embed, heads, head_dim] keep each axis (and its
-    sharding name) instead of being flattened to 2-D. The bias spans the last
-    `bias_rank` kernel axes, which are the output axes. When the "lora" collection
+    sharding name) instead of being flattened to 2-D. The first `len(shape) -
+    bias_rank` kernel axes are the input, the last `bias_rank` the output (the
+    bias spans them). The kernel is a float param, or int8/int4 with scales
+    (model.quantization), or two factors `kernel_a` [*in, rank] and `kernel_b`
+    [rank, *out] when model.low_rank_ratio > 0 names this kernel in
+    model.low_rank_targets (compress.py writes them). When the "lora" collection
     holds adapters "a" and "b" for this module, their low-rank path is added beside
-    the kernel (model/lora.py), its input dropped out at rate `lora_dropout`.
+    the kernel (model/lora.py), its input dropped out at rate `lora_dropout`. When
+    the "calibration" ("calibration_gram") collection is mutable, the module adds its
+    inputs' squared sums (Gram matrix) there, for pruning and whitened SVD.
     """
 
     config: ModelConfig
@@ -86,14 +131,29 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kernel = self.param(
-            "kernel", param_init(cfg, self.names, self.init_std), self.shape, cfg.param_dtype
-        )
-        y = jnp.einsum(self.equation, x.astype(cfg.dtype), kernel.astype(cfg.dtype))
+        num_in = len(self.shape) - self.bias_rank
+        self._calibrate(x, num_in)
+        x = x.astype(cfg.dtype)
+        std = self.init_std or cfg.init_std
+        if cfg.low_rank_ratio and target_name(self.name) in cfg.low_rank_target_names:
+            rank = low_rank(cfg, self.shape, num_in)
+            ins, outs = self.shape[:num_in], self.shape[num_in:]
+            in_names, out_names = self.names[:num_in], self.names[num_in:]
+            factor_init = lambda names: param_init(cfg, names, (std * std / rank) ** 0.25)
+            a = weight(self, "kernel_a", (*ins, rank), (*in_names, "low_rank"), num_in,
+                       factor_init((*in_names, "low_rank")))
+            b = weight(self, "kernel_b", (rank, *outs), ("low_rank", *out_names), 1,
+                       factor_init(("low_rank", *out_names)))
+            y = adapter_output(self.equation, x, a, b)
+        else:
+            kernel = weight(
+                self, "kernel", self.shape, self.names, num_in, param_init(cfg, self.names, std)
+            )
+            y = jnp.einsum(self.equation, x, kernel)
         if self.has_variable("lora", "a"):
             a, b = (self.get_variable("lora", n).astype(cfg.dtype) for n in ("a", "b"))
             dropped = nn.Dropout(self.lora_dropout, deterministic=self.lora_dropout == 0.0)(x)
-            y = y + adapter_output(self.equation, dropped.astype(cfg.dtype), a, b)
+            y = y + adapter_output(self.equation, dropped, a, b)
         if cfg.use_bias:
             out_names = self.names[-self.bias_rank :]
             bias = self.param(
@@ -101,6 +161,19 @@ class Dense(nn.Module):
             )
             y = y + bias.astype(cfg.dtype)
         return y
+
+    def _calibrate(self, x, num_in: int) -> None:
+        """Adds x's per-input-feature squared sums (and Gram matrix) to the calibration
+        collections when they are mutable (compression/calibrate.py)."""
+        in_shape = self.shape[:num_in]
+        rows = x.astype(jnp.float32).reshape(-1, math.prod(in_shape))
+        if self.is_mutable_collection("calibration"):
+            sums = self.variable("calibration", "sum_squares", jnp.zeros, in_shape, jnp.float32)
+            sums.value = sums.value + jnp.sum(rows * rows, axis=0).reshape(in_shape)
+        if self.is_mutable_collection("calibration_gram"):
+            size = rows.shape[1]
+            gram = self.variable("calibration_gram", "gram", jnp.zeros, (size, size), jnp.float32)
+            gram.value = gram.value + rows.T @ rows
 
 
 def residual_init_std(config: ModelConfig) -> float:

@@ -20,6 +20,11 @@ Parameter paths (stable; the Hugging Face converters and later LoRA address them
     final_norm/{scale,bias}             [embed]
     lm_head                             [embed, vocab]            untied embeddings only
 
+Compressed runs (compress.py, docs/COMPRESSION.md) change the kernels' leaves: with
+model.quantization each quantized `kernel` (`token_embed`, `lm_head`) is int8/int4
+beside a float32 `kernel_scale` (model/quantize.py); with model.low_rank_ratio a
+targeted `kernel` [*in, *out] is `kernel_a` [*in, rank] and `kernel_b` [rank, *out].
+
 Decoding passes a KV cache (model/decode.py makes one):
 
     {"key", "value": [layers, batch, kv_heads, cache_len, head_dim],
@@ -37,7 +42,7 @@ from jax import lax
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import Mlp, make_norm, param_init, sinusoidal_embedding
+from model.layers import Mlp, make_norm, param_init, sinusoidal_embedding, weight
 
 ACTIVATION = ("batch", "length", "embed")
 
@@ -108,13 +113,17 @@ class Transformer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
-        embedding = self.param(
+        embedding = weight(
+            self,
             "token_embed",
-            param_init(cfg, ("vocab", "embed")),
             (cfg.vocab_size, cfg.embed_dim),
-            cfg.param_dtype,
+            ("vocab", "embed"),
+            1,
+            param_init(cfg, ("vocab", "embed")),
+            quantized=cfg.quantize_embeddings,
+            transposed=True,
         )
-        x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
+        x = jnp.take(embedding, tokens, axis=0)
         if cfg.position_embedding == "learned":
             pos_table = self.param(
                 "pos_embed",
@@ -140,7 +149,7 @@ class Transformer(nn.Module):
             kv = {"key": cache["key"], "value": cache["value"]}
         layers = nn.scan(
             _remat(Block, cfg.remat_policy),
-            variable_axes={"params": 0, "lora": 0},
+            variable_axes={"params": 0, "lora": 0, "calibration": 0, "calibration_gram": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
@@ -156,13 +165,15 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             output = embedding.T
         else:
-            output = self.param(
+            output = weight(
+                self,
                 "lm_head",
-                param_init(cfg, ("embed", "vocab")),
                 (cfg.embed_dim, cfg.vocab_size),
-                cfg.param_dtype,
+                ("embed", "vocab"),
+                1,
+                param_init(cfg, ("embed", "vocab")),
+                quantized=cfg.quantize_embeddings,
             )
-        output = output.astype(cfg.dtype)
         if return_hidden:
             return x, output
         logits = jnp.einsum("bte,ev->btv", x, output, preferred_element_type=jnp.float32)

@@ -27,6 +27,8 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("layers", None),  # the scanned-layers axis stays whole on every device
     ("lora_rank", None),  # model/lora.py: adapters' rank axis is small, kept whole
+    ("low_rank", None),  # model.low_rank_ratio: factorized kernels' rank axis
+    ("quant_groups", None),  # model/quantize.py: int4 scales' groups along the input
     ("trials", "data"),  # sweep.py --vectorized: trials stacked on a leading axis
 )
 

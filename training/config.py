@@ -157,6 +157,12 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
             f"data.seq_len={data.seq_len} is longer than "
             f"model.max_seq_len={model_config.max_seq_len}."
         )
+    if model_config.quantization != "none":
+        raise UserError(
+            f"model.quantization={model_config.quantization!r}: quantized weights are for "
+            "inference (sample.py, eval.py, tools/export_hf.py) and do not train; fine-tune the "
+            "unquantized run and quantize it afterwards with compress.py."
+        )
     return model_config
 
 
