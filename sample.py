@@ -2,11 +2,14 @@
 
     python sample.py --workdir=/tmp/meshlm --prompt="def main(" --max_new_tokens=64
     python sample.py --workdir=W --prompt_file=prompts.txt --num_samples=4 --temperature=0.8 --top_p=0.95
+    python sample.py --workdir=W --prompt="def main(" --kv_cache_dtype=int8
 
 Loads the newest checkpoint of --workdir with the config it was trained with and
 its tokenizer, places the parameters on a mesh of the devices (`--mesh`, default:
 every device data-parallel), and generates with a KV cache (model/decode.py).
 Each prompt is sampled `--num_samples` times; greedy decoding is `--temperature=0`.
+`--kv_cache_dtype=int8` keeps the KV cache in int8 with one scale per row, position and
+KV head (about half a bfloat16 cache) instead of the model's compute dtype.
 With `--distributed` (docs/scaling.md) every host runs this with the same flags and
 process 0 prints the samples.
 """
@@ -35,9 +38,9 @@ flags.DEFINE_bool(
     "truncate_prompt", False, "Keep the last tokens of a prompt too long for the model."
 )
 flags.DEFINE_string("mesh", "-1,1,1", "Devices along data,fsdp,tensor; -1 = the rest.")
+_DEFINE = {float: flags.DEFINE_float, int: flags.DEFINE_integer, str: flags.DEFINE_string}
 for _field in dataclasses.fields(SamplingConfig):
-    _define = flags.DEFINE_float if _field.type is float else flags.DEFINE_integer
-    _define(_field.name, _field.default, _field.metadata["spec"].doc)
+    _DEFINE[_field.type](_field.name, _field.default, _field.metadata["spec"].doc)
 distributed.define_flags()
 flags.mark_flag_as_required("workdir")
 

@@ -1,12 +1,15 @@
 """Generation benchmark: prefill and decode tokens/s, cached vs uncached, KV-cache size.
 
     python benchmarks/decode.py [--config=configs/default.py] [--prompt_len=512]
-        [--new_tokens=64] [--batch_sizes=1,32] [--repeats=3] [--config.model.dtype=bfloat16]
+        [--new_tokens=64] [--batch_sizes=1,32] [--kv_cache_dtypes=model,int8] [--repeats=3]
+        [--config.model.dtype=bfloat16]
 
 A randomly initialised model of the config's shape (the speed does not depend on
 the weights) on a mesh of every device, data-parallel (`model.sampler.Sampler`). For each
 batch size: the prefill of `prompt_len` tokens per row, then `new_tokens` greedy
-tokens in the jitted decode loop (its time: generating `new_tokens` minus generating 1). Uncached decoding, for comparison at batch 1:
+tokens in the jitted decode loop (its time: generating `new_tokens` minus generating 1),
+once per KV-cache dtype: the model's ("model"; JSON key batchN) and int8 with scales
+("int8"; batchN_int8_kv). Uncached decoding, for comparison at batch 1:
 one jitted forward pass over the whole fixed-size window per new token, which is
 what generation without a cache costs when shapes are static. The model's
 max_seq_len is raised to prompt_len + new_tokens when it is smaller (a learned
@@ -14,6 +17,7 @@ position table grows; nothing else changes). Median of `repeats` timed runs
 after one compiling run; the last line printed is JSON with every number.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -35,7 +39,7 @@ from ml_collections import config_flags  # noqa: E402
 from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 from model import Transformer  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.decode import cache_bytes_per_token, init_cache  # noqa: E402
+from model.decode import KV_CACHE_DTYPES, cache_bytes_per_token, init_cache  # noqa: E402
 from model.sampler import Sampler, SamplingConfig  # noqa: E402
 
 config_flags.DEFINE_config_file(
@@ -44,6 +48,7 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row.")
 flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row.")
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Rows per generate call.")
+flags.DEFINE_list("kv_cache_dtypes", list(KV_CACHE_DTYPES), "KV-cache dtypes measured.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
 FLAGS = flags.FLAGS
 
@@ -74,7 +79,6 @@ def main(argv):
     sampler = Sampler(model_config, random_params, mesh)  # places them on the mesh
     model, params = sampler.model, sampler.params
     greedy = SamplingConfig(max_new_tokens=FLAGS.new_tokens, temperature=0.0)
-    one_token = SamplingConfig(max_new_tokens=1, temperature=0.0)
     rng = np.random.default_rng(0)
     result = dict(
         device_kind=jax.devices()[0].device_kind,
@@ -83,40 +87,46 @@ def main(argv):
         prompt_len=FLAGS.prompt_len,
         new_tokens=FLAGS.new_tokens,
         kv_cache_bytes_per_token=cache_bytes_per_token(model_config),
+        int8_kv_cache_bytes_per_token=cache_bytes_per_token(model_config, "int8"),
     )
     print(describe_machine())
     print(
         f"{jax.device_count()} x {result['device_kind']}, {model_config.dtype}; KV cache "
-        f"{result['kv_cache_bytes_per_token']:,} bytes per token per sequence"
+        f"{result['kv_cache_bytes_per_token']:,} bytes per token per sequence "
+        f"(int8: {result['int8_kv_cache_bytes_per_token']:,})"
     )
 
-    @jax.jit
-    def prefill(params, tokens):
-        cache = init_cache(model_config, tokens.shape[0], length)
+    @functools.partial(jax.jit, static_argnums=2)
+    def prefill(params, tokens, kv_cache_dtype):
+        cache = init_cache(model_config, tokens.shape[0], length, kv_cache_dtype)
         return model.apply({"params": params}, tokens, cache=cache)[0][:, -1]
 
     for batch in (int(b) for b in FLAGS.batch_sizes):
         rows = rng.integers(4, model_config.vocab_size, (batch, FLAGS.prompt_len)).tolist()
         tokens = jnp.asarray(rows, jnp.int32)
-        prefill_s = median_seconds(functools.partial(prefill, params, tokens), FLAGS.repeats)
-        generate_s = median_seconds(
-            functools.partial(sampler.generate, rows, greedy, eos_id=-1), FLAGS.repeats
-        )
-        first_token_s = median_seconds(
-            functools.partial(sampler.generate, rows, one_token, eos_id=-1), FLAGS.repeats
-        )
-        decode_s = max(generate_s - first_token_s, 1e-9)  # the loop's new_tokens - 1 steps
-        result[f"batch{batch}"] = dict(
-            prefill_tokens_per_s=batch * FLAGS.prompt_len / prefill_s,
-            decode_tokens_per_s=batch * (FLAGS.new_tokens - 1) / decode_s,
-            decode_ms_per_step=decode_s / (FLAGS.new_tokens - 1) * 1e3,
-        )
-        print(
-            f"batch {batch:3d}: prefill {result[f'batch{batch}']['prefill_tokens_per_s']:,.0f} "
-            f"tok/s ({prefill_s * 1e3:.1f} ms); decode "
-            f"{result[f'batch{batch}']['decode_tokens_per_s']:,.1f} tok/s "
-            f"({result[f'batch{batch}']['decode_ms_per_step']:.2f} ms/step)"
-        )
+        for kv in FLAGS.kv_cache_dtypes:
+            sampling = dataclasses.replace(greedy, kv_cache_dtype=kv)
+            one_token = dataclasses.replace(sampling, max_new_tokens=1)
+            prefill_s = median_seconds(
+                functools.partial(prefill, params, tokens, kv), FLAGS.repeats
+            )
+            generate_s = median_seconds(
+                functools.partial(sampler.generate, rows, sampling, eos_id=-1), FLAGS.repeats
+            )
+            first_token_s = median_seconds(
+                functools.partial(sampler.generate, rows, one_token, eos_id=-1), FLAGS.repeats
+            )
+            decode_s = max(generate_s - first_token_s, 1e-9)  # the loop's new_tokens - 1 steps
+            row = result[f"batch{batch}" + ("_int8_kv" if kv == "int8" else "")] = dict(
+                prefill_tokens_per_s=batch * FLAGS.prompt_len / prefill_s,
+                decode_tokens_per_s=batch * (FLAGS.new_tokens - 1) / decode_s,
+                decode_ms_per_step=decode_s / (FLAGS.new_tokens - 1) * 1e3,
+            )
+            print(
+                f"batch {batch:3d}, {kv:5s} KV cache: prefill "
+                f"{row['prefill_tokens_per_s']:,.0f} tok/s ({prefill_s * 1e3:.1f} ms); decode "
+                f"{row['decode_tokens_per_s']:,.1f} tok/s ({row['decode_ms_per_step']:.2f} ms/step)"
+            )
 
     @jax.jit
     def uncached_next(params, window, last):

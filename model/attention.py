@@ -7,7 +7,9 @@ implementation the config names.
 
 While decoding, each layer's keys and values are written into its slice of the
 KV cache at the cache index, and the queries attend to every cached key (see
-model/decode.py); grouped-query models cache only their KV heads.
+model/decode.py); grouped-query models cache only their KV heads. An int8 cache
+stores each new head vector as int8 with one float32 absmax scale, and the layer's
+slice is dequantized to the compute dtype before attending.
 """
 
 import flax.linen as nn
@@ -18,10 +20,12 @@ from jax import lax
 from model.attention_ops import attend, attention_mask
 from model.config import ModelConfig
 from model.layers import Dense, apply_rope, residual_init_std
+from model.quantize import quantize
 
 # One layer's cached keys or values. Heads before length: a decode step's scores are then
 # one contiguous matrix-vector product per head (12x faster on CPU than length-major).
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+CACHE_SCALE_AXES = CACHE_AXES[:-1]  # an int8 cache's scales: one per head vector
 
 
 class Attention(nn.Module):
@@ -34,7 +38,8 @@ class Attention(nn.Module):
 
         Without a cache (None) the keys are the tokens' own (`key_segment_ids` =
         `segment_ids`, `cache_index` = 0). With one, `cache` holds every layer's keys
-        and values ([layers, batch, kv_heads, cache_len, head_dim]); this layer writes
+        and values ([layers, batch, kv_heads, cache_len, head_dim]; int8 ones with
+        "key_scale"/"value_scale" [layers, batch, kv_heads, cache_len]); this layer writes
         its slice `layer` in place and attends over it, `key_segment_ids` covering it.
         """
         cfg = self.config
@@ -71,19 +76,10 @@ class Attention(nn.Module):
                 block_size=cfg.attention_block_size,
             )
         else:  # written in place: a decode step moves one token's keys, not the cache
-            start = (layer, 0, 0, cache_index, 0)
-            cache = {
-                name: lax.dynamic_update_slice(
-                    cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype), start
-                )
-                for name, new in (("key", key), ("value", value))
-            }
-            key, value = (
-                nn.with_logical_constraint(
-                    lax.dynamic_index_in_dim(cache[name], layer, 0, False), CACHE_AXES
-                )
-                for name in ("key", "value")
-            )
+            cache = dict(cache)
+            for name, new in (("key", key), ("value", value)):
+                cache.update(_write_cache(cache, name, new, layer, cache_index))
+            key, value = (_read_cache(cache, name, layer, cfg.dtype) for name in ("key", "value"))
             out = _attend_cache(query, key, value, segment_ids, key_segment_ids, cache_index)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = Dense(
@@ -96,6 +92,40 @@ class Attention(nn.Module):
             name="out",
         )(out)
         return out, cache
+
+
+def quantize_cache(x):
+    """(int8 x, float32 scale x.shape[:-1]): one absmax scale per head vector (last axis)."""
+    q, scale = quantize(jnp.moveaxis(x, -1, 0), "int8", num_in=1)
+    return jnp.moveaxis(q, 0, -1), scale
+
+
+def dequantize_cache(q, scale, dtype):
+    """The vectors of (q, scale) from quantize_cache, in `dtype`."""
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+def _write_cache(cache, name, new, layer, index):
+    """The entries of `cache` that hold `new` [b, t, kv_heads, d] at (layer, index): `name`,
+    and `name`_scale when the cache is int8 (then `new` is quantized first)."""
+    entries = {name: new.swapaxes(1, 2)}
+    if name + "_scale" in cache:
+        entries = dict(zip((name, name + "_scale"), quantize_cache(entries[name])))
+    return {
+        k: lax.dynamic_update_slice(
+            cache[k], v[None].astype(cache[k].dtype), (layer, 0, 0, index, 0)[: cache[k].ndim]
+        )
+        for k, v in entries.items()
+    }
+
+
+def _read_cache(cache, name, layer, dtype):
+    """Layer `layer`'s keys or values [b, kv_heads, s, d] in `dtype` (dequantized if int8)."""
+    read = lambda k: lax.dynamic_index_in_dim(cache[k], layer, 0, False)
+    x = read(name)
+    if name + "_scale" in cache:
+        x = dequantize_cache(x, read(name + "_scale"), dtype)
+    return nn.with_logical_constraint(x, CACHE_AXES)
 
 
 def _attend_cache(query, key, value, segment_ids, key_segment_ids, cache_index):

@@ -11,6 +11,11 @@ pass, then one token per step is decoded inside a `lax.while_loop`: the
 decode position is data, not a static argument, so nothing is re-traced per
 token. Sampling: greedy (temperature 0), or temperature, then top-k, then
 top-p (nucleus), as in Hugging Face's `generate`.
+
+The cache holds keys and values in the model's compute dtype, or (kv_cache_dtype
+"int8") as int8 with one float32 absmax scale per (row, position, KV head): head_dim + 4
+bytes per head vector, about half a bfloat16 cache for head_dim >= 64. model/attention.py
+quantizes what it writes and dequantizes the layer's slice before attending.
 """
 
 import flax.linen as nn
@@ -19,33 +24,48 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from model.attention import CACHE_AXES
+from model.attention import CACHE_AXES, CACHE_SCALE_AXES
 from model.config import ModelConfig
 
 CACHE_LOGICAL_AXES = {
     "key": ("layers",) + CACHE_AXES,
     "value": ("layers",) + CACHE_AXES,
+    "key_scale": ("layers",) + CACHE_SCALE_AXES,
+    "value_scale": ("layers",) + CACHE_SCALE_AXES,
     "segment_ids": ("batch", "length"),
     "index": (),
 }
 
 
-def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
-    """An empty cache for `length` tokens: keys and values in the compute dtype."""
+KV_CACHE_DTYPES = ("model", "int8")
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, kv_cache_dtype="model") -> dict:
+    """An empty cache for `length` tokens: keys and values in the compute dtype ("model"),
+    or int8 beside float32 "key_scale"/"value_scale" ("int8")."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: one of {KV_CACHE_DTYPES}")
     shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
+    dtype = jnp.int8 if kv_cache_dtype == "int8" else config.dtype
     cache = {
-        "key": jnp.zeros(shape, config.dtype),
-        "value": jnp.zeros(shape, config.dtype),
+        "key": jnp.zeros(shape, dtype),
+        "value": jnp.zeros(shape, dtype),
         "segment_ids": jnp.zeros((batch, length), jnp.int32),  # 0: nothing there yet
         "index": jnp.zeros((), jnp.int32),
     }
+    if kv_cache_dtype == "int8":
+        cache["key_scale"] = cache["value_scale"] = jnp.zeros(shape[:-1], jnp.float32)
     return {k: nn.with_logical_constraint(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
 
 
-def cache_bytes_per_token(config: ModelConfig) -> int:
-    """Bytes the cache holds per token of one sequence: keys and values of every layer."""
-    per_layer = 2 * config.num_kv_heads * config.head_dim * np.dtype(config.dtype).itemsize
-    return config.num_layers * per_layer
+def cache_bytes_per_token(config: ModelConfig, kv_cache_dtype="model") -> int:
+    """Bytes the cache holds per token of one sequence: keys and values of every layer
+    (int8: a byte per value and a float32 scale per head vector)."""
+    if kv_cache_dtype == "int8":
+        per_head = config.head_dim + 4
+    else:
+        per_head = config.head_dim * np.dtype(config.dtype).itemsize
+    return config.num_layers * 2 * config.num_kv_heads * per_head
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, length: int = 0):
@@ -94,6 +114,7 @@ def generate(
     eos_id: int = -1,
     pad_id: int = 0,
     num_ids: int = 0,
+    kv_cache_dtype: str = "model",
 ):
     """(new tokens [batch, max_new_tokens], number generated per row [batch]).
 
@@ -101,14 +122,15 @@ def generate(
     A row stops after its first `eos_id` (which is kept); later slots hold `pad_id`.
     Ids from `num_ids` on (0 = none) are never sampled: a vocabulary padded past the
     tokenizer's for speed has ids no tokenizer can decode.
-    Traceable: jit it, with the sampling arguments static.
+    The cache holds keys and values as `kv_cache_dtype` ("model" or "int8", see init_cache).
+    Traceable: jit it, with the sampling arguments and kv_cache_dtype static.
     """
     batch, prompt_len = tokens.shape
     pad = prompt_len - lengths[:, None]
     index = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]
     segment_ids = (index >= pad).astype(jnp.int32)
     positions = jnp.maximum(index - pad, 0)
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+    cache = init_cache(model.config, batch, prompt_len + max_new_tokens, kv_cache_dtype)
     variables = {"params": params}
     sample = lambda logits, step: sample_next(
         logits[:, -1, : num_ids or None], jax.random.fold_in(rng, step), temperature, top_k, top_p

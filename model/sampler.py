@@ -20,7 +20,7 @@ import numpy as np
 from config_schema import check_fields, field
 from errors import UserError
 from model.config import ModelConfig
-from model.decode import generate, left_pad
+from model.decode import KV_CACHE_DTYPES, generate, left_pad
 from model.transformer import Transformer
 from sharding import activate, logical_rules, make_mesh, replicated
 
@@ -36,6 +36,9 @@ class SamplingConfig:
     top_k: int = field(0, "[0, inf)", "sample from the k most likely tokens; 0 = all")
     top_p: float = field(1.0, "(0, 1]", "sample from the smallest set holding this probability")
     seed: int = field(0, "[0, inf)", "random seed of the sampling")
+    kv_cache_dtype: str = field(
+        "model", KV_CACHE_DTYPES, "KV cache: model (its compute dtype) or int8 (with scales)"
+    )
 
     def __post_init__(self):
         check_fields(self, "sampling")
@@ -118,8 +121,8 @@ class Sampler:
         filler = [prompts[0]] * (rows - len(prompts))  # fills the data-parallel shards
         width = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
         tokens, lengths = left_pad(prompts + filler, pad_id, width)
-        settings = dataclasses.astuple(sampling)[:4] + (eos_id, pad_id, num_ids)
-        key = (tokens.shape, settings)
+        # The seed is data; every other sampling field is compiled into the function.
+        key = (tokens.shape, dataclasses.replace(sampling, seed=0), eos_id, pad_id, num_ids)
         if key not in self._compiled:
             self._compiled[key] = self._jit(sampling, eos_id, pad_id, num_ids)
         with activate(self.mesh, self.rules):
@@ -147,6 +150,7 @@ class Sampler:
                 eos_id=eos_id,
                 pad_id=pad_id,
                 num_ids=num_ids,
+                kv_cache_dtype=sampling.kv_cache_dtype,
             )
 
         params_shardings = jax.tree.map(lambda a: a.sharding, self.abstract_params)

@@ -30,6 +30,8 @@ Decoding passes a KV cache (model/decode.py makes one):
     {"key", "value": [layers, batch, kv_heads, cache_len, head_dim],
      "segment_ids": [batch, cache_len], "index": int32 scalar}
 
+(an int8 cache adds "key_scale", "value_scale": [layers, batch, kv_heads, cache_len]).
+
 The new tokens are written at `index`; the call returns `(logits, cache)` with the
 index advanced past them. The cache rides in the layer scan's carry, and each
 layer writes its own slice in place.
@@ -146,7 +148,7 @@ class Transformer(nn.Module):
             key_segment_ids = lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
             )
-            kv = {"key": cache["key"], "value": cache["value"]}
+            kv = {k: v for k, v in cache.items() if k not in ("segment_ids", "index")}
         layers = nn.scan(
             _remat(Block, cfg.remat_policy),
             variable_axes={"params": 0, "lora": 0, "calibration": 0, "calibration_gram": 0},

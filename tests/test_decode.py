@@ -1,4 +1,5 @@
-"""Generation with a KV cache: equal to full forward passes, to transformers, on any mesh."""
+"""Generation with a KV cache: equal to full forward passes, to transformers, on any mesh;
+an int8 cache close to the float one."""
 
 import flax.linen as nn
 import jax
@@ -13,13 +14,16 @@ from jax.sharding import PartitionSpec
 from errors import UserError
 from model import Transformer
 from model.config import ModelConfig
-from model.decode import init_cache, left_pad, sample_next
+from model import attention
+from model.attention import dequantize_cache, quantize_cache
+from model.decode import cache_bytes_per_token, init_cache, left_pad, sample_next
 from model.hf import from_hf
 from model.sampler import Sampler, SamplingConfig
 from tests.helpers import LLAMA_STYLE, TINY_MODEL
 
 STYLES = {"gpt2": {}, "llama": LLAMA_STYLE}
 GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0)
+INT8_GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0, kv_cache_dtype="int8")
 
 
 def _mesh(data=1, fsdp=1, tensor=1):
@@ -33,15 +37,14 @@ def _model(style):
     return config, model, nn.meta.unbox(params)
 
 
-@pytest.mark.parametrize("style", STYLES)
-def test_cached_logits_equal_a_full_forward_pass(style):
-    config, model, params = _model(style)
-    prompts = [[5, 9, 2, 7, 11, 3, 8, 1, 4, 6], [12, 13, 14]]  # ragged: left padding
+def _cached_logits(model, params, prompts, extra, kv_cache_dtype="model"):
+    """Generation's calls by hand: (prefill logits [batch, width, vocab], logits of the
+    `extra` tokens [batch, steps] fed one per step [batch, steps, vocab], prefill's cache)."""
     tokens, lengths = left_pad(prompts, pad_id=0)
     batch, width = tokens.shape
     pad = width - lengths[:, None]
     index = np.arange(width)[None]
-    cache = init_cache(config, batch, width + 4)
+    cache = init_cache(model.config, batch, width + extra.shape[1], kv_cache_dtype)
     apply = jax.jit(model.apply)
     prefill, cache = apply(
         {"params": params},
@@ -50,20 +53,95 @@ def test_cached_logits_equal_a_full_forward_pass(style):
         np.maximum(index - pad, 0),
         cache=cache,
     )
-    extra = [[21, 22, 23, 24], [31, 32, 33, 34]]
-    stepped = []
-    for step in range(4):
-        new = np.array([[row[step]] for row in extra], np.int32)
+    prefill_cache, stepped = cache, []
+    for step in range(extra.shape[1]):
+        new = extra[:, step : step + 1]
         logits, cache = apply(
             {"params": params}, new, np.ones_like(new), lengths[:, None] + step, cache=cache
         )
         stepped.append(logits[:, 0])
+    return np.asarray(prefill), np.stack(stepped, 1), prefill_cache
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_cached_logits_equal_a_full_forward_pass(style):
+    _, model, params = _model(style)
+    prompts = [[5, 9, 2, 7, 11, 3, 8, 1, 4, 6], [12, 13, 14]]  # ragged: left padding
+    extra = np.array([[21, 22, 23, 24], [31, 32, 33, 34]], np.int32)
+    prefill, stepped, _ = _cached_logits(model, params, prompts, extra)
+    width = prefill.shape[1]
     for row, prompt in enumerate(prompts):
-        full = model.apply({"params": params}, np.array([prompt + extra[row]], np.int32))[0]
-        ours = np.concatenate(
-            [prefill[row, width - len(prompt) :], np.stack([s[row] for s in stepped])]
-        )
+        full = model.apply({"params": params}, np.array([prompt + extra[row].tolist()]))[0]
+        ours = np.concatenate([prefill[row, width - len(prompt) :], stepped[row]])
         np.testing.assert_allclose(ours, full, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_cache_entries_dequantize_within_half_a_step():
+    magnitudes = jnp.array([1e-3, 1.0, 50.0])[None, None, :, None]  # per kv head
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 16)) * magnitudes
+    x = x.at[1, 2, 0].set(0.0)  # an all-zero vector
+    q, scale = quantize_cache(x)
+    assert q.dtype == jnp.int8 and scale.shape == (2, 5, 3)
+    assert np.abs(np.asarray(q, np.int32)).max() == 127
+    absmax = np.abs(x).max(-1)
+    np.testing.assert_allclose(scale, np.where(absmax > 0, absmax / 127, scale), rtol=1e-6)
+    assert 0 < scale[1, 2, 0] < 1e-6
+    error = np.abs(dequantize_cache(q, scale, jnp.float32) - x)
+    assert (error <= scale[..., None] / 2 * (1 + 1e-6)).all()
+    assert not dequantize_cache(q, scale, jnp.float32)[1, 2, 0].any()
+
+    # What the model writes: layer 0's entries (computed from the same inputs in both caches).
+    config, model, params = _model("llama")
+    tokens = jnp.array([[5, 9, 2, 7, 11, 3], [12, 13, 14, 1, 2, 3]])
+    exact, int8 = (
+        jax.jit(model.apply)({"params": params}, tokens, cache=init_cache(config, 2, 8, dtype))[1]
+        for dtype in ("model", "int8")
+    )
+    for name in ("key", "value"):
+        assert int8[name].dtype == jnp.int8
+        scale = int8[name + "_scale"][0]
+        got = dequantize_cache(int8[name][0], scale, jnp.float32)
+        assert (np.abs(got - exact[name][0]) <= scale[..., None] / 2 * (1 + 1e-6)).all()
+        assert np.abs(exact[name][0]).max() > 0.1  # not trivially small
+
+
+def test_int8_cache_generation_equals_the_float_cache_where_the_margins_allow(monkeypatch):
+    _, model, params = _model("gpt2")  # its margins here are > 100x the int8 error
+    prompts = [[5, 9, 2, 7, 11, 3], [12, 13, 14]]
+    sampler = Sampler(model.config, params, _mesh(), devices=jax.devices()[:1])
+    float_tokens = sampler.generate(prompts, GREEDY, eos_id=-1)
+    quantized = []
+    monkeypatch.setattr(
+        attention, "quantize_cache", lambda x: quantized.append(x) or quantize_cache(x)
+    )
+    int8_tokens = sampler.generate(prompts, INT8_GREEDY, eos_id=-1)
+    assert quantized  # the sampler compiled a generate with the int8 cache
+
+    fed = np.array([row[:-1] for row in float_tokens], np.int32)  # the float run's path
+    logits = {}
+    for dtype in ("model", "int8"):
+        prefill, stepped, _ = _cached_logits(model, params, prompts, fed, dtype)
+        logits[dtype] = np.concatenate([prefill, stepped], 1)
+    np.testing.assert_allclose(logits["int8"], logits["model"], atol=1e-3)
+    error = np.abs(logits["int8"] - logits["model"]).max()
+    assert error > 0  # the int8 cache is really used
+    generated = logits["model"][:, prefill.shape[1] - 1 :]
+    assert np.argmax(generated, -1).tolist() == float_tokens
+    top2 = -np.sort(-generated, -1)[..., :2]
+    assert (top2[..., 0] - top2[..., 1]).min() > 2 * error  # no argmax can flip
+    assert int8_tokens == float_tokens
+
+
+def test_an_int8_cache_holds_about_half_the_bytes_of_bfloat16():
+    config = ModelConfig(
+        **{**TINY_MODEL, "embed_dim": 256, "num_heads": 4, "num_kv_heads": 2, "dtype": "bfloat16"}
+    )  # head_dim 64
+    int8 = cache_bytes_per_token(config, "int8")
+    assert int8 == 2 * config.num_layers * 2 * (64 * 1 + 4)
+    assert 0.5 < int8 / cache_bytes_per_token(config) < 0.55
+    cache = init_cache(config, batch=3, length=5, kv_cache_dtype="int8")
+    held = sum(v.nbytes for k, v in cache.items() if k not in ("segment_ids", "index"))
+    assert held == 3 * 5 * int8
 
 
 def _hf_model(style):
@@ -124,6 +202,17 @@ def test_decoding_on_a_sharded_mesh_gives_the_same_tokens():
         )
 
 
+def test_int8_cache_decoding_on_a_sharded_mesh_gives_the_same_tokens():
+    config, _, params = _model("llama")  # 4 kv heads: one per tensor shard
+    prompts = [[5, 9, 2, 7], [12, 13], [1, 2, 3, 4, 5, 6], [7]]
+    one = Sampler(config, params, _mesh(), devices=jax.devices()[:1])
+    sharded = Sampler(config, params, _mesh(data=2, tensor=4))
+    wk = sharded.params["layers"]["attn"]["key"]["kernel"]
+    assert wk.addressable_shards[0].data.shape[2] == 1  # one kv head per device
+    ours = sharded.generate(prompts, INT8_GREEDY, eos_id=-1)
+    assert ours == one.generate(prompts, INT8_GREEDY, eos_id=-1)
+
+
 def test_ids_past_the_tokenizers_vocabulary_are_never_sampled():
     config, _, params = _model("gpt2")
     sampler = Sampler(config, params, _mesh(), devices=jax.devices()[:1])
@@ -168,6 +257,7 @@ def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
         (dict(temperature=-1.0), r"sampling.temperature=-1.0: must be in \[0, inf\)"),
         (dict(top_k=-1), r"sampling.top_k=-1: must be in \[0, inf\)"),
         (dict(max_new_tokens=0), r"sampling.max_new_tokens=0"),
+        (dict(kv_cache_dtype="fp8"), r"sampling.kv_cache_dtype='fp8': must be one of model, int8"),
     ],
 )
 def test_invalid_sampling_values_are_refused(values, message):

@@ -54,6 +54,26 @@ def test_sample_prints_what_the_sampler_generates(trained):
     assert result.stdout == expected
 
 
+def test_an_int8_kv_cache_samples_and_a_bad_cache_dtype_is_named(trained):
+    result = sample(
+        f"--workdir={trained}",
+        "--prompt=import os",
+        "--max_new_tokens=4",
+        "--temperature=0",
+        "--kv_cache_dtype=int8",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    step, meta = newest_step_meta(trained)
+    tokenizer = load_tokenizer(meta["config"]["data"]["tokenizer"])
+    # The float model's margins here (>= 0.25) dwarf the int8 cache's logit error (~4e-4).
+    [new] = greedy_by_full_passes(trained, step, meta, [tokenizer.encode("import os")], 4)
+    assert result.stdout == f"--- sample 1/1 (4 new tokens) ---\nimport os{tokenizer.decode(new)}\n"
+    result = sample(f"--workdir={trained}", "--prompt=x", "--kv_cache_dtype=fp8")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: sampling.kv_cache_dtype='fp8': must be one of model, int8."
+
+
 def greedy_by_full_passes(workdir, step, meta, prompts, num_new):
     """Greedy continuations computed without the sampler or its loader (which sample.py
     uses): the step's params read onto one device, one full forward pass per new token."""
