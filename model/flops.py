@@ -31,7 +31,8 @@ import numpy as np
 from model.config import ModelConfig
 
 
-def _count(params) -> int:
+def count_params(params) -> int:
+    """Number of parameters: elements of every leaf (int8/int4 weights and scales too)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
@@ -48,7 +49,7 @@ def matmul_params(config: ModelConfig, params) -> int:
         if any(getattr(key, "key", None) == "kernel" for key in path)
     ]
     output = params["token_embed"] if config.tie_embeddings else params["lm_head"]
-    return _count(kernels) + _count(output)
+    return count_params(kernels) + count_params(output)
 
 
 def train_flops_per_token(
@@ -72,4 +73,4 @@ def train_flops_per_token(
     weights = matmul_params(config, params)
     if adapters is None:
         return 6 * weights + attention
-    return 4 * weights + 6 * _count(adapters) + attention
+    return 4 * weights + 6 * count_params(adapters) + attention

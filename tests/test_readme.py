@@ -52,6 +52,7 @@ SHRINK = {
     ),
     "python sweep.py --summarize=": ("", {}),
     "python eval.py": ("", {}),
+    "python compress.py": ("", {}),
     "python benchmarks/attention.py": ("--lengths=64 --steps=1", {}),
 }
 

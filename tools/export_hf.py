@@ -11,7 +11,9 @@ tokenizer_config.json (a sentencepiece model is converted, with the same ids).
 `lm_eval --model hf --model_args pretrained=OUT_DIR` and other tools work on it.
 
 The params are read into this host's memory (numpy, through the CPU device);
-the HF tensors are written a shard at a time.
+the HF tensors are written a shard at a time. A compressed run (compress.py) is
+written as the plain model: its int8/int4 weights dequantized and its low-rank
+factors multiplied back (compression/quantize.py dense_params), as the summary says.
 """
 
 import argparse
@@ -29,6 +31,7 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from checkpoints.read import load_run  # noqa: E402
+from compression.quantize import dense_params, plain_config  # noqa: E402
 from data.hf_tokenizer import save_for_transformers  # noqa: E402
 from errors import UserError  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
@@ -77,22 +80,28 @@ def check_new_directory(out_dir: str) -> None:
         raise UserError(f"{out_dir!r} exists and is not empty; give a new or empty directory.")
 
 
-def _on_host(model_config: ModelConfig):
-    """The params as ShapeDtypeStructs on this host's CPU; a model HF cannot express is
-    refused first, before anything is read."""
-    config_to_hf(model_config)
+def on_host(model_config: ModelConfig):
+    """The params as ShapeDtypeStructs on this host's CPU."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), param_shapes(model_config)
     )
 
 
+def _on_host(model_config: ModelConfig):
+    """`on_host`, once the plain model (a compressed run's dense weights) is one that HF can
+    express: anything else is refused before an array is read."""
+    config_to_hf(plain_config(model_config))
+    return on_host(model_config)
+
+
 def export_hf(workdir: str, out_dir: str, max_shard_bytes: int) -> str:
     """Writes W's newest checkpoint into OUT_DIR; returns a one-line summary."""
     check_new_directory(out_dir)
     run = load_run(workdir, abstract=_on_host)
-    config, model_config, step = run.config, run.model_config, run.step
-    params = jax.tree.map(np.asarray, run.params)
+    config, step = run.config, run.step
+    params, model_config = dense_params(run.params, run.model_config)
+    params = jax.tree.map(np.asarray, params)
 
     tokenizer = save_for_transformers(
         config["data"]["tokenizer"], out_dir, model_config.max_seq_len
@@ -108,8 +117,20 @@ def export_hf(workdir: str, out_dir: str, max_shard_bytes: int) -> str:
         json.dump(hf_config, f, indent=2)
     return (
         f"Exported step {step} of {workdir} as a {hf_config['architectures'][0]} "
-        f"({files} safetensors file(s), {model_config.param_dtype}) into {out_dir}."
+        f"({files} safetensors file(s), {model_config.param_dtype}{_undone(run.model_config)}) "
+        f"into {out_dir}."
     )
+
+
+def _undone(model_config: ModelConfig) -> str:
+    """How a compressed run's weights were made plain for export, e.g. "; dequantized from
+    int8"; "" for a plain run."""
+    undone = []
+    if model_config.quantization != "none":
+        undone.append(f"dequantized from {model_config.quantization}")
+    if model_config.low_rank_ratio:
+        undone.append(f"low-rank factors (ratio {model_config.low_rank_ratio}) multiplied back")
+    return "".join(f"; {u}" for u in undone)
 
 
 def main(argv=None) -> None:

@@ -45,6 +45,14 @@ class OptimizerConfig:
     weight_decay: float = field(0.1, NON_NEGATIVE, "AdamW decoupled weight decay (matmul kernels)")
     decay_embeddings: bool = field(False, bool, "apply weight decay to the embeddings too")
     grad_clip_norm: float = field(1.0, NON_NEGATIVE, "clip the global gradient norm; 0 = off")
+    keep_sparsity: bool = field(
+        False,
+        bool,
+        "weights (kernels, embeddings) exactly zero when training starts, e.g. those of a "
+        "compress.py-pruned train.init_from, stay exactly zero: their updates are masked after "
+        "every optimizer update; the masks are optimizer state (checkpointed, restored on "
+        "resume) and cost one byte per weight",
+    )
 
     def __post_init__(self):
         check_fields(self, "optimizer")
@@ -162,6 +170,18 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
             f"model.quantization={model_config.quantization!r}: quantized weights are for "
             "inference (sample.py, eval.py, tools/export_hf.py) and do not train; fine-tune the "
             "unquantized run and quantize it afterwards with compress.py."
+        )
+    lora_rank = config.lora.rank
+    if lora_rank and config.optimizer.keep_sparsity:
+        raise UserError(
+            f"optimizer.keep_sparsity with lora.rank={lora_rank}: LoRA adapters add dense updates "
+            "to every kernel, so pruned weights would not stay zero; fine-tune without LoRA "
+            "(lora.rank=0)."
+        )
+    if lora_rank and model_config.low_rank_ratio:
+        raise UserError(
+            f"lora.rank={lora_rank} with model.low_rank_ratio={model_config.low_rank_ratio}: "
+            "LoRA adapts full kernels; fine-tune a factorized run without LoRA (lora.rank=0)."
         )
     return model_config
 
