@@ -10,6 +10,7 @@ dataclass that checks them:
     optimizer, train, checkpoint, profile       training/config.py
     eval                   evaluation/config.py EvalConfig
     lora                   model/lora.py        LoraConfig
+    distill                training/distill.py  DistillConfig
 
 `python -m configs.base` prints every field with its default, allowed values and
 meaning. Override any field from the command line, e.g.

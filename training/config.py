@@ -15,6 +15,7 @@ from model.config import ModelConfig
 from model.lora import LoraConfig
 from sharding.mesh import MESH_AXES, MeshConfig, resolve_mesh_shape
 from sharding.rules import logical_rules
+from training import distill
 
 POSITIVE, NON_NEGATIVE = "[1, inf)", "[0, inf)"
 SCHEDULES = ("cosine", "linear", "constant")
@@ -118,6 +119,7 @@ SECTIONS = {
     "profile": ProfileConfig,
     "eval": EvalConfig,
     "lora": LoraConfig,
+    "distill": distill.DistillConfig,
 }
 
 
@@ -183,6 +185,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
             f"lora.rank={lora_rank} with model.low_rank_ratio={model_config.low_rank_ratio}: "
             "LoRA adapts full kernels; fine-tune a factorized run without LoRA (lora.rank=0)."
         )
+    distill.check(config, model_config)
     return model_config
 
 

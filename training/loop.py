@@ -123,6 +123,7 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
         "%s", describe(config, trainer.model_config, trainer.num_params, jax.device_count())
     )
     train_step = trainer.checked_train_step()  # a step that does not fit stops here
+    train_step = trainer.teacher_step(train_step)  # distillation: the teacher's params read
 
     workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
@@ -206,6 +207,8 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
             "mfu": trainer.flops_per_token * tokens_per_second / (peak_flops * jax.device_count()),
             "eta_seconds": step_time * (num_steps - step_done),
         }
+        if "distill_kl" in metrics:  # a distillation run's KL, per token (training/distill.py)
+            last["distill_kl"] = float(metrics["distill_kl"])
         writer.write(step_done, last)
         writer.console(step_done, num_steps, last)
 

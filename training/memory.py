@@ -144,6 +144,9 @@ def breakdown(trainer, compiled) -> dict:
         row["kind"] = kind(row, cfg.num_layers, cfg.embed_dim, vocab_dims)
     return {
         "params_bytes": shard_bytes(trainer.abstract_state.params),
+        "teacher_params_bytes": shard_bytes(trainer.teacher.abstract_params)
+        if trainer.teacher
+        else 0,
         "opt_state_bytes": shard_bytes(trainer.abstract_state.opt_state),
         "batch_bytes": shard_bytes(trainer.abstract_batch()),
         "saved_activation_bytes": saved_activation_bytes(trainer),
@@ -165,6 +168,9 @@ def describe(report: dict) -> list[str]:
         "Largest arrays (per device, not all live at once; XLA:CPU computes bfloat16 matmuls "
         "in float32 and keeps float32 copies, so a CPU dry run overstates a GPU's or TPU's):",
     ]
+    if report["teacher_params_bytes"]:
+        teacher = gib(report["teacher_params_bytes"])
+        lines.insert(2, f"  teacher params   {teacher}  (distill.teacher, frozen)")
     for row in report["largest_arrays"]:
         shape = ",".join(map(str, row["shape"]))
         what = f"  [{row['kind']}: {KNOBS[row['kind']]}]" if row["kind"] else ""

@@ -3,7 +3,8 @@
 One train step = forward in the compute dtype, masked cross-entropy in float32
 (from whole logits, or a chunk of positions at a time with `model.loss_chunk_size`),
 gradients (accumulated over microbatches with `lax.scan` when asked), one optax
-update. The state is donated, so its buffers are reused for the new state.
+update. The state is donated, so its buffers are reused for the new state. A
+distillation step also runs the teacher and adds its KL (training/distill.py).
 """
 
 import flax.linen as nn
@@ -14,7 +15,12 @@ import optax
 from data.batch import BATCH_FIELDS
 from model.lora import is_lora_tree, scaled, trainable, with_trainable
 from sharding import activate, batch_sharding, replicated
-from training.loss import chunked_cross_entropy_sums, cross_entropy_sums
+from training.loss import (
+    chunked_cross_entropy_sums,
+    chunked_kl_sum,
+    cross_entropy_sums,
+    project,
+)
 
 
 def _split_microbatches(batch, num_microbatches: int):
@@ -31,26 +37,60 @@ def _split_microbatches(batch, num_microbatches: int):
     return jax.tree.map(split, batch)
 
 
-def forward_sums(model, params, batch, rng, z_loss_weight, adapters=None):
-    """(total loss, cross-entropy, weight) sums of one batch: the model, then the loss.
-    `adapters`: a LoRA run's "lora" collection (model/lora.scaled); dropout only with `rng`."""
-    chunk_size = model.config.loss_chunk_size
+def _apply(model, params, batch, rng, adapters, return_hidden):
+    """The model on `batch`: `adapters` is a LoRA run's "lora" collection (model/lora.scaled);
+    dropout only with `rng`."""
     variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
-    out = model.apply(
+    return model.apply(
         variables,
         batch["inputs"],
         batch["segment_ids"],
         batch["positions"],
         deterministic=rng is None,
         rngs={} if rng is None else {"dropout": rng},
-        return_hidden=chunk_size > 0,
+        return_hidden=return_hidden,
     )
+
+
+def _ce_sums(hidden, output, batch, z_loss_weight, chunk_size):
     if chunk_size > 0:
-        hidden, output = out
         return chunked_cross_entropy_sums(
             hidden, output, batch["targets"], batch["weights"], z_loss_weight, chunk_size
         )
+    logits = project(hidden, output)  # the model's own einsum: the same sums as its logits'
+    return cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss_weight)
+
+
+def forward_sums(model, params, batch, rng, z_loss_weight, adapters=None):
+    """(total loss, cross-entropy, weight) sums of one batch: the model, then the loss."""
+    chunk_size = model.config.loss_chunk_size
+    out = _apply(model, params, batch, rng, adapters, return_hidden=chunk_size > 0)
+    if chunk_size > 0:
+        return _ce_sums(*out, batch, z_loss_weight, chunk_size)
     return cross_entropy_sums(out, batch["targets"], batch["weights"], z_loss_weight)
+
+
+def distill_sums(model, params, batch, rng, z_loss_weight, adapters, distill, teacher_out):
+    """(total loss, cross-entropy, KL, weight) sums of one batch of a distillation run:
+    total = alpha * T^2 * KL + (1 - alpha) * (CE + z-loss) by `distill` (a DistillConfig),
+    the KL between the student's predictions and the teacher's, whose final hidden states
+    and output projection are `teacher_out`; chunked by model.loss_chunk_size (0 = whole).
+    alpha = 0 gives exactly forward_sums' total (the KL is then only measured)."""
+    chunk_size = model.config.loss_chunk_size
+    hidden, output = _apply(model, params, batch, rng, adapters, return_hidden=True)
+    total, ce_sum, weight_sum = _ce_sums(hidden, output, batch, z_loss_weight, chunk_size)
+    kl_sum = chunked_kl_sum(
+        hidden,
+        output,
+        *teacher_out,
+        batch["weights"],
+        distill.temperature,
+        distill.kl == "reverse",
+        chunk_size,
+    )
+    if distill.alpha:  # alpha = 0: the loss without a teacher, exactly
+        total = (1 - distill.alpha) * total + distill.alpha * distill.temperature**2 * kl_sum
+    return total, ce_sum, kl_sum, weight_sum
 
 
 def make_train_step(
@@ -66,34 +106,42 @@ def make_train_step(
     skip_nonfinite_updates: bool = False,
     seed: int = 0,
     lora_config=None,
+    teacher=None,
 ):
     """Returns `train_step(state, batch) -> (new_state, metrics)`, jitted over `mesh`.
 
     With LoRA params ({"base", "lora"}, model/lora.py) only the adapters get
     gradients and updates: the model adds them beside the base's kernels, and the
-    base is a constant of the step.
+    base is a constant of the step. With a `teacher` (training/distill.Teacher) it is
+    `train_step(state, batch, teacher_params)`: the teacher's params are a constant of
+    the step too, outside the state, and the metrics add `distill_kl`.
     """
+    sum_names = ("total", "cross_entropy", "weight") + (("distill_kl",) if teacher else ())
 
-    def loss_and_grads(params, batch, rng):
+    def loss_and_grads(params, teacher_params, batch, rng):
+        teacher_out = None if teacher is None else teacher.hidden(teacher_params, batch)
+
         def loss_fn(weights):
             if is_lora_tree(params):  # the adapters, beside the frozen base's kernels
                 model_params, adapters = params["base"], scaled(weights, lora_config)
             else:
                 model_params, adapters = weights, None
-            total, ce_sum, weight_sum = forward_sums(
-                model, model_params, batch, rng, z_loss_weight, adapters
+            args = (model, model_params, batch, rng, z_loss_weight, adapters)
+            if teacher is None:
+                total, ce_sum, weight_sum = forward_sums(*args)
+                return total, dict(total=total, cross_entropy=ce_sum, weight=weight_sum)
+            total, ce_sum, kl_sum, weight_sum = distill_sums(*args, teacher.config, teacher_out)
+            return total, dict(
+                total=total, cross_entropy=ce_sum, distill_kl=kl_sum, weight=weight_sum
             )
-            return total, (ce_sum, weight_sum)
 
-        (total, (ce_sum, weight_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable(params)
-        )
-        return grads, total, ce_sum, weight_sum
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable(params))
+        return grads, sums
 
-    def step(state, batch):
+    def step(state, batch, teacher_params=None):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
         if num_microbatches == 1:
-            grads, total, ce_sum, weight_sum = loss_and_grads(state.params, batch, rng)
+            grads, sums = loss_and_grads(state.params, teacher_params, batch, rng)
         else:
 
             def accumulate(carry, inputs):
@@ -101,20 +149,22 @@ def make_train_step(
                 microbatch = jax.tree.map(
                     lambda x: nn.with_logical_constraint(x, ("batch", "length")), microbatch
                 )
-                out = loss_and_grads(state.params, microbatch, jax.random.fold_in(rng, index))
+                rng_m = jax.random.fold_in(rng, index)
+                out = loss_and_grads(state.params, teacher_params, microbatch, rng_m)
                 return jax.tree.map(jnp.add, carry, out), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, trainable(state.params)),) + (
-                jnp.zeros((), jnp.float32),
-            ) * 3
+            zeros = (
+                jax.tree.map(jnp.zeros_like, trainable(state.params)),
+                dict.fromkeys(sum_names, jnp.zeros((), jnp.float32)),
+            )
             microbatches = _split_microbatches(batch, num_microbatches)
-            (grads, total, ce_sum, weight_sum), _ = jax.lax.scan(
+            (grads, sums), _ = jax.lax.scan(
                 accumulate, zeros, (jnp.arange(num_microbatches), microbatches)
             )
 
-        denominator = jnp.maximum(weight_sum, 1.0)
+        denominator = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
-        loss, grad_norm = total / denominator, optax.tree.norm(grads)
+        loss, grad_norm = sums["total"] / denominator, optax.tree.norm(grads)
         weights = trainable(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, weights, step=state.step)
         new_state = state.replace(
@@ -131,26 +181,30 @@ def make_train_step(
             )
         metrics = {
             "loss": loss,
-            "cross_entropy": ce_sum / denominator,
+            "cross_entropy": sums["cross_entropy"] / denominator,
             "learning_rate": schedule(state.step),
             "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(new_state.params),
-            "num_tokens": weight_sum,
+            "num_tokens": sums["weight"],
             "finite": finite,
         }
+        if teacher is not None:  # per token, before T^2 and alpha
+            metrics["distill_kl"] = sums["distill_kl"] / denominator
         return new_state, metrics
 
-    batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS}
+    in_shardings = (state_shardings, {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS})
+    if teacher is not None:
+        in_shardings += (jax.tree.map(lambda a: a.sharding, teacher.abstract_params),)
     jitted = jax.jit(
         step,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,
     )
 
-    def train_step(state, batch):
+    def train_step(state, batch, *teacher_params):
         with activate(mesh, rules):
-            return jitted(state, batch)
+            return jitted(state, batch, *teacher_params)
 
     train_step.jitted = jitted  # for .lower() / memory analysis in benchmarks and --dry_run
     return train_step

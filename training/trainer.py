@@ -11,10 +11,11 @@ import numpy as np
 
 from data.batch import batch_spec
 from model import Transformer
-from model.flops import train_flops_per_token
+from model.flops import count_params, train_flops_per_token
 from model.lora import LoraConfig, is_lora_tree, merged_params, trainable
 from sharding import activate, batch_sharding, logical_rules, make_mesh
 from training.config import validate_config
+from training.distill import Teacher
 from training.memory import breakdown, check_fits
 from training.optimizer import make_optimizer
 from training.state import TrainState, init_train_state, state_shardings
@@ -25,10 +26,6 @@ def _with_shardings(abstract, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-
-
-def _count(params) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def memory_report(compiled) -> dict:
@@ -72,6 +69,10 @@ class Trainer:
         self.seq_len = config.data.seq_len
         self.lora = LoraConfig(**config.lora) if config.lora.rank else None
         self.model = Transformer(self.model_config, self.lora.dropout if self.lora else 0.0)
+        # Distillation: the teacher's model and abstract params (its arrays: `teacher_step`).
+        self.teacher = None
+        if config.distill.teacher:
+            self.teacher = Teacher(config.distill, self.mesh, self.rules)
         abstract, self.shardings = state_shardings(
             self.model, self.tx, self.mesh, self.rules, self.seq_len, self.lora
         )
@@ -89,6 +90,7 @@ class Trainer:
             skip_nonfinite_updates=config.train.skip_nonfinite_updates,
             seed=config.seed,
             lora_config=self.lora,
+            teacher=self.teacher,
         )
         # The model's own params: with LoRA, the frozen base (model/lora.py).
         self.abstract_model_params = _with_shardings(abstract, self.shardings).params
@@ -100,8 +102,8 @@ class Trainer:
                 lambda p: merged_params(p["base"], p["lora"], self.lora),
                 out_shardings=self.model_shardings,
             )
-        self.num_params = _count(self.abstract_model_params)
-        self.num_trainable_params = _count(trainable(abstract.params))
+        self.num_params = count_params(self.abstract_model_params)
+        self.num_trainable_params = count_params(trainable(abstract.params))
         self.flops_per_token = train_flops_per_token(
             self.model_config,
             self.abstract_model_params,
@@ -160,10 +162,20 @@ class Trainer:
     def compile(self):
         """(compiled train step, seconds): compiled from shapes alone, allocating nothing."""
         start = time.perf_counter()
+        args = (self.abstract_state, self.abstract_batch())
+        if self.teacher:
+            args += (self.teacher.abstract_params,)
         with activate(self.mesh, self.rules):
-            lowered = self.train_step.jitted.lower(self.abstract_state, self.abstract_batch())
-            compiled = lowered.compile()
+            compiled = self.train_step.jitted.lower(*args).compile()
         return compiled, time.perf_counter() - start
+
+    def teacher_step(self, train_step):
+        """`train_step(state, batch)`: the compiled step of a distillation run given the
+        teacher's params, read now (and again whenever a run starts or resumes)."""
+        if not self.teacher:
+            return train_step
+        teacher_params = self.teacher.load()
+        return lambda state, batch: train_step(state, batch, teacher_params)
 
     def checked_train_step(self):
         """The train step, compiled now and refused (a UserError naming both sizes and the

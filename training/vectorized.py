@@ -241,6 +241,8 @@ def run(base_config, workdir: str, named: dict) -> None:
     _check_fields(named)
     if base_config.lora.rank:
         raise UserError("--vectorized: LoRA (lora.rank > 0) is not supported; run it without.")
+    if base_config.distill.teacher:
+        raise UserError("--vectorized: distill.teacher is not supported; run it without.")
     configs = _valid_configs(base_config, workdir, named)
     if not configs:
         return
