@@ -14,7 +14,8 @@ are independent), then on one device:
     dense model's (teacher-forced, so one early difference does not count twice);
   - decode tokens/s at batch 1 with the KV cache: (time of 64 new tokens - time of 1)
     / 63 after a 64-token prompt, median of 3.
-The "+ masked fine-tune" row trains the Wanda 50 % run for --finetune_steps with
+It first prints how uneven each kernel's input norms are (what Wanda weighs by). The
+"+ masked fine-tune" row trains the Wanda 50 % run for --finetune_steps with
 train.py, optimizer.keep_sparsity and W's own config (subprocess). The last line
 printed is JSON with every number.
 """
@@ -38,12 +39,14 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine_info import describe as describe_machine  # noqa: E402
-from checkpoints.read import load_sampler  # noqa: E402
+from checkpoints.read import load_run, load_sampler  # noqa: E402
+from compression.calibrate import input_statistics  # noqa: E402
 from compression.quantize import weight_bytes  # noqa: E402
 from evaluation.text_data import eval_batches, text_data_config  # noqa: E402
 from model.decode import cache_bytes_per_token, init_cache  # noqa: E402
 from model.flops import count_params  # noqa: E402
 from model.sampler import SamplingConfig, parse_mesh  # noqa: E402
+from tools.export_hf import on_host  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "The dense run to compress.")
 flags.DEFINE_string("out", "/tmp/compress-bench", "Where the compressed workdirs are written.")
@@ -138,6 +141,23 @@ def decode_tokens_per_second(sampler, kv_cache_dtype: str) -> float:
     return 63 / max(seconds(64) - seconds(1), 1e-9)
 
 
+def input_norm_spread(run) -> str:
+    """How uneven the kernels' input features are on the calibration data that Wanda
+    weighs by: max / median of the input norms, the range over layers, per kernel."""
+    args = compress.parse_args([f"--workdir={FLAGS.workdir}", "--output=unused"])
+    batches = compress.calibration_batches(run.config, run.model_config, args)
+    params = jax.device_get(load_run(FLAGS.workdir, abstract=on_host).params)
+    stats = input_statistics(run.model_config, params, batches)
+    spreads = []
+    for module, kernels in stats["layers"].items():
+        for name, leaves in kernels.items():
+            norms = np.sqrt(np.asarray(leaves["sum_squares"]))
+            norms = norms.reshape(run.model_config.num_layers, -1)
+            ratio = norms.max(axis=1) / np.median(norms, axis=1)
+            spreads.append(f"{module}/{name} {ratio.min():.1f}-{ratio.max():.1f}")
+    return f"input norm max/median over {len(batches)} calibration batches: " + ", ".join(spreads)
+
+
 def main(argv):
     del argv
     print(describe_machine())
@@ -156,6 +176,7 @@ def main(argv):
     print(f"dense: {FLAGS.workdir} step {run.step}, {run.model_config.num_layers} layers x "
           f"{run.model_config.embed_dim}, validation perplexity {dense_ppl:.3f} over "
           f"{len(batches)} batches of {batches[0]['inputs'].shape} tokens")
+    print(input_norm_spread(run))
     header = ("| method | ppl | Δ ppl | params | weight bytes | KV bytes/token | "
               "greedy agreement | decode tokens/s |")
     print(header + "\n|" + "---|" * 8)

@@ -68,7 +68,8 @@ def train(student: str, distilled: bool) -> dict:
     command = [
         os.path.join(ROOT, "train.py"), *student_flags(student), f"--workdir={workdir}",
         f"--config.train.num_steps={FLAGS.steps}",
-        f"--config.train.eval_every={FLAGS.steps}", f"--config.checkpoint.every_steps={FLAGS.steps}",
+        f"--config.train.eval_every={FLAGS.steps}",
+        f"--config.checkpoint.every_steps={FLAGS.steps}",
     ]
     if distilled:
         command += [f"--config.distill.teacher={FLAGS.teacher}",

@@ -103,7 +103,8 @@ def _factor(w, rank: int, gram):
         u, s, vt = np.linalg.svd(w, full_matrices=False)
         root = np.sqrt(s[:rank])
         return u[:, :rank] * root, root[:, None] * vt[:rank]
-    damped = gram + DAMPING * np.mean(np.diag(gram)) * np.eye(len(gram))
+    damping = max(DAMPING * np.mean(np.diag(gram)), np.finfo(np.float32).tiny)  # all-zero inputs
+    damped = gram + damping * np.eye(len(gram))
     chol = np.linalg.cholesky(damped)  # damped = chol @ chol.T
     u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
     root = np.sqrt(s[:rank])

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from model import quantize
 from model.config import ModelConfig
 from model.layers import target_name
-from model.lora import TARGETS
+from model.lora import TARGETS, low_rank_product
 
 # The ModelConfig fields that make a model compressed; `plain_config` resets them.
 COMPRESSION_FIELDS = (
@@ -116,7 +116,8 @@ def dense_params(params, model_config: ModelConfig) -> tuple[dict, ModelConfig]:
         new = {k: v for k, v in leaves.items() if not k.endswith("_scale")}
         new.update({k: dequantized(leaves, k, n) for k, n in _kernels(leaves, name)})
         if "kernel_a" in new:
-            new["kernel"] = _multiply(new.pop("kernel_a"), new.pop("kernel_b"))
+            a, b = new.pop("kernel_a"), new.pop("kernel_b")
+            new["kernel"] = low_rank_product(a, b).astype(a.dtype)
         return new
 
     dense = _map_denses(params, change)
@@ -126,17 +127,6 @@ def dense_params(params, model_config: ModelConfig) -> tuple[dict, ModelConfig]:
     if "lm_head_scale" in dense:
         dense["lm_head"] = _dequantize(params["lm_head"], dense.pop("lm_head_scale"), 1, dtype)
     return dense, plain_config(model_config)
-
-
-def _multiply(a, b):
-    """kernel_a [layers, *in, r] @ kernel_b [layers, r, *out] -> [layers, *in, *out]."""
-    layers, rank = a.shape[0], a.shape[-1]
-    product = jnp.matmul(
-        a.reshape(layers, -1, rank).astype(jnp.float32),
-        b.reshape(layers, rank, -1).astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    return product.reshape(*a.shape[:-1], *b.shape[2:]).astype(a.dtype)
 
 
 def weight_bytes(params) -> int:

@@ -31,6 +31,9 @@ import numpy as np
 from model.config import ModelConfig
 
 
+KERNELS = ("kernel", "kernel_a", "kernel_b")  # a full kernel, or its low-rank factors
+
+
 def count_params(params) -> int:
     """Number of parameters: elements of every leaf (int8/int4 weights and scales too)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -46,7 +49,7 @@ def matmul_params(config: ModelConfig, params) -> int:
     kernels = [
         leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-        if any(getattr(key, "key", None) == "kernel" for key in path)
+        if any(getattr(key, "key", None) in KERNELS for key in path)
     ]
     output = params["token_embed"] if config.tie_embeddings else params["lm_head"]
     return count_params(kernels) + count_params(output)

@@ -92,7 +92,6 @@ def weight(module, name, shape, names, num_in, init, quantized=True, transposed=
     return w.T if transposed else w
 
 
-
 def low_rank(config: ModelConfig, shape, num_in: int) -> int:
     """The rank of a factorized kernel [*in, *out]: ceil(ratio x min(in, out)), at least 1."""
     smallest = min(math.prod(shape[:num_in]), math.prod(shape[num_in:]))
@@ -166,14 +165,14 @@ class Dense(nn.Module):
         """Adds x's per-input-feature squared sums (and Gram matrix) to the calibration
         collections when they are mutable (compression/calibrate.py)."""
         in_shape = self.shape[:num_in]
-        rows = x.astype(jnp.float32).reshape(-1, math.prod(in_shape))
+        rows = lambda: x.astype(jnp.float32).reshape(-1, math.prod(in_shape))
         if self.is_mutable_collection("calibration"):
             sums = self.variable("calibration", "sum_squares", jnp.zeros, in_shape, jnp.float32)
-            sums.value = sums.value + jnp.sum(rows * rows, axis=0).reshape(in_shape)
+            sums.value = sums.value + jnp.sum(jnp.square(rows()), axis=0).reshape(in_shape)
         if self.is_mutable_collection("calibration_gram"):
-            size = rows.shape[1]
+            size = math.prod(in_shape)
             gram = self.variable("calibration_gram", "gram", jnp.zeros, (size, size), jnp.float32)
-            gram.value = gram.value + rows.T @ rows
+            gram.value = gram.value + rows().T @ rows()
 
 
 def residual_init_std(config: ModelConfig) -> float:

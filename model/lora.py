@@ -126,12 +126,19 @@ def init_adapters(rng, base, lora_config: LoraConfig) -> dict:
     return {"layers": adapters}
 
 
-def _delta(a, b):
-    """A @ B over the rank axis, keeping the kernel's multi-axis layout (no reshapes)."""
+def low_rank_product(a, b):
+    """A [layers, *in, rank] @ B [layers, rank, *out] -> [layers, *in, *out] in float32,
+    keeping the kernel's multi-axis layout (no reshapes); LoRA's delta and a factorized
+    kernel multiplied back (compression/quantize.py)."""
     num_in, num_out = a.ndim - 2, b.ndim - 2
     ins, outs = "ijk"[:num_in], "xyz"[:num_out]
     equation = f"l{ins}r,lr{outs}->l{ins}{outs}"
-    return jnp.einsum(equation, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.einsum(
+        equation,
+        a.astype(jnp.float32),
+        b.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 def merged_params(params, adapters, lora_config: LoraConfig):
@@ -142,7 +149,7 @@ def merged_params(params, adapters, lora_config: LoraConfig):
         layers[module] = dict(layers[module])
         for name, ab in kernels.items():
             kernel = layers[module][name]["kernel"]
-            merged = kernel.astype(jnp.float32) + scale * _delta(ab["a"], ab["b"])
+            merged = kernel.astype(jnp.float32) + scale * low_rank_product(ab["a"], ab["b"])
             layers[module][name] = dict(layers[module][name], kernel=merged.astype(kernel.dtype))
     return dict(params, layers=layers)
 

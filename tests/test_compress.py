@@ -132,6 +132,44 @@ def test_quantized_params_are_the_tree_the_model_declares(style, compression):
     assert tree_differences(dense, param_shapes(plain)) == []
 
 
+def test_scales_and_factors_carry_their_kernels_logical_axes():
+    """Scales are sharded like their kernel's output channels (the tied head's: vocab), so
+    the sharding rules place them beside the integers they scale."""
+
+    def names(**fields):
+        config = ModelConfig(**{**TINY_MODEL, **fields})
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)["params"]
+        is_box = lambda x: isinstance(x, nn.Partitioned)
+        return jax.tree.map(lambda box: box.names, boxed, is_leaf=is_box)
+
+    int4 = names(quantization="int4", quant_group_size=16, quantize_embeddings=True,
+                 tie_embeddings=False)
+    attn = int4["layers"]["attn"]
+    assert attn["query"]["kernel_scale"] == ("layers", "quant_groups", "heads", "head_dim")
+    assert attn["out"]["kernel_scale"] == ("layers", "quant_groups", "embed")
+    assert int4["token_embed_scale"] == int4["lm_head_scale"] == ("quant_groups", "vocab")
+    int8 = names(quantization="int8", quantize_embeddings=True)
+    assert int8["layers"]["mlp"]["wo"]["kernel_scale"] == ("layers", "embed")
+    assert int8["token_embed_scale"] == ("vocab",)
+    factors = names(low_rank_ratio=0.5)["layers"]["mlp"]["wi"]
+    assert factors["kernel_a"] == ("layers", "embed", "low_rank")
+    assert factors["kernel_b"] == ("layers", "low_rank", "mlp")
+
+
+def test_the_token_embedding_has_one_scale_per_vocabulary_row():
+    config = ModelConfig(**TINY_MODEL)
+    params = random_params(config)
+    target = dataclasses.replace(config, quantization="int8", quantize_embeddings=True)
+    quantized = quantize_params(params, target)
+    scale = np.asarray(quantized["token_embed_scale"])
+    table = np.asarray(params["token_embed"], np.float32)
+    assert scale.shape == (config.vocab_size,)
+    np.testing.assert_allclose(scale, np.abs(table).max(axis=1) / 127, rtol=1e-6)
+    error = np.abs(np.asarray(quantized["token_embed"], np.float32) * scale[:, None] - table)
+    assert np.all(error <= scale[:, None] / 2 + 1e-7)
+
+
 @pytest.mark.parametrize("method, group, bound", [("int8", 128, 0.005), ("int4", 16, 0.06)])
 def test_quantized_logits_are_close_to_the_float_logits(method, group, bound):
     config = ModelConfig(**TINY_MODEL)

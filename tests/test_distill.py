@@ -312,3 +312,8 @@ def test_a_teacher_with_another_tokenizer_or_vocabulary_is_refused(tmp_path):
 
     wider = save_run(tmp_path / "wider", tiny_config(vocab_size=128))
     refused(student(wider), "model.vocab_size=128", "model.vocab_size=64")
+
+    short_config = tiny_config(max_seq_len=8)
+    short_config.data.seq_len = 8
+    short = save_run(tmp_path / "short", short_config)
+    refused(student(short), "model.max_seq_len=8", "data.seq_len=16")

@@ -224,13 +224,16 @@ def test_mistakes_are_one_clear_error(trained, tmp_path, options, message):
 
 
 def test_a_config_json_without_the_eval_section_still_loads(trained, tmp_path):
-    """config.json files written before `eval` existed get its defaults (configs/json_file.py)."""
+    """config.json files written before `eval` or `optimizer.keep_sparsity` existed get their
+    defaults (configs/json_file.py), so such runs take today's overrides."""
     with open(os.path.join(trained[0], "config.json")) as f:
         saved = json.load(f)
-    del saved["eval"]
+    del saved["eval"], saved["optimizer"]["keep_sparsity"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = config_from_json(str(tmp_path / "config.json"))
     validate_config(config, jax.device_count())
+    assert config.optimizer.keep_sparsity is False
+    assert config.optimizer.learning_rate == saved["optimizer"]["learning_rate"]
     assert (
         config.eval.to_dict() == defaults(EvalConfig) and config.model.to_dict() == saved["model"]
     )

@@ -12,7 +12,7 @@ import pytest
 
 from compression.calibrate import input_statistics
 from compression.low_rank import factorize
-from model.flops import count_params
+from model.flops import count_params, matmul_params
 from errors import UserError
 from model import ModelConfig, Transformer
 from tests.helpers import LLAMA_STYLE, TINY_MODEL, random_batch, setup, tiny_config
@@ -124,12 +124,15 @@ def test_factorized_model_trains_and_counts_its_parameters():
     # The parameter count: each [in, out] kernel of L layers now holds L x r x (in + out).
     dense_config = dataclasses.replace(model.config, low_rank_ratio=0.0)
     dense = init(dense_config)
-    factored, _ = factorize(dense, dense_config, ratio=0.5)
+    factored, factored_config = factorize(dense, dense_config, ratio=0.5)
     e, q, kv, m = 32, 32, 16, 64  # embed, query/out heads x head_dim, GQA key/value, mlp
     shapes = [(e, q), (e, kv), (e, kv), (q, e), (e, m), (e, m), (m, e)]
     saved = sum(i * o - math.ceil(0.5 * min(i, o)) * (i + o) for i, o in shapes)
     assert count_params(factored) == count_params(dense) - 2 * saved
     assert count_params(factored) == count_params(initial)
+    # MFU counts the factors' matmuls, which are fewer by as many weights.
+    dense_matmuls = matmul_params(dense_config, dense)
+    assert matmul_params(factored_config, factored) == dense_matmuls - 2 * saved
 
 
 def test_errors():

@@ -93,6 +93,11 @@ def check(config, model_config: ModelConfig) -> None:
             f"from the student's data.tokenizer {ours[0]} (sha256 {ours[1][:12]}...); "
             "distillation needs the same tokenizer."
         )
+    if teacher_config.model.max_seq_len < config.data.seq_len:
+        raise UserError(
+            f"{where}: the teacher's model.max_seq_len={teacher_config.model.max_seq_len} is "
+            f"shorter than data.seq_len={config.data.seq_len}; give windows the teacher can read."
+        )
     teacher_vocab = teacher_config.model.vocab_size
     if teacher_vocab != model_config.vocab_size:
         raise UserError(
