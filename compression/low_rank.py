@@ -24,6 +24,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from compression.denses import map_denses
 from errors import UserError
 from model.config import ModelConfig
 from model.layers import low_rank, target_name
@@ -49,20 +50,19 @@ def factorize(
     model. Everything but the targeted kernels (biases, norms, embeddings) is kept.
     """
     new_config = check(model_config, ratio, targets, method, grams)
-    layers = dict(params["layers"])
-    for module, dense in params["layers"].items():
-        layers[module] = dict(dense)
-        for name, leaves in dense.items():
-            if target_name(name) not in new_config.low_rank_target_names:
-                continue
-            kernel = leaves["kernel"]
-            num_in = TARGETS[target_name(name)][1]
-            rank = low_rank(new_config, kernel.shape[1:], num_in)
-            gram = grams["layers"][module][name]["gram"] if method == "whitened" else None
-            a, b = _factor_layers(kernel, num_in, rank, gram)
-            rest = {k: v for k, v in leaves.items() if k != "kernel"}
-            layers[module][name] = dict(rest, kernel_a=a, kernel_b=b)
-    return dict(params, layers=layers), new_config
+
+    def change(module, name, leaves):
+        if target_name(name) not in new_config.low_rank_target_names:
+            return leaves
+        kernel = leaves["kernel"]
+        num_in = TARGETS[target_name(name)][1]
+        rank = low_rank(new_config, kernel.shape[1:], num_in)
+        gram = grams["layers"][module][name]["gram"] if method == "whitened" else None
+        a, b = _factor_layers(kernel, num_in, rank, gram)
+        rest = {k: v for k, v in leaves.items() if k != "kernel"}
+        return dict(rest, kernel_a=a, kernel_b=b)
+
+    return map_denses(params, change), new_config
 
 
 def check(model_config: ModelConfig, ratio, targets, method, grams) -> ModelConfig:

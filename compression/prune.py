@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compression.denses import denses, map_denses
 from errors import UserError
 from model.config import ModelConfig
 from model.layers import target_name
@@ -59,13 +60,14 @@ def prune(
     check(params, model_config, method, sparsity, n_m, stats, include_embeddings)
     prune_one = lambda w, num_in, sums: _prune_kernel(w, num_in, sums, method, sparsity, n_m)
     pruned = {}
-    layers = {module: dict(children) for module, children in params["layers"].items()}
-    for module, name, leaves in _kernels(params):
+
+    def change(module, name, leaves):
         sums = stats["layers"][module][name]["sum_squares"] if method == "wanda" else None
         kernel = prune_one(leaves["kernel"], TARGETS[target_name(name)][1], sums)
-        layers[module][name] = dict(leaves, kernel=kernel)
         pruned[f"layers/{module}/{name}/kernel"] = kernel
-    new_params = dict(params, layers=layers)
+        return dict(leaves, kernel=kernel)
+
+    new_params = map_denses(params, change)
     if include_embeddings:
         # token_embed [vocab, embed] is the head transposed: pruned as the kernel [embed, vocab].
         new_params["token_embed"] = prune_one(params["token_embed"].T[None], 1, None)[0].T
@@ -80,14 +82,6 @@ def prune(
         w.size for w in jax.tree.leaves(new_params)
     )
     return new_params, report
-
-
-def _kernels(params):
-    """(module, Dense name, its leaves) of every layers' kernel, e.g. ("attn", "query", ...)."""
-    for module, children in params["layers"].items():
-        for name, leaves in children.items():
-            if isinstance(leaves, dict) and "kernel" in leaves:
-                yield module, name, leaves
 
 
 def check(params, model_config, method, sparsity, n_m, stats, include_embeddings) -> None:
@@ -110,7 +104,7 @@ def check(params, model_config, method, sparsity, n_m, stats, include_embeddings
             raise UserError(f"--n_m={n}:{m}: give N:M with 1 <= N < M, e.g. 2:4.")
         inputs = {
             f"layers/{module}/{name}/kernel": _in_size(leaves["kernel"], name)
-            for module, name, leaves in _kernels(params)
+            for module, name, leaves in denses(params)
         }
         if include_embeddings:  # the output head's input is the embedding
             heads = [k for k in ("token_embed", "lm_head") if k in params]

@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from compression.denses import map_denses
 from model import quantize
 from model.config import ModelConfig
 from model.layers import target_name
@@ -50,22 +51,6 @@ def _kernels(dense: dict, name: str):
             if k in dense]
 
 
-def _denses(params):
-    """(module, name, leaves) of every Dense under "layers", e.g. ("attn", "query", {...})."""
-    for module, children in params["layers"].items():
-        for name, leaves in children.items():
-            if isinstance(leaves, dict) and _kernels(leaves, name):
-                yield module, name, leaves
-
-
-def _map_denses(params, change):
-    """params with each Dense's leaves replaced by `change(name, leaves)`."""
-    layers = {module: dict(children) for module, children in params["layers"].items()}
-    for module, name, leaves in _denses(params):
-        layers[module][name] = change(name, leaves)
-    return dict(params, layers=layers)
-
-
 # model/quantize.py compiled once per shape, not op by op; the _layers versions take a
 # stacked kernel [layers, *in, *out] one layer at a time (a scale per layer and channel).
 _quantize_layers = jax.jit(
@@ -82,7 +67,7 @@ def quantize_params(params, model_config: ModelConfig) -> dict:
     """The float `params` (plain or factorized) quantized as `model_config` declares them."""
     method, group = model_config.quantization, model_config.quant_group_size
 
-    def change(name, leaves):
+    def change(module, name, leaves):
         new = dict(leaves)
         for kernel, num_in in _kernels(leaves, name):
             new[kernel], new[f"{kernel}_scale"] = _quantize_layers(
@@ -90,7 +75,7 @@ def quantize_params(params, model_config: ModelConfig) -> dict:
             )
         return new
 
-    quantized = _map_denses(params, change)
+    quantized = map_denses(params, change)
     if model_config.quantize_embeddings:
         q, scale = _quantize(params["token_embed"].T, method, 1, group)
         quantized["token_embed"], quantized["token_embed_scale"] = q.T, scale
@@ -112,7 +97,7 @@ def dense_params(params, model_config: ModelConfig) -> tuple[dict, ModelConfig]:
             return leaves[kernel]
         return _dequantize_layers(leaves[kernel], scale, num_in, dtype)
 
-    def change(name, leaves):
+    def change(module, name, leaves):
         new = {k: v for k, v in leaves.items() if not k.endswith("_scale")}
         new.update({k: dequantized(leaves, k, n) for k, n in _kernels(leaves, name)})
         if "kernel_a" in new:
@@ -120,7 +105,7 @@ def dense_params(params, model_config: ModelConfig) -> tuple[dict, ModelConfig]:
             new["kernel"] = low_rank_product(a, b).astype(a.dtype)
         return new
 
-    dense = _map_denses(params, change)
+    dense = map_denses(params, change)
     if "token_embed_scale" in dense:
         scale = dense.pop("token_embed_scale")
         dense["token_embed"] = _dequantize(params["token_embed"].T, scale, 1, dtype).T

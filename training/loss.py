@@ -154,11 +154,10 @@ def chunked_kl_sum(
     not), `chunk_size` positions at a time (0 = the whole length at once): the forward pass
     keeps three float32 scalars per token (both log Z and the KL), the backward pass
     recomputes each chunk's logits of both models, so the largest temporaries are a few
-    [batch, chunk, vocab] float32. The teacher gets no gradient (stop_gradient).
+    [batch, chunk, vocab] float32. The teacher gets no gradient (zero cotangents).
     """
     length = weights.shape[1]
     chunks = functools.partial(_chunks, chunk=min(chunk_size, length) if chunk_size else length)
-    teacher_hidden, teacher_output = lax.stop_gradient((teacher_hidden, teacher_output))
     return _kl_sum(
         chunks(student_hidden),
         student_output,
