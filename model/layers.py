@@ -103,6 +103,44 @@ def target_name(module_name: str) -> str:
     return "mlp" if module_name in ("wi", "wi_gate", "wi_up", "wo") else module_name
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def matmul(equation: str, x: jax.Array, kernel: jax.Array, num_in: int) -> jax.Array:
+    """`einsum(equation, x, kernel)` for x [..., *in] @ kernel [*in, *out] -> [..., *out],
+    whose kernel gradient transposes the smaller of x and the output gradient.
+
+    XLA:CPU's dot wants one operand of the kernel gradient's contraction (over all
+    tokens) transposed and picks it itself: in a GELU MLP it picks the [tokens, mlp]
+    gradient and fuses the transpose into the activation's backward, which it then
+    computes twice, once transposed, 30-50x slower than untransposed (BENCHMARKS.md,
+    "meshlm vs PyTorch"). The forward and the input gradient are einsum's own.
+    """
+    return jnp.einsum(equation, x, kernel)
+
+
+def _matmul_fwd(equation, x, kernel, num_in):
+    # symbolic_zeros: a frozen kernel (a LoRA base) gets no gradient computed at all
+    x, kernel, trained = x.value, kernel.value, kernel.perturbed
+    return matmul(equation, x, kernel, num_in), (x, kernel, trained)
+
+
+def _matmul_bwd(equation, num_in, residuals, dy):
+    x, kernel, trained = residuals
+    dx = jax.linear_transpose(lambda x: jnp.einsum(equation, x, kernel), x)(dy)[0]
+    if not trained:
+        return dx, None
+    size_in = math.prod(kernel.shape[:num_in])
+    x2, dy2 = x.reshape(-1, size_in), dy.reshape(-1, kernel.size // size_in)
+    barrier = jax.lax.optimization_barrier  # keeps XLA from moving the transposes back
+    if x2.shape[1] <= dy2.shape[1]:
+        dkernel = barrier(x2.T) @ dy2
+    else:
+        dkernel = barrier(barrier(dy2.T) @ x2).T
+    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
+
+
 class Dense(nn.Module):
     """`einsum(equation, x, kernel) (+ bias)` with a logically named kernel.
 
@@ -148,7 +186,10 @@ class Dense(nn.Module):
             kernel = weight(
                 self, "kernel", self.shape, self.names, num_in, param_init(cfg, self.names, std)
             )
-            y = jnp.einsum(self.equation, x, kernel)
+            if jax.default_backend() == "cpu":
+                y = matmul(self.equation, x, kernel, num_in)
+            else:  # GPU and TPU dots take transposed operands as they are
+                y = jnp.einsum(self.equation, x, kernel)
         if self.has_variable("lora", "a"):
             a, b = (self.get_variable("lora", n).astype(cfg.dtype) for n in ("a", "b"))
             dropped = nn.Dropout(self.lora_dropout, deterministic=self.lora_dropout == 0.0)(x)

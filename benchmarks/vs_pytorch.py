@@ -1,0 +1,420 @@
+"""meshlm vs a PyTorch reference GPT (nanoGPT's architecture), side by side on this machine.
+
+    python benchmarks/vs_pytorch.py [--shapes=baby,default,gpt2_small] [--steps=30]
+    python benchmarks/vs_pytorch.py --whole_run [--seeds=0,1,2] [--num_steps=2000]
+
+Step mode times, in one process, meshlm's jitted train step (training.trainer.Trainer, one
+device, a fixed batch on device, as benchmarks/train_step.py) and the reference's step
+(forward, mean cross-entropy, backward, global-norm clipping, AdamW) for the same shapes,
+optimizer and float32, in alternating blocks so that a change of load hits both sides.
+The reference is nanoGPT's GPT: pre-LayerNorm, causal scaled_dot_product_attention, GELU
+MLP, tied embeddings, learned positions, its init (std 0.02, residual projections scaled by
+1/sqrt(2 layers)) and its weight decay groups (every matrix and embedding; meshlm is set to
+optimizer.decay_embeddings=True to match). meshlm is configured as that GPT (model.* below);
+the one difference is the GELU: meshlm's is the tanh approximation, nanoGPT's the exact erf.
+
+Whole-run mode runs nanoGPT's CPU "baby GPT" recipe (4 layers, width 128, block 64, batch
+12, lr 1e-3 cosine to 1e-4 after 100 warm-up steps, beta2 0.99, no dropout) from launch to
+exit on both sides, each in its own process: `python train.py` against this file's
+`--torch_run` loop. Both read the same token stream: a character-level tokenizer of the
+stdlib source (trained here once) and meshlm's token cache, windows at random offsets
+(nanoGPT's sampling) and not packed; both score the whole validation split at the end.
+Prints the machine, ms/step or seconds per run, the ratios, then one JSON line.
+"""
+
+import importlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from absl import app, flags  # noqa: E402
+from torch import nn  # noqa: E402
+
+from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
+
+flags.DEFINE_list("shapes", ["baby", "default", "gpt2_small"], "Step mode: shapes to time.")
+flags.DEFINE_integer("steps", 30, "Step mode: timed steps per side (gpt2_small: a fifth).")
+flags.DEFINE_integer("warmup", 3, "Step mode: untimed steps per side after compilation.")
+flags.DEFINE_bool("whole_run", False, "Time the baby-GPT recipe launch to exit, both sides.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Whole run: seeds, each run on both sides.")
+flags.DEFINE_integer("num_steps", 2000, "Whole run: training steps.")
+flags.DEFINE_string("out_dir", "/tmp/meshlm_vs_pytorch", "Whole run: tokenizer, cache, workdirs.")
+flags.DEFINE_bool("torch_run", False, "Internal: one reference run (--seed) of the whole run.")
+flags.DEFINE_integer("seed", 0, "Internal: the --torch_run's seed.")
+FLAGS = flags.FLAGS
+
+BATCH_KEYS = ("inputs", "targets")
+COMMON = {"model.dropout_rate": 0.0, "model.dtype": "float32", "optimizer.decay_embeddings": True}
+# (config file, overrides): nanoGPT's shapes as meshlm config fields.
+SHAPES = {
+    "baby": (
+        "configs.default",
+        {
+            "model.vocab_size": 65,
+            "model.num_layers": 4,
+            "model.num_heads": 4,
+            "model.embed_dim": 128,
+            "model.mlp_dim": 512,
+            "model.max_seq_len": 64,
+            "model.use_bias": False,  # nanoGPT's bias=False default
+            "model.scan_unroll": 4,
+            "data.seq_len": 64,
+            "train.global_batch_size": 12,
+            "train.num_steps": 2000,
+            "optimizer.learning_rate": 1e-3,
+            "optimizer.warmup_steps": 100,
+            "optimizer.final_lr_fraction": 0.1,
+            "optimizer.b2": 0.99,
+            "optimizer.weight_decay": 0.1,
+        },
+    ),
+    "default": ("configs.default", {}),
+    "gpt2_small": (
+        "configs.gpt2_small",
+        {
+            "model.attention_implementation": "xla",
+            "model.loss_chunk_size": 0,
+            "model.scan_unroll": 12,
+            "data.seq_len": 256,
+            "train.global_batch_size": 4,
+            "train.num_microbatches": 1,
+        },
+    ),
+}
+
+
+def overrides(shape: str) -> dict:
+    return {**COMMON, **SHAPES[shape][1]}
+
+
+def meshlm_config(shape: str, extra: dict | None = None):
+    """The ml_collections config of `shape`, as train.py builds it from the same flags."""
+    config = importlib.import_module(SHAPES[shape][0]).get_config()
+    for name, value in {**overrides(shape), **(extra or {})}.items():
+        section, field = name.split(".")
+        config[section][field] = value
+    return config
+
+
+# --- the PyTorch reference: nanoGPT's model.py, float32 ---------------------------------------
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class Block(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        e, self.heads = m.embed_dim, m.num_heads
+        self.ln_1, self.ln_2 = LayerNorm(e, m.use_bias), LayerNorm(e, m.use_bias)
+        self.c_attn = nn.Linear(e, 3 * e, bias=m.use_bias)
+        self.attn_proj = nn.Linear(e, e, bias=m.use_bias)
+        self.c_fc = nn.Linear(e, m.mlp_dim, bias=m.use_bias)
+        self.mlp_proj = nn.Linear(m.mlp_dim, e, bias=m.use_bias)
+
+    def attention(self, x):
+        b, t, e = x.shape
+        q, k, v = self.c_attn(x).split(e, dim=2)
+        q, k, v = (y.view(b, t, self.heads, e // self.heads).transpose(1, 2) for y in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.attn_proj(y.transpose(1, 2).contiguous().view(b, t, e))
+
+    def forward(self, x):
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.wte = nn.Embedding(m.vocab_size, m.embed_dim)
+        self.wpe = nn.Embedding(m.max_seq_len, m.embed_dim)
+        self.blocks = nn.ModuleList(Block(m) for _ in range(m.num_layers))
+        self.ln_f = LayerNorm(m.embed_dim, m.use_bias)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = m.init_std / math.sqrt(2 * m.num_layers) if "proj" in name else m.init_std
+                nn.init.normal_(p, 0.0, std)
+            elif "bias" in name:
+                nn.init.zeros_(p)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.ln_f(x), self.wte.weight)  # tied output projection
+
+
+def torch_optimizer(model, opt):
+    """nanoGPT's AdamW: weight decay on every >= 2-D parameter, none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": opt.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps)
+
+
+def learning_rate(step: int, opt, num_steps: int) -> float:
+    """meshlm's schedule (training/optimizer.py, cosine): linear warm-up from 0, cosine to the
+    floor; step is 0-based, as meshlm's state.step."""
+    if step < opt.warmup_steps:
+        return opt.learning_rate * step / opt.warmup_steps
+    progress = min((step - opt.warmup_steps) / max(num_steps - opt.warmup_steps, 1), 1.0)
+    floor = opt.final_lr_fraction
+    return opt.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def torch_step(model, optimizer, inputs, targets, lr, clip) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()  # the host reads the loss every step, as meshlm's loop does
+
+
+# --- step mode ----------------------------------------------------------------------------
+
+
+def time_shape(shape: str) -> dict:
+    import jax
+
+    from data import batch as data_batch
+    from training.trainer import Trainer
+
+    config = meshlm_config(shape)
+    trainer = Trainer(config, devices=jax.devices()[:1])
+    compiled, _ = trainer.compile()
+    state = trainer.init_state()
+    b, t, m = config.train.global_batch_size, config.data.seq_len, config.model
+    host = data_batch.random_batch(b, t, m.vocab_size, config.seed, packed=False)
+    batch = trainer.to_global(host)
+
+    torch.manual_seed(config.seed)
+    model = GPT(m)
+    optimizer = torch_optimizer(model, config.optimizer)
+    inputs, targets = (torch.from_numpy(np.asarray(host[k], np.int64)) for k in BATCH_KEYS)
+    opt = config.optimizer
+    lr = opt.learning_rate
+
+    def meshlm_steps(n):
+        nonlocal state
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            float(metrics["loss"])
+            times.append(time.perf_counter() - start)
+        return times
+
+    def torch_steps(n):
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            torch_step(model, optimizer, inputs, targets, lr, opt.grad_clip_norm)
+            times.append(time.perf_counter() - start)
+        return times
+
+    meshlm_steps(FLAGS.warmup), torch_steps(FLAGS.warmup)
+    steps = max(FLAGS.steps // (5 if shape == "gpt2_small" else 1), 2)
+    block = max(1, min(5, steps // 4))
+    mesh_times, torch_times = [], []
+    for _ in range(-(-steps // block)):  # alternating blocks: a load change hits both sides
+        mesh_times += meshlm_steps(block)
+        torch_times += torch_steps(block)
+    mesh_ms, torch_ms = 1e3 * statistics.median(mesh_times), 1e3 * statistics.median(torch_times)
+    return dict(
+        shape=shape,
+        layers=m.num_layers,
+        width=m.embed_dim,
+        heads=m.num_heads,
+        vocab=m.vocab_size,
+        batch=b,
+        seq_len=t,
+        params=trainer.num_params,
+        torch_params=sum(p.numel() for p in model.parameters()),
+        steps=len(mesh_times),
+        meshlm_ms=mesh_ms,
+        torch_ms=torch_ms,
+        time_ratio=mesh_ms / torch_ms,  # <= 1: meshlm at least as fast
+        load_average=os.getloadavg()[0],
+    )
+
+
+# --- whole-run mode -----------------------------------------------------------------------
+
+
+def whole_run_overrides() -> dict:
+    """The baby-GPT recipe on the char-level stdlib stream, evaluated once on the whole split."""
+    vocab_size = char_tokenizer().vocab_size
+    return {
+        **overrides("baby"),
+        "model.vocab_size": -(-vocab_size // 8) * 8,
+        "data.tokenizer": char_tokenizer_path(),
+        "data.cache_dir": os.path.join(FLAGS.out_dir, "cache"),
+        "data.sampling": "random_offsets",
+        "data.pack_documents": False,
+        "data.eval_max_batches": 0,
+        "train.num_steps": FLAGS.num_steps,
+        "optimizer.warmup_steps": FLAGS.num_steps // 20,  # nanoGPT's 100 of 2,000
+        "train.eval_every": 0,
+        "checkpoint.every_steps": 0,
+    }
+
+
+def char_tokenizer_path() -> str:
+    return os.path.join(FLAGS.out_dir, "stdlib_char.model")
+
+
+def char_tokenizer():
+    """The character-level tokenizer of the stdlib source, trained on first use."""
+    from data import tokenizer
+
+    path = char_tokenizer_path()
+    if not os.path.exists(path):
+        tokenizer.train_tokenizer(tokenizer.source_texts("stdlib"), path, vocab_size=100,
+                                  model_type="char")
+    return tokenizer.Tokenizer(path)
+
+
+def flag_args(values: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def launch(args: list[str]) -> tuple[float, str]:
+    """(seconds from launch to exit, stdout) of `python args...` in the repository."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"{' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
+    return seconds, done.stdout
+
+
+def meshlm_run(seed: int, values: dict) -> dict:
+    workdir = os.path.join(FLAGS.out_dir, f"meshlm-seed{seed}")
+    subprocess.run(["rm", "-rf", workdir], check=True)
+    seconds, _ = launch(
+        ["train.py", f"--workdir={workdir}", f"--config.seed={seed}", *flag_args(values)]
+    )
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    eval_loss = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
+    return dict(seconds=seconds, eval_loss=eval_loss)
+
+
+def torch_run() -> None:
+    """One reference run of the whole-run recipe (a process of its own): nanoGPT's loop on
+    meshlm's token stream, the whole validation split at the end, a checkpoint; prints JSON."""
+    start = time.perf_counter()
+    from data import token_cache, windows  # imports JAX (~1 s, reported as import_s)
+
+    import_s = time.perf_counter() - start
+    values = json.loads(os.environ["VS_PYTORCH_CONFIG"])
+    config = meshlm_config("baby", values)
+    directory = values["data.cache_dir"]
+    manifest = token_cache.read_manifest(directory)
+    split = lambda name: token_cache.open_split(directory, manifest, name)
+    data_kwargs = dict(global_batch_size=config.train.global_batch_size, process_index=0,
+                       process_count=1)
+    train_iter = windows.TrainIterator(split("train"), config.data, "", seed=FLAGS.seed,
+                                       **data_kwargs)
+    torch.manual_seed(FLAGS.seed)
+    model = GPT(config.model)
+    opt, num_steps = config.optimizer, config.train.num_steps
+    optimizer = torch_optimizer(model, opt)
+    as_tensor = lambda batch, k: torch.from_numpy(np.asarray(batch[k], np.int64))
+    for step in range(num_steps):
+        batch = next(train_iter)
+        lr = learning_rate(step, opt, num_steps)
+        loss = torch_step(model, optimizer, as_tensor(batch, "inputs"), as_tensor(batch, "targets"),
+                          lr, opt.grad_clip_norm)
+        if not math.isfinite(loss):
+            raise SystemExit(f"non-finite loss at step {step}")
+    model.eval()
+    ce_sum = weight_sum = 0.0
+    with torch.no_grad():
+        for batch in windows.EvalStream(split("eval"), config.data, **data_kwargs):
+            logits = model(as_tensor(batch, "inputs"))
+            ce = F.cross_entropy(logits.flatten(0, 1), as_tensor(batch, "targets").flatten(),
+                                 reduction="none")
+            weights = torch.from_numpy(np.asarray(batch["weights"], np.float32)).flatten()
+            ce_sum += float((ce * weights).sum())
+            weight_sum += float(weights.sum())
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+               os.path.join(FLAGS.out_dir, f"torch-seed{FLAGS.seed}.pt"))
+    print(json.dumps({"eval_loss": ce_sum / weight_sum, "import_s": import_s}))
+
+
+def whole_run() -> dict:
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    values = whole_run_overrides()
+    launch(["-m", "data.prepare", *flag_args(values)])  # the token cache: once, not timed
+    env_config = json.dumps(values)
+    runs = []
+    for seed in map(int, FLAGS.seeds):
+        mesh = meshlm_run(seed, values)
+        os.environ["VS_PYTORCH_CONFIG"] = env_config
+        seconds, out = launch([__file__, "--torch_run", f"--seed={seed}",
+                               f"--out_dir={FLAGS.out_dir}"])
+        ref = json.loads(out.strip().splitlines()[-1])
+        runs.append(dict(seed=seed, meshlm_s=mesh["seconds"], meshlm_eval_loss=mesh["eval_loss"],
+                         torch_s=seconds, torch_eval_loss=ref["eval_loss"],
+                         torch_import_s=ref["import_s"], load_average=os.getloadavg()[0]))
+        print(f"seed {seed}: meshlm {mesh['seconds']:.1f} s, val loss {mesh['eval_loss']:.4f}"
+              f" | PyTorch {seconds:.1f} s, val loss {ref['eval_loss']:.4f}", flush=True)
+    mean = lambda key: statistics.mean(r[key] for r in runs)
+    summary = {k: mean(k) for k in ("meshlm_s", "torch_s", "meshlm_eval_loss", "torch_eval_loss")}
+    summary["time_ratio"] = summary["meshlm_s"] / summary["torch_s"]
+    print(f"mean over {len(runs)} seeds: meshlm {summary['meshlm_s']:.1f} s "
+          f"(val {summary['meshlm_eval_loss']:.4f}), PyTorch {summary['torch_s']:.1f} s "
+          f"(val {summary['torch_eval_loss']:.4f}); time ratio {summary['time_ratio']:.2f}")
+    return dict(num_steps=FLAGS.num_steps, vocab_size=values["model.vocab_size"], runs=runs,
+                **summary)
+
+
+def main(argv):
+    del argv
+    torch.set_num_threads(os.cpu_count())
+    if FLAGS.torch_run:
+        return torch_run()
+    print(describe_machine(), f"| torch {torch.__version__}, {torch.get_num_threads()} threads")
+    result = dict(cpu_model=cpu_model(), cores=os.cpu_count(), torch=torch.__version__)
+    if FLAGS.whole_run:
+        result["whole_run"] = whole_run()
+    else:
+        result["shapes"] = []
+        for shape in FLAGS.shapes:
+            r = time_shape(shape)
+            result["shapes"].append(r)
+            print(f"{shape:>10}: {r['layers']}x{r['width']}, batch {r['batch']}x{r['seq_len']},"
+                  f" vocab {r['vocab']}: meshlm {r['meshlm_ms']:.1f} ms/step, PyTorch "
+                  f"{r['torch_ms']:.1f} ms/step, ratio {r['time_ratio']:.2f} (load "
+                  f"{r['load_average']:.2f})", flush=True)
+    result["load_average_end"] = os.getloadavg()[0]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
