@@ -14,7 +14,7 @@ import sys
 
 import startup
 
-startup.quiet_start(tensorflow=True)  # before JAX and TensorFlow are imported
+startup.quiet_start()  # before JAX is imported (TensorFlow: only if the data needs it)
 
 import jax  # noqa: E402
 from absl import flags, logging  # noqa: E402

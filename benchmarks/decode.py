@@ -42,14 +42,20 @@ from model.config import ModelConfig  # noqa: E402
 from model.decode import KV_CACHE_DTYPES, cache_bytes_per_token, init_cache  # noqa: E402
 from model.sampler import Sampler, SamplingConfig  # noqa: E402
 
-config_flags.DEFINE_config_file(
-    "config", os.path.join(ROOT, "configs/default.py"), "Config whose model is measured."
-)
-flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row.")
-flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row.")
-flags.DEFINE_list("batch_sizes", ["1", "32"], "Rows per generate call.")
-flags.DEFINE_list("kv_cache_dtypes", list(KV_CACHE_DTYPES), "KV-cache dtypes measured.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
+
+def define_flags():
+    """Only when run as a script: benchmarks/accelerator.py imports this module beside
+    train_step.py, which defines --config too."""
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(ROOT, "configs/default.py"), "Config whose model is measured."
+    )
+    flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row.")
+    flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row.")
+    flags.DEFINE_list("batch_sizes", ["1", "32"], "Rows per generate call.")
+    flags.DEFINE_list("kv_cache_dtypes", list(KV_CACHE_DTYPES), "KV-cache dtypes measured.")
+    flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -63,20 +69,58 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main(argv):
-    del argv
-    config = FLAGS.config
-    length = FLAGS.prompt_len + FLAGS.new_tokens
-    config.model.max_seq_len = max(config.model.max_seq_len, length)
-    model_config = ModelConfig.from_dict(config.model)
-    mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-
+def random_sampler(model_fields, length: int):
+    """(Sampler, ModelConfig) of a randomly initialised model of `model_fields`' shape (the
+    speed does not depend on the weights), its max_seq_len raised to `length` if smaller, on a
+    data-parallel mesh of every device."""
+    model_config = ModelConfig.from_dict(model_fields)
+    if model_config.max_seq_len < length:
+        model_config = dataclasses.replace(model_config, max_seq_len=length)
     random_params = jax.jit(
         lambda key: nn.meta.unbox(
             Transformer(model_config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
         )
     )(jax.random.key(0))
-    sampler = Sampler(model_config, random_params, mesh)  # places them on the mesh
+    mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return Sampler(model_config, random_params, mesh), model_config  # places them on the mesh
+
+
+def decode_speeds(sampler, rows, kv_cache_dtype: str, new_tokens: int, repeats: int) -> dict:
+    """Prefill and decode tokens/s of greedy generation from the prompts `rows` (token lists
+    of one length) with a KV cache of `kv_cache_dtype`."""
+    model_config, (batch, prompt_len) = sampler.model.config, np.shape(rows)
+    length = prompt_len + new_tokens
+    tokens = jnp.asarray(rows, jnp.int32)
+
+    @jax.jit
+    def prefill(params, tokens):
+        cache = init_cache(model_config, batch, length, kv_cache_dtype)
+        return sampler.model.apply({"params": params}, tokens, cache=cache)[0][:, -1]
+
+    sampling = SamplingConfig(
+        max_new_tokens=new_tokens, temperature=0.0, kv_cache_dtype=kv_cache_dtype
+    )
+    one_token = dataclasses.replace(sampling, max_new_tokens=1)
+    prefill_s = median_seconds(functools.partial(prefill, sampler.params, tokens), repeats)
+    generate_s = median_seconds(
+        functools.partial(sampler.generate, rows, sampling, eos_id=-1), repeats
+    )
+    first_token_s = median_seconds(
+        functools.partial(sampler.generate, rows, one_token, eos_id=-1), repeats
+    )
+    decode_s = max(generate_s - first_token_s, 1e-9)  # the loop's new_tokens - 1 steps
+    return dict(
+        prefill_tokens_per_s=batch * prompt_len / prefill_s,
+        prefill_s=prefill_s,
+        decode_tokens_per_s=batch * (new_tokens - 1) / decode_s,
+        decode_ms_per_step=decode_s / (new_tokens - 1) * 1e3,
+    )
+
+
+def main(argv):
+    del argv
+    length = FLAGS.prompt_len + FLAGS.new_tokens
+    sampler, model_config = random_sampler(FLAGS.config.model, length)
     model, params = sampler.model, sampler.params
     greedy = SamplingConfig(max_new_tokens=FLAGS.new_tokens, temperature=0.0)
     rng = np.random.default_rng(0)
@@ -95,37 +139,16 @@ def main(argv):
         f"{result['kv_cache_bytes_per_token']:,} bytes per token per sequence "
         f"(int8: {result['int8_kv_cache_bytes_per_token']:,})"
     )
-
-    @functools.partial(jax.jit, static_argnums=2)
-    def prefill(params, tokens, kv_cache_dtype):
-        cache = init_cache(model_config, tokens.shape[0], length, kv_cache_dtype)
-        return model.apply({"params": params}, tokens, cache=cache)[0][:, -1]
-
     for batch in (int(b) for b in FLAGS.batch_sizes):
         rows = rng.integers(4, model_config.vocab_size, (batch, FLAGS.prompt_len)).tolist()
-        tokens = jnp.asarray(rows, jnp.int32)
         for kv in FLAGS.kv_cache_dtypes:
-            sampling = dataclasses.replace(greedy, kv_cache_dtype=kv)
-            one_token = dataclasses.replace(sampling, max_new_tokens=1)
-            prefill_s = median_seconds(
-                functools.partial(prefill, params, tokens, kv), FLAGS.repeats
-            )
-            generate_s = median_seconds(
-                functools.partial(sampler.generate, rows, sampling, eos_id=-1), FLAGS.repeats
-            )
-            first_token_s = median_seconds(
-                functools.partial(sampler.generate, rows, one_token, eos_id=-1), FLAGS.repeats
-            )
-            decode_s = max(generate_s - first_token_s, 1e-9)  # the loop's new_tokens - 1 steps
-            row = result[f"batch{batch}" + ("_int8_kv" if kv == "int8" else "")] = dict(
-                prefill_tokens_per_s=batch * FLAGS.prompt_len / prefill_s,
-                decode_tokens_per_s=batch * (FLAGS.new_tokens - 1) / decode_s,
-                decode_ms_per_step=decode_s / (FLAGS.new_tokens - 1) * 1e3,
-            )
+            row = decode_speeds(sampler, rows, kv, FLAGS.new_tokens, FLAGS.repeats)
+            result[f"batch{batch}" + ("_int8_kv" if kv == "int8" else "")] = row
             print(
                 f"batch {batch:3d}, {kv:5s} KV cache: prefill "
-                f"{row['prefill_tokens_per_s']:,.0f} tok/s ({prefill_s * 1e3:.1f} ms); decode "
-                f"{row['decode_tokens_per_s']:,.1f} tok/s ({row['decode_ms_per_step']:.2f} ms/step)"
+                f"{row['prefill_tokens_per_s']:,.0f} tok/s ({row['prefill_s'] * 1e3:.1f} ms); "
+                f"decode {row['decode_tokens_per_s']:,.1f} tok/s "
+                f"({row['decode_ms_per_step']:.2f} ms/step)"
             )
 
     @jax.jit
@@ -155,4 +178,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -63,7 +63,7 @@ def measure(config, rank: int) -> dict:
     )
     if not FLAGS.compile_only:
         compiled, _ = trainer.compile()
-        row["step_ms"] = 1000 * statistics.median(time_steps(trainer, compiled))
+        row["step_ms"] = 1000 * statistics.median(time_steps(trainer, compiled, FLAGS.warmup, FLAGS.steps))
     return row
 
 

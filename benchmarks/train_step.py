@@ -70,28 +70,23 @@ def depth_compile_times(config, depths=(4, 48)) -> dict:
     return times
 
 
-def time_steps(trainer, compiled) -> list[float]:
+def time_steps(trainer, compiled, warmup: int, steps: int) -> list[float]:
     state = trainer.init_state()
     batch = random_batch(trainer, trainer.config.seed)
     times = []
-    for i in range(FLAGS.warmup + FLAGS.steps):
+    for i in range(warmup + steps):
         start = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
-        if i >= FLAGS.warmup:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
 
 
-def main(argv):
-    del argv
-    config = FLAGS.config
-    try:
-        trainer = Trainer(config)
-    except UserError as error:  # a bad --config value: one line, no traceback
-        raise SystemExit(f"error: {error}") from None
-    model_config = trainer.model_config
-    compiled, compile_s = trainer.compile()
+def measure(trainer, compiled, compile_s: float, *, steps: int, warmup: int, peak_flops=0.0):
+    """Every number of the benchmark for a compiled step as a dict (JSON); `steps` = 0
+    only compiles. `peak_flops` > 0 replaces the table's or measured peak for MFU."""
+    config, model_config = trainer.config, trainer.model_config
     memory = memory_report(compiled)
     tokens = tokens_per_step(config)
     # PaLM counts causal attention in full (train.py logs this one); MaxText halves it.
@@ -119,6 +114,45 @@ def main(argv):
         load_average=os.getloadavg()[0],
         cpu_model=cpu_model(),
     )
+    if not steps:
+        return result
+    times = time_steps(trainer, compiled, warmup, steps)
+    step_s = statistics.median(times)
+    if peak_flops > 0:
+        peak, peak_source = peak_flops, "--peak_flops"
+    else:
+        peak, peak_source = peak_flops_per_device(model_config.dtype)
+    tokens_per_s = tokens / step_s
+    result.update(
+        steps=steps,
+        warmup=warmup,
+        step_s=step_s,
+        step_s_min=min(times),
+        step_s_max=max(times),
+        tokens_per_s=tokens_per_s,
+        model_flops_per_s=tokens_per_s * trainer.flops_per_token,
+        peak_flops_per_device=peak,
+        peak_source=peak_source,
+        mfu=tokens_per_s * trainer.flops_per_token / (peak * jax.device_count()),
+        mfu_causal_halved=tokens_per_s * causal_flops / (peak * jax.device_count()),
+    )
+    return result
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    try:
+        trainer = Trainer(config)
+    except UserError as error:  # a bad --config value: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
+    model_config = trainer.model_config
+    compiled, compile_s = trainer.compile()
+    steps = 0 if FLAGS.compile_only else FLAGS.steps
+    result = measure(
+        trainer, compiled, compile_s, steps=steps, warmup=FLAGS.warmup, peak_flops=FLAGS.peak_flops
+    )
+    tokens, causal_flops = result["tokens_per_step"], result["flops_per_token_causal_halved"]
     print(describe_machine())
     print(
         f"device: {jax.device_count()} x {result['device_kind']}  mesh={result['mesh']}"
@@ -137,40 +171,21 @@ def main(argv):
     print(f"compile (lower + compile): {compile_s:.2f} s")
     if result["peak_memory_bytes_per_device"]:
         print(f"peak memory per device: {result['peak_memory_bytes_per_device'] / 2**20:.1f} MiB")
-
-    if not FLAGS.compile_only:
-        times = time_steps(trainer, compiled)
-        step_s = statistics.median(times)
-        if FLAGS.peak_flops > 0:
-            peak, peak_source = FLAGS.peak_flops, "--peak_flops"
-        else:
-            peak, peak_source = peak_flops_per_device(model_config.dtype)
-        tokens_per_s = tokens / step_s
-        mfu = tokens_per_s * trainer.flops_per_token / (peak * jax.device_count())
-        mfu_causal = tokens_per_s * causal_flops / (peak * jax.device_count())
-        result.update(
-            step_s=step_s,
-            step_s_min=min(times),
-            step_s_max=max(times),
-            tokens_per_s=tokens_per_s,
-            model_flops_per_s=tokens_per_s * trainer.flops_per_token,
-            peak_flops_per_device=peak,
-            peak_source=peak_source,
-            mfu=mfu,
-            mfu_causal_halved=mfu_causal,
+    if steps:
+        step_s, times = result["step_s"], (result["step_s_min"], result["step_s_max"])
+        print(
+            f"step time: median {step_s * 1e3:.1f} ms over {steps} steps "
+            f"(min {times[0] * 1e3:.1f}, max {times[1] * 1e3:.1f}; {FLAGS.warmup} warm-up)"
         )
         print(
-            f"step time: median {step_s * 1e3:.1f} ms over {FLAGS.steps} steps "
-            f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}; {FLAGS.warmup} warm-up)"
+            f"throughput: {result['tokens_per_s']:,.0f} tokens/s   "
+            f"{result['model_flops_per_s'] / 1e9:.2f} model GFLOP/s"
         )
         print(
-            f"throughput: {tokens_per_s:,.0f} tokens/s   "
-            f"{tokens_per_s * trainer.flops_per_token / 1e9:.2f} model GFLOP/s"
-        )
-        print(
-            f"MFU: {100 * mfu:.1f}% (PaLM: causal attention counted in full), "
-            f"{100 * mfu_causal:.1f}% (MaxText: causal attention halved), "
-            f"of {peak / 1e12:.3f} TFLOP/s per device ({peak_source})"
+            f"MFU: {100 * result['mfu']:.1f}% (PaLM: causal attention counted in full), "
+            f"{100 * result['mfu_causal_halved']:.1f}% (MaxText: causal attention halved), "
+            f"of {result['peak_flops_per_device'] / 1e12:.3f} TFLOP/s per device "
+            f"({result['peak_source']})"
         )
 
     if FLAGS.compare_depth:

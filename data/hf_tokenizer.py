@@ -26,6 +26,7 @@ from tokenizers import AddedToken, decoders, models, normalizers
 
 from data.tokenizer import Tokenizer
 from errors import UserError
+from startup import import_tensorflow
 
 CONFIG_FILE = "tokenizer_config.json"  # transformers' special tokens and options
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template
@@ -96,7 +97,7 @@ class HFTokenizer:
         """tf.string [N] -> RaggedTensor int32 [N, None], each document followed by eos,
         as data.tokenizer.Tokenizer's in-graph op gives them (here through
         tf.numpy_function: the Rust tokenizer runs outside the graph)."""
-        import tensorflow as tf  # only the data pipeline needs it
+        tf = import_tensorflow()  # only the data pipeline needs it
 
         def encode(batch):
             ids = self.encode_documents([t.decode("utf-8") for t in batch])

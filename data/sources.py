@@ -15,6 +15,8 @@ index (documents by index when there are fewer files than processes), TFDS
 splits by `tfds.even_splits`.
 """
 
+from __future__ import annotations
+
 import glob
 import hashlib
 import logging
@@ -22,10 +24,12 @@ import os
 import sysconfig
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_text as tf_text
 
 from errors import UserError
+from startup import LazyTensorFlow
+
+tf = LazyTensorFlow()  # imported at first use: a run from a token cache never needs it
+tf_text = LazyTensorFlow("tensorflow_text")
 
 STDLIB_EVAL_PERCENT = 3  # of stdlib files, chosen by path hash
 

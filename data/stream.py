@@ -24,14 +24,18 @@ grows with the position in the epoch (5.3 s at 8 M tokens on 2 cores). Each
 epoch boundary likewise rebuilds and refills the pipeline while training waits.
 """
 
+from __future__ import annotations
+
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from data import packing, sources
 from data.config import split_field
 from errors import UserError
+from startup import LazyTensorFlow
+
+tf = LazyTensorFlow()  # imported at first use: importing this module does not start it
 
 DOCS_PER_OP = 128  # documents tokenized per tensorflow-text call
 STATE_VERSION = 2

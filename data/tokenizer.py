@@ -25,6 +25,7 @@ from etils import epath
 
 from data.config import default_data_config
 from errors import UserError
+from startup import import_tensorflow
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -84,7 +85,7 @@ class Tokenizer:
     def tf_tokenize(self, texts):
         """tf.string [N] -> RaggedTensor int32 [N, None], each document followed by eos."""
         if self._tf_tokenizer is None:
-            import tensorflow as tf
+            tf = import_tensorflow()  # before tensorflow_text: no accelerator visible to TF
             import tensorflow_text as tf_text
 
             with tf.init_scope():  # eagerly, so every later tf.data graph can share it

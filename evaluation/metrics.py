@@ -13,8 +13,6 @@ lowercased alphanumeric words, no stemming; 0-1, averaged over examples).
 import math
 
 import numpy as np
-import sacrebleu
-from rouge_score import rouge_scorer
 
 
 def target_bytes(tokenizer, targets: np.ndarray, weights: np.ndarray) -> list[int]:
@@ -39,6 +37,9 @@ def loss_metrics(ce_sum: float, tokens: float, num_bytes: int) -> dict:
 
 def generation_metrics(predictions: list[str], references: list[str]) -> dict:
     """Exact match, BLEU and ROUGE-L of predictions against references (same order)."""
+    import sacrebleu  # imported here: rouge-score loads nltk, as slow as JAX, on every start
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     exact = [p.strip() == r.strip() for p, r in zip(predictions, references)]

@@ -1,0 +1,91 @@
+"""What a run pays before its first step: no TensorFlow for a run from a token cache, the
+train step's compile kept in the user's cache directory for the next run, and a CPU's
+matmul peak measured once per machine."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+
+import startup
+from data.pipeline import make_train_iterator
+from tests.test_data_cache import _cache_config
+from training import hardware
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# train.py's imports, a run's first train and eval batches from an existing token cache, and
+# the tiny model's train step compiled; then a first use of TensorFlow through data.sources.
+_RUN_FROM_A_CACHE = """
+import json, sys
+import ml_collections
+import startup
+startup.quiet_start()
+import train
+from data import pipeline, sources
+from tests.helpers import tiny_config
+from training.trainer import Trainer
+data = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+next(pipeline.make_train_iterator(data, global_batch_size=2, seed=0))
+next(iter(pipeline.make_eval_batches(data, global_batch_size=2)))
+Trainer(tiny_config()).compile()
+before = sorted(m for m in sys.modules if m.startswith("tensorflow"))
+sources.tf.constant(1)
+tf = sys.modules["tensorflow"]
+print(json.dumps([before, [d.device_type for d in tf.config.get_visible_devices()]]))
+"""
+
+
+def test_a_run_from_a_token_cache_starts_without_tensorflow_and_caches_its_compile(tmp_path):
+    data = _cache_config(tmp_path)
+    make_train_iterator(data, global_batch_size=2, seed=0)  # prepares the cache (with TF)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "home"))
+    env.pop("JAX_COMPILATION_CACHE_DIR")  # the tests' own cache: this run uses a user's
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_FROM_A_CACHE, data.to_json()],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    tensorflow_modules, tf_devices = json.loads(done.stdout.splitlines()[-1])
+    assert tensorflow_modules == []
+    assert tf_devices == ["CPU"]  # imported at its first use, with no accelerator visible
+    compiled = os.listdir(tmp_path / "home" / "meshlm" / "jax")
+    assert any(name.startswith("jit_step") for name in compiled), compiled
+
+
+def test_the_compilation_cache_is_on_unless_turned_off(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert startup.compilation_cache_dir() == str(tmp_path / "meshlm" / "jax")
+    monkeypatch.setenv("MESHLM_JAX_CACHE", "0")
+    assert startup.compilation_cache_dir() is None
+    monkeypatch.delenv("MESHLM_JAX_CACHE")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert startup.compilation_cache_dir() is None  # JAX uses the user's own directory
+
+
+def test_a_measured_peak_is_remembered_per_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(hardware, "_matmul_flops", lambda *a: measured.append(a) or 1e11)
+    monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() + 1.0, 0.0, 0.0))
+    assert hardware.measured_matmul_flops.__wrapped__("float32") == 1e11
+    assert not (tmp_path / "meshlm" / hardware.PEAKS_FILE).exists()  # busy cores: not kept
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    hardware.measured_matmul_flops.__wrapped__("float32")
+    calls = len(measured)
+    assert hardware.measured_matmul_flops.__wrapped__("float32") == 1e11
+    assert len(measured) == calls  # the second start reads it
+    peaks = json.loads((tmp_path / "meshlm" / hardware.PEAKS_FILE).read_text())
+    machine = f"{hardware.cpu_model()} | {jax.devices()[0].device_kind}"
+    assert list(peaks) == [f"{machine} | float32 | 2048^3 x 5"]
+    hardware.measured_matmul_flops.__wrapped__("bfloat16")
+    assert len(measured) > calls  # another dtype is measured
+
