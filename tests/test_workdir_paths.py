@@ -1,10 +1,10 @@
 """Workdirs on a non-local filesystem: `--workdir=gs://bucket/run` with GCS served offline.
 
 No network here, so the `fake_gcs` fixture serves `gs://` from a local directory at
-the three places the bytes leave Python: etils.epath's backend for gs:// paths
-(config.json, metrics.jsonl, sweep files, orbax's own directory and JSON I/O),
-TensorStore's kvstore spec for gs:// (orbax's arrays) and TensorFlow's summary
-writer (TensorBoard). Everything above them runs unchanged and sees only
+the two places the bytes leave Python: etils.epath's backend for gs:// paths
+(config.json, metrics.jsonl, TensorBoard's event files, sweep files, orbax's own
+directory and JSON I/O) and TensorStore's kvstore spec for gs:// (orbax's arrays).
+Everything above them runs unchanged and sees only
 `gs://...` strings, so a code path that treats the workdir as a local path (os.path,
 open, shutil) writes under the working directory instead, into `./gs:/...`, which
 the tests look for.
@@ -15,7 +15,6 @@ import os
 import sys
 
 import pytest
-import tensorflow as tf
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from orbax.checkpoint._src.path import gcs_utils
@@ -109,12 +108,6 @@ def fake_gcs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
     monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
-    create_file_writer = tf.summary.create_file_writer
-    monkeypatch.setattr(
-        tf.summary,
-        "create_file_writer",
-        lambda logdir, *args, **kwargs: create_file_writer(bucket.local(logdir), *args, **kwargs),
-    )
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     return root
