@@ -19,7 +19,7 @@ import sys
 
 import startup
 
-startup.quiet_start(tensorflow=True)  # before JAX and TensorFlow are imported
+startup.quiet_start()  # before JAX is imported (TensorFlow: only if the data needs it)
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -31,7 +31,9 @@ from training import distributed  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to evaluate.")
 flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
-flags.DEFINE_string("mesh", "-1,1,1", "Devices along data,fsdp,tensor; -1 = the rest.")
+flags.DEFINE_string(
+    "mesh", "-1,1,1", "Devices along data,fsdp,tensor[,expert]; -1 = the rest."
+)
 flags.DEFINE_string("text_files", "", "Comma-separated globs of text to score instead.")
 flags.DEFINE_string("tfds", "", "NAME:SPLIT of a TFDS dataset to score instead.")
 flags.DEFINE_string("tfds_text_key", "", "Its text feature; default: the run's data config.")

@@ -37,7 +37,9 @@ flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
 flags.DEFINE_bool(
     "truncate_prompt", False, "Keep the last tokens of a prompt too long for the model."
 )
-flags.DEFINE_string("mesh", "-1,1,1", "Devices along data,fsdp,tensor; -1 = the rest.")
+flags.DEFINE_string(
+    "mesh", "-1,1,1", "Devices along data,fsdp,tensor[,expert]; -1 = the rest."
+)
 _DEFINE = {float: flags.DEFINE_float, int: flags.DEFINE_integer, str: flags.DEFINE_string}
 for _field in dataclasses.fields(SamplingConfig):
     _DEFINE[_field.type](_field.name, _field.default, _field.metadata["spec"].doc)

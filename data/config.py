@@ -12,6 +12,18 @@ FILE_FORMATS = ("document", "lines", "paragraphs")
 PIPELINES = ("cache", "stream")
 SAMPLINGS = ("permutation", "random_offsets")
 SFT_TEMPLATES = ("plain", "hf")
+MIXTURE_FIELDS = (  # what one source of data.mixture may set; the rest is the run's
+    "source",
+    "train_files",
+    "eval_files",
+    "file_format",
+    "tfds_name",
+    "tfds_data_dir",
+    "tfds_train_split",
+    "tfds_eval_split",
+    "tfds_text_key",
+    "cache_dir",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +88,21 @@ class DataConfig:
         1024, "[1, inf)", "pipeline=stream: a local shuffle buffer of packed windows, not global"
     )
     eval_max_batches: int = field(0, "[0, inf)", "evaluation batches; 0 = the whole eval split")
+    mixture: str = field(
+        "",
+        str,
+        "weighted sources blended by window, e.g. 'stdlib:0.7,code:0.3' (weights > 0, "
+        "normalised; each window is one source's, so row share = token share = weight); "
+        "'' = data.source alone. A name is stdlib/files/tfds (the data.* fields) or defined in "
+        "data.mixture_sources; pipeline=cache only (docs/DATA.md)",
+    )
+    mixture_sources: str = field(
+        "",
+        str,
+        "data.mixture's sources by name, ';'-separated, each 'NAME: field=value ...' with "
+        f"fields {', '.join(MIXTURE_FIELDS)} (the rest are the run's), e.g. "
+        "'code: source=files train_files=code/*.py eval_files=val/*.py'",
+    )
     sft_file: str = field(
         "",
         "file",

@@ -14,20 +14,23 @@ Both make the same windows (documents back to back, each ending in eos, cut
 every seq_len + 1 tokens) and the batch format of data/batch.py, and both
 evaluate on identical batches.
 
+data.mixture blends several sources, each with its own token cache, by weight
+into the cache pipeline's batches (data.mixture).
+
 data.source=sft (fine-tuning) reads neither: whole JSONL examples are packed
 into rows, with loss weights only on response tokens (data.sft_batches).
 """
 
-from data import prepare, sft_batches, stream, windows
+from data import mixture, prepare, sft_batches, stream, windows
 from data.config import validate
 from data.hf_tokenizer import load_tokenizer
 from errors import UserError
-from startup import hide_accelerators_from_tf
 
 
 def _check(cfg, global_batch_size: int, process_count: int, model_vocab_size):
-    hide_accelerators_from_tf()
-    validate(cfg)
+    checked = validate(cfg)
+    if checked.mixture:  # each source checked as a data section of its own
+        mixture.source_configs(checked)
     if global_batch_size < process_count or global_batch_size % process_count:
         raise UserError(
             f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}; "
@@ -73,6 +76,17 @@ def make_train_iterator(
             process_index=process_index,
             process_count=process_count,
         )
+    if data_config.mixture:
+        return mixture.TrainIterator(
+            _source_splits(data_config, tokenizer, "train"),
+            mixture.weights(data_config),
+            data_config,
+            tokenizer.sha256,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
     return windows.TrainIterator(
         prepare.open_split(data_config, tokenizer, "train"),
         data_config,
@@ -106,6 +120,21 @@ def make_eval_batches(
         return sft_batches.EvalStream(examples, data_config, **kwargs)
     if data_config.pipeline == "stream":
         return stream.EvalStream(data_config, tokenizer, **kwargs)
+    if data_config.mixture:
+        splits = _source_splits(data_config, tokenizer, "eval")
+        streams = {name: windows.EvalStream(s, data_config, **kwargs) for name, s in splits.items()}
+        return mixture.EvalStream(streams)
     return windows.EvalStream(
         prepare.open_split(data_config, tokenizer, "eval"), data_config, **kwargs
     )
+
+
+def _source_splits(data_config, tokenizer, split: str) -> dict:
+    """`split` of each source of data.mixture, from its own token cache (prepared if missing)."""
+    splits = {}
+    for name, cfg in mixture.source_configs(data_config).items():
+        try:
+            splits[name] = prepare.open_split(cfg, tokenizer, split)
+        except UserError as error:
+            raise UserError(f"data.mixture source {name!r}: {error}") from None
+    return splits

@@ -30,15 +30,15 @@ import tempfile
 import time
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 import startup
-from data import sources, token_cache
+from data import mixture, sources, token_cache
 from data.config import split_field, validate
 from data.hf_tokenizer import load_tokenizer
 from errors import UserError
 
+tf = startup.LazyTensorFlow()
 SPLITS = ("train", "eval")
 DOCS_PER_BATCH = 1024  # documents per sentencepiece call (split over the cores)
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB shards of uint16
@@ -46,8 +46,7 @@ PROGRESS_SECONDS = 30
 
 
 def cache_root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "meshlm", "tokens")
+    return startup.user_cache_dir("tokens")
 
 
 def identity(cfg, tokenizer) -> dict:
@@ -221,7 +220,6 @@ def summary(manifest: dict) -> str:
 
 def main(argv) -> None:
     del argv
-    startup.hide_accelerators_from_tf()
     cfg = _CONFIG.value.data
     try:
         validate(cfg)
@@ -231,18 +229,26 @@ def main(argv) -> None:
                 "tokenized when training starts."
             )
         tokenizer = load_tokenizer(cfg.tokenizer)
-        ident = identity(cfg, tokenizer)
-        directory = cache_directory(cfg, ident)
-        existed = os.path.exists(os.path.join(directory, token_cache.MANIFEST))
-        if not existed:
-            prepare(cfg, tokenizer, directory, ident)
-        manifest = token_cache.read_manifest(directory)
-        token_cache.check_identity(directory, manifest, ident, tokenizer.path)
-        for split in SPLITS:
-            token_cache.open_split(directory, manifest, split)  # checks every file
+        # data.mixture: one cache per source, each prepared as that source's own config.
+        configs = mixture.source_configs(cfg) if cfg.mixture else {cfg.source: cfg}
+        for name, source_cfg in configs.items():
+            _prepare_and_check(source_cfg, tokenizer, name)
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
-    print(f"{'already prepared, and checked' if existed else 'prepared'}: {directory}")
+
+
+def _prepare_and_check(cfg, tokenizer, name: str) -> None:
+    """One source's cache: prepared if missing, then checked file by file, and summarised."""
+    ident = identity(cfg, tokenizer)
+    directory = cache_directory(cfg, ident)
+    existed = os.path.exists(os.path.join(directory, token_cache.MANIFEST))
+    if not existed:
+        prepare(cfg, tokenizer, directory, ident)
+    manifest = token_cache.read_manifest(directory)
+    token_cache.check_identity(directory, manifest, ident, tokenizer.path)
+    for split in SPLITS:
+        token_cache.open_split(directory, manifest, split)  # checks every file
+    print(f"{name}: {'already prepared, and checked' if existed else 'prepared'}: {directory}")
     print(summary(manifest))
 
 

@@ -31,9 +31,27 @@ STATE_VERSION = 3
 _PERMUTATION, _OFFSETS = 0, 1  # hash domains
 
 
-def _process_rows(global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+def process_rows(global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
     rows = global_batch_size // process_count
     return np.arange(process_index * rows, (process_index + 1) * rows)
+
+
+def window_starts(
+    split: TokenSplit, length: int, sampling: str, seed: int, windows: np.ndarray
+) -> np.ndarray:
+    """Token offsets at which windows `windows` of the endless sequence begin (data.mixture
+    reads each source's sequence with it too)."""
+    if sampling == "random_offsets":
+        choices = max(1, split.num_tokens - length + 1)
+        return (shuffle.hash_ints(seed, _OFFSETS, windows) % np.uint64(choices)).astype(np.int64)
+    num_windows = split.num_windows(length)
+    epochs, positions = np.divmod(windows, num_windows)
+    chosen = np.empty_like(windows)
+    for epoch in np.unique(epochs).tolist():  # one, or two across an epoch boundary
+        here = epochs == epoch
+        key = shuffle.hash_ints(seed, _PERMUTATION, epoch)
+        chosen[here] = shuffle.permute(positions[here], num_windows, key)
+    return chosen * length
 
 
 class TrainIterator:
@@ -52,7 +70,7 @@ class TrainIterator:
     ):
         self._split, self._cfg, self._tokenizer_sha256 = split, cfg, tokenizer_sha256
         self._seed, self._global_batch_size = seed, global_batch_size
-        self._rows = _process_rows(global_batch_size, process_index, process_count)
+        self._rows = process_rows(global_batch_size, process_index, process_count)
         self.invalid_utf8_documents = split.invalid_utf8_documents
         self._length = cfg.seq_len + 1
         self._num_windows = split.num_windows(self._length)
@@ -69,25 +87,11 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict:
-        starts = self._starts(self._next + self._rows)
+        windows = self._next + self._rows
+        starts = window_starts(self._split, self._length, self._cfg.sampling, self._seed, windows)
         self._next += self._global_batch_size
         tokens, doc_ids = self._split.read(starts, self._length)
         return packing.batch_features(tokens, doc_ids, self._cfg.pack_documents)
-
-    def _starts(self, windows: np.ndarray) -> np.ndarray:
-        """Token offsets at which windows `windows` of the endless sequence begin."""
-        if self._cfg.sampling == "random_offsets":
-            choices = max(1, self._split.num_tokens - self._length + 1)
-            return (shuffle.hash_ints(self._seed, _OFFSETS, windows) % np.uint64(choices)).astype(
-                np.int64
-            )
-        epochs, positions = np.divmod(windows, self._num_windows)
-        chosen = np.empty_like(windows)
-        for epoch in np.unique(epochs).tolist():  # one, or two across an epoch boundary
-            here = epochs == epoch
-            key = shuffle.hash_ints(self._seed, _PERMUTATION, epoch)
-            chosen[here] = shuffle.permute(positions[here], self._num_windows, key)
-        return chosen * self._length
 
     def _identity(self) -> dict:
         c = self._cfg
@@ -122,7 +126,7 @@ class EvalStream:
     def __init__(self, split: TokenSplit, cfg, *, global_batch_size, process_index, process_count):
         self._split, self._cfg = split, cfg
         self._global_batch_size = global_batch_size
-        self._rows = _process_rows(global_batch_size, process_index, process_count)
+        self._rows = process_rows(global_batch_size, process_index, process_count)
         self._length = cfg.seq_len + 1
         self.invalid_utf8_documents = split.invalid_utf8_documents
 

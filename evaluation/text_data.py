@@ -19,7 +19,7 @@ def text_data_config(
     data = data_config.copy_and_resolve_references()
     if text_files:
         expand_globs(text_files, "--text_files")  # no match: an error naming the flag
-        data.update(source="files", train_files=text_files, eval_files=text_files)
+        data.update(source="files", train_files=text_files, eval_files=text_files, mixture="")
         data.pipeline = "stream"
     elif tfds:
         name, _, split = tfds.partition(":")
@@ -28,6 +28,7 @@ def text_data_config(
         data.update(source="tfds", tfds_name=name, tfds_train_split=split, tfds_eval_split=split)
         data.update(
             pipeline="stream",
+            mixture="",
             tfds_text_key=tfds_text_key or data.tfds_text_key,
             tfds_data_dir=tfds_data_dir or data.tfds_data_dir,
         )

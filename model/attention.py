@@ -19,7 +19,7 @@ from jax import lax
 
 from model.attention_ops import attend, attention_mask
 from model.config import ModelConfig
-from model.layers import Dense, apply_rope, residual_init_std
+from model.layers import Dense, apply_rope, ones_init, residual_init_std
 from model.quantize import quantize
 
 # One layer's cached keys or values. Heads before length: a decode step's scores are then
@@ -59,6 +59,8 @@ class Attention(nn.Module):
         query = project("query", cfg.num_heads, "heads")
         key = project("key", cfg.num_kv_heads, "kv_heads")
         value = project("value", cfg.num_kv_heads, "kv_heads")
+        if cfg.qk_norm:
+            query, key = _head_norm(cfg, "query_norm")(query), _head_norm(cfg, "key_norm")(key)
         if cfg.position_embedding == "rope":
             query = apply_rope(query, positions, cfg.rope_theta)
             key = apply_rope(key, positions, cfg.rope_theta)
@@ -92,6 +94,18 @@ class Attention(nn.Module):
             name="out",
         )(out)
         return out, cache
+
+
+def _head_norm(config: ModelConfig, name: str) -> nn.Module:
+    """RMSNorm over each head's vector (one head_dim scale shared by the heads; statistics in
+    float32), as Qwen3 normalises queries and keys before RoPE."""
+    return nn.RMSNorm(
+        epsilon=config.norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        scale_init=ones_init(("head_dim",)),
+        name=name,
+    )
 
 
 def quantize_cache(x):

@@ -30,7 +30,18 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4")
 LOW_RANK_TARGETS = ("query", "key", "value", "out", "mlp")
+ROUTER_NORMS = ("softmax_topk_renorm", "softmax_topk")
+MOE_DISPATCHES = ("dropless", "capacity")
 POSITIVE = "[1, inf)"
+MOE_FIELDS = (
+    "experts_per_token",
+    "num_shared_experts",
+    "moe_mlp_dim",
+    "moe_every",
+    "router_norm",
+    "moe_dispatch",
+    "capacity_factor",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +66,9 @@ class ModelConfig:
         "gelu", MLP_ACTIVATIONS, "gelu (tanh approximation, as GPT-2) or swiglu (three matrices)"
     )
     use_bias: bool = field(True, bool, "biases in projections and LayerNorm")
+    qk_norm: bool = field(
+        False, bool, "RMSNorm on each query and key head before RoPE (Qwen3, Qwen3-MoE)"
+    )
     tie_embeddings: bool = field(True, bool, "output projection = token embedding transposed")
     dropout_rate: float = field(0.0, "[0, 1)", "dropout on embeddings and residual branches")
     init_std: float = field(0.02, "(0, inf)", "std of the normal initializer")
@@ -100,6 +114,31 @@ class ModelConfig:
     low_rank_targets: str = field(
         "query,key,value,out,mlp", "text", "kernels low_rank_ratio factorizes (comma-separated)"
     )
+    num_experts: int = field(
+        0, "[0, inf)", "routed experts of the MoE layers (model/moe.py); 0 = dense MLPs"
+    )
+    experts_per_token: int = field(2, POSITIVE, "MoE: experts each token is routed to (top-k)")
+    num_shared_experts: int = field(
+        0, "[0, inf)", "MoE: always-on experts, one SwiGLU MLP of this many x moe_mlp_dim"
+    )
+    moe_mlp_dim: int = field(0, "[0, inf)", "MoE: hidden width of each expert; 0 = mlp_dim")
+    moe_every: int = field(
+        1, POSITIVE, "MoE: every n-th layer is MoE (the others dense); num_layers % n == 0"
+    )
+    router_norm: str = field(
+        "softmax_topk_renorm",
+        ROUTER_NORMS,
+        "MoE: softmax then top-k, the k weights renormalised to sum to 1 (Mixtral) or not",
+    )
+    moe_dispatch: str = field(
+        "dropless",
+        MOE_DISPATCHES,
+        "MoE: dropless (sorted tokens, grouped matmul) or capacity (fixed slots per expert, "
+        "over-capacity assignments dropped by position)",
+    )
+    capacity_factor: float = field(
+        1.25, "(0, inf)", "MoE capacity dispatch: slots per expert = factor x tokens x k / experts"
+    )
 
     # Fields that change how the model is computed, not what its weights are: a
     # checkpoint may be resumed or loaded with other values of these.
@@ -111,6 +150,8 @@ class ModelConfig:
         "remat_policy",
         "scan_unroll",
         "dropout_rate",
+        "moe_dispatch",
+        "capacity_factor",
     )
 
     def __post_init__(self):
@@ -160,6 +201,40 @@ class ModelConfig:
                 "int4 groups must divide every quantized kernel's input size "
                 f"({', '.join(f'{k}={v}' for k, v in sizes.items())}); give a divisor.",
             )
+
+        self._check_moe(require)
+        if self.num_experts and not self.moe_mlp_dim:
+            object.__setattr__(self, "moe_mlp_dim", self.mlp_dim)
+
+    def _check_moe(self, require):
+        """MoE refusals: each names its field (the expert mesh axis is checked with the mesh)."""
+        if not self.num_experts:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [n for n in MOE_FIELDS if getattr(self, n) != defaults[n]]
+            used = ", model.".join(changed)
+            require(not changed, "num_experts", f"set it (> 0) to use model.{used}.")
+            return
+        require(
+            self.experts_per_token <= self.num_experts,
+            "experts_per_token",
+            f"top-k cannot exceed model.num_experts={self.num_experts}.",
+        )
+        require(
+            self.num_layers % self.moe_every == 0,
+            "moe_every",
+            f"must divide model.num_layers={self.num_layers}.",
+        )
+        require(
+            self.mlp_activation == "swiglu",
+            "mlp_activation",
+            "MoE experts are SwiGLU MLPs; set model.mlp_activation=swiglu.",
+        )
+        require(
+            self.quantization == "none" and not self.low_rank_ratio,
+            "num_experts",
+            "MoE models cannot be quantized or factorized (model.quantization, "
+            "model.low_rank_ratio); compress a dense model.",
+        )
 
     @property
     def low_rank_target_names(self) -> tuple[str, ...]:

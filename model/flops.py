@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
+from model.moe import routed_expert_kernels
 
 
 KERNELS = ("kernel", "kernel_a", "kernel_b")  # a full kernel, or its low-rank factors
@@ -41,7 +42,8 @@ def count_params(params) -> int:
 
 def matmul_params(config: ModelConfig, params) -> int:
     """Weights that take part in a matmul per token: every Dense kernel and the output
-    projection (lm_head, or the token embedding when tied).
+    projection (lm_head, or the token embedding when tied); of an MoE layer's routed
+    experts, the active ones only (experts_per_token of num_experts), plus the router.
 
     Biases, norm scales and lookup tables (the position table, an untied token
     embedding) are left out: they cost a few FLOPs per element, not 2 per weight.
@@ -52,7 +54,14 @@ def matmul_params(config: ModelConfig, params) -> int:
         if any(getattr(key, "key", None) in KERNELS for key in path)
     ]
     output = params["token_embed"] if config.tie_embeddings else params["lm_head"]
-    return count_params(kernels) + count_params(output)
+    total = count_params(kernels) + count_params(output)
+    if not config.num_experts:
+        return total
+    # A token runs experts_per_token of num_experts routed experts: only those count
+    # (capacity dispatch computes its empty and dropped slots too; they are not counted).
+    experts = count_params(routed_expert_kernels(params))
+    active = experts * config.experts_per_token // config.num_experts
+    return total - experts + active
 
 
 def train_flops_per_token(

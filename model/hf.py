@@ -1,4 +1,5 @@
-"""Hugging Face conversion, both ways: GPT-2 and Llama checkpoints <-> meshlm `(ModelConfig, params)`.
+"""Hugging Face conversion, both ways: GPT-2, Llama, Qwen3, Mixtral and Qwen3-MoE checkpoints
+<-> meshlm `(ModelConfig, params)`.
 
     config = config_from_hf(hf_model.config, dtype="float32")
     params = params_from_hf(hf_model.state_dict(), config)
@@ -10,10 +11,15 @@ transformers: a state dict may be any mapping of names to torch tensors or numpy
 arrays (tools/import_hf.py passes one that reads safetensors files lazily), and
 an HF config is read by attribute. Both directions read the same per-family
 tables (model/hf_layout.py), so an import followed by an export gives back the
-same tensors bit for bit.
+same tensors bit for bit. A mixture of experts' files hold one tensor per expert (export
+writes those, as save_pretrained does); transformers 5 fuses them in memory, and import
+reads either.
 """
 
+import itertools
+import re
 import types
+from collections.abc import Mapping
 from typing import Iterator
 
 import flax.linen as nn
@@ -24,24 +30,46 @@ from flax import traverse_util
 
 from errors import UserError
 from model.config import ModelConfig
-from model.hf_layout import FAMILIES, IGNORED, LM_HEAD, Family, Tensor, tensor_layout
+from model.hf_layout import (
+    DIFFERENT_MOE,
+    FAMILIES,
+    IGNORED,
+    LM_HEAD,
+    Family,
+    Tensor,
+    tensor_layout,
+)
 from model.transformer import Transformer
 
 
-def _field(hf_config, name, default=None):
-    value = getattr(hf_config, name, default)
+def _field(hf_config, name, default=None, aliases=None):
+    value = getattr(hf_config, name, None)
+    if value is None and aliases and name in aliases:
+        value = getattr(hf_config, aliases[name], None)
     return default if value is None else value
 
 
-def config_from_hf(hf_config, **overrides) -> ModelConfig:
-    """The ModelConfig of an HF GPT2Config / LlamaConfig; `overrides` set any other field."""
-    c, model_type = hf_config, getattr(hf_config, "model_type", None)
+def _family_of_hf(hf_config) -> Family:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in DIFFERENT_MOE:
+        raise UserError(
+            f"Hugging Face model_type={model_type!r} is a mixture of experts that meshlm does "
+            f"not compute: {DIFFERENT_MOE[model_type]}. meshlm converts "
+            f"{' and '.join(f.architecture for f in FAMILIES.values() if f.moe)}."
+        )
     if model_type not in FAMILIES:
         raise UserError(
             f"Unsupported Hugging Face model_type={model_type!r}; meshlm converts "
-            f"{' and '.join(map(repr, FAMILIES))}."
+            f"{', '.join(map(repr, FAMILIES))}."
         )
-    family = FAMILIES[model_type]
+    return FAMILIES[model_type]
+
+
+def config_from_hf(hf_config, **overrides) -> ModelConfig:
+    """The ModelConfig of an HF config (model/hf_layout.py's families); `overrides` set any
+    other field."""
+    c, family = hf_config, _family_of_hf(hf_config)
+    model_type = family.model_type
     architectures = _field(c, "architectures", [family.architecture])
     if family.architecture not in architectures:
         raise UserError(
@@ -57,9 +85,18 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
             )
     fields = dict(family.style)
     for ours, (theirs, default) in family.names.items():
-        fields[ours] = _field(c, theirs, default)
-    if fields["mlp_dim"] is None and fields["embed_dim"] is not None:  # GPT-2's n_inner=null
+        fields[ours] = _field(c, theirs, default, family.aliases)
+    for ours, (theirs, values) in family.choices.items():
+        fields[ours] = values.get(_field(c, theirs, next(iter(values))))
+        if fields[ours] is None:
+            raise UserError(
+                f"{model_type} config: {theirs}={_field(c, theirs)!r} is not one of "
+                f"{list(values)}."
+            )
+    if fields.get("mlp_dim", 0) is None and fields["embed_dim"] is not None:  # GPT-2's n_inner
         fields["mlp_dim"] = 4 * fields["embed_dim"]
+    if family.moe and "mlp_dim" not in fields:  # no dense MLP in the model: no other width
+        fields["mlp_dim"] = fields["moe_mlp_dim"]
     missing = [theirs for ours, (theirs, _) in family.names.items() if fields[ours] is None]
     if missing:
         raise UserError(f"{model_type} config has no {', '.join(missing)}.")
@@ -72,7 +109,8 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
                 f"{model_type} config: rope scaling (rope_type={rope_type!r}) is not supported "
                 "by meshlm; it implements plain RoPE with rope_theta."
             )
-        fields["rope_theta"] = float(rope.get("rope_theta", _field(c, "rope_theta", 10000.0)))
+        theta = rope.get("rope_theta", _field(c, "rope_theta", family.rope_theta))
+        fields["rope_theta"] = float(theta)
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -85,14 +123,18 @@ def family_of(config: ModelConfig) -> Family:
             for k, v in family.style.items()
             if getattr(config, k) != v
         ]
+        if family.moe != (config.num_experts > 0):
+            differ.append(f"model.num_experts={config.num_experts}")
         if not differ:
             return family
         needs = ", ".join(f"{k}={v!r}" for k, v in family.style.items())
+        needs += ", num_experts > 0" if family.moe else ", num_experts=0"
         mismatches.append(
             f"{family.architecture} needs {needs} (this model has {', '.join(differ)})"
         )
     raise UserError(
-        f"This model is neither of the Hugging Face families meshlm exports: {'; '.join(mismatches)}."
+        f"This model is in none of the Hugging Face families meshlm exports: "
+        f"{'; '.join(mismatches)}."
     )
 
 
@@ -106,6 +148,8 @@ def config_to_hf(config: ModelConfig, **extra) -> dict:
     hf = {"architectures": [family.architecture], "model_type": family.model_type}
     hf.update({key: implemented[0] for key, implemented in family.implemented.items()})
     hf.update({theirs: getattr(config, ours) for ours, (theirs, _) in family.names.items()})
+    for ours, (theirs, values) in family.choices.items():
+        hf[theirs] = {v: k for k, v in values.items()}[getattr(config, ours)]
     rope = family.style["position_embedding"] == "rope"
     if rope:  # v5 reads rope_parameters; v4 and other tools (vLLM) read rope_theta
         hf["rope_theta"] = config.rope_theta
@@ -113,10 +157,15 @@ def config_to_hf(config: ModelConfig, **extra) -> dict:
     hf["dtype"] = config.param_dtype
     hf.update(extra)
     back = config_from_hf(types.SimpleNamespace(**hf))
+    unused = {"param_dtype"}  # fields no tensor depends on (config.json has "dtype")
+    if not rope:
+        unused.add("rope_theta")
+    if family.moe and "mlp_dim" not in family.names:  # a MoE family without dense MLPs
+        unused.add("mlp_dim")
     lost = [
         f"model.{k}={v!r} (it would read back as {getattr(back, k)!r})"
         for k, v in config.weight_fields().items()
-        if k != "param_dtype" and (rope or k != "rope_theta") and getattr(back, k) != v
+        if k not in unused and getattr(back, k) != v
     ]
     if lost:
         raise UserError(f"A {family.architecture} config cannot express {'; '.join(lost)}.")
@@ -151,34 +200,89 @@ def param_shapes(config: ModelConfig) -> dict:
     return nn.meta.unbox(variables["params"])
 
 
-def _family_of_state_dict(state_dict, config: ModelConfig) -> Family:
-    for family in FAMILIES.values():
-        if family.layout(config)["token_embed"].key in state_dict:
-            return family
-    raise UserError(
-        "State dict is neither "
-        + " nor ".join(
-            f"a {f.architecture} ({f.layout(config)['token_embed'].key!r})"
-            for f in FAMILIES.values()
-        )
-        + " checkpoint."
-    )
+class _PerExpert(Mapping):
+    """A state dict whose fused expert tensors (transformers 5 in memory, `Fused`) read as
+    the per-expert tensors of the family's files, which its table names. Reading is lazy;
+    the last fused tensor read is kept, as its experts are asked for one after another."""
+
+    def __init__(self, state_dict, family: Family, num_experts: int):
+        self._base, self._last = state_dict, (None, None)
+        self._derived = {}  # per-expert name -> (fused name, expert or None, (k, n))
+        patterns = [
+            (re.compile(re.escape(f.key).replace(r"\{i\}", r"(\d+)")), name, f.part)
+            for name, f in family.fused.items()
+        ]
+        for key in state_dict:
+            for pattern, name, part in patterns:
+                if match := pattern.fullmatch(key):
+                    experts = range(num_experts) if "{j}" in name else [None]
+                    for j in experts:
+                        self._derived[name.format(i=match[1], j=j)] = (key, j, part)
+        self._fused = {key for key, _, _ in self._derived.values()}
+
+    def __getitem__(self, key):
+        if key not in self._derived:
+            return self._base[key]
+        fused, j, (k, n) = self._derived[key]
+        if self._last[0] != fused:
+            self._last = (fused, self._base[fused])
+        array = self._last[1]
+        if j is not None:
+            if j >= len(array):
+                raise UserError(
+                    f"{fused!r} holds {len(array)} experts; the model config has more."
+                )
+            array = array[j]
+        rows = array.shape[0] // n
+        return array[k * rows : (k + 1) * rows]
+
+    def __contains__(self, key):  # Mapping's default would read the tensor
+        return key in self._derived or (key in self._base and key not in self._fused)
+
+    def __iter__(self):
+        yield from self._derived
+        yield from (key for key in self._base if key not in self._fused)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+def _layer_indices(key: str, config: ModelConfig) -> list[tuple[int, ...]]:
+    """The (layer,) or (layer, expert) slices of a stacked parameter that `key` names."""
+    layers = range(config.num_layers)
+    if "{j}" in key:
+        return list(itertools.product(layers, range(config.num_experts)))
+    return [(i,) for i in layers]
+
+
+def _key(key: str, index: tuple[int, ...]) -> str:
+    return key.format(i=index[0], j=index[-1])
 
 
 def params_from_hf(state_dict, config: ModelConfig) -> dict:
-    """meshlm params (numpy, config.param_dtype) from an HF GPT-2 / Llama state dict.
+    """meshlm params (numpy, config.param_dtype) from an HF state dict of `config`'s family:
+    the per-expert tensors of the files, or transformers 5's fused ones.
 
     Reads one HF tensor at a time into preallocated stacked arrays, so a lazy
     `state_dict` never holds more than the params and one tensor in memory.
     """
-    family = _family_of_state_dict(state_dict, config)
+    family = family_of(config)
     layout = tensor_layout(family, config)
+    if layout["token_embed"].key not in state_dict:
+        raise UserError(
+            f"State dict is not a {family.architecture} checkpoint: it has no "
+            f"{layout['token_embed'].key!r}."
+        )
+    if family.fused:
+        state_dict = _PerExpert(state_dict, family, config.num_experts)
     dims = (
         f"vocab_size={config.vocab_size}, num_layers={config.num_layers}, "
         f"embed_dim={config.embed_dim}, num_heads={config.num_heads}, "
         f"kv_heads={config.num_kv_heads}, head_dim={config.head_dim}, mlp_dim={config.mlp_dim}, "
         f"max_seq_len={config.max_seq_len}"
     )
+    if config.num_experts:
+        dims += f", num_experts={config.num_experts}, moe_mlp_dim={config.moe_mlp_dim}"
     # Exactly the tree, shapes and dtypes the model itself initialises.
     expected = traverse_util.flatten_dict(param_shapes(config), sep="/")
     missing, extra = sorted(set(expected) - set(layout)), sorted(set(layout) - set(expected))
@@ -209,9 +313,9 @@ def params_from_hf(state_dict, config: ModelConfig) -> dict:
         spec = expected[path]
         if "{i}" in tensor.key:
             flat[path] = np.empty(spec.shape, spec.dtype)
-            for i in range(config.num_layers):
-                key = tensor.key.format(i=i)
-                flat[path][i] = _from_hf_layout(load(key, tensor), tensor, spec.shape[1:])
+            for index in _layer_indices(tensor.key, config):
+                array = load(_key(tensor.key, index), tensor)
+                flat[path][index] = _from_hf_layout(array, tensor, spec.shape[len(index) :])
         else:
             array = _from_hf_layout(load(tensor.key, tensor), tensor, spec.shape)
             flat[path] = np.ascontiguousarray(array, dtype=spec.dtype)
@@ -239,9 +343,9 @@ def hf_tensors(params, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     for path, tensor in tensor_layout(family_of(config), config).items():
         value = np.asarray(flat[path])
         per_layer = "{i}" in tensor.key
-        for i in range(config.num_layers) if per_layer else [None]:
-            array = _to_hf_layout(value[i] if per_layer else value, tensor)
-            key = tensor.key.format(i=i)
+        for index in _layer_indices(tensor.key, config) if per_layer else [()]:
+            array = _to_hf_layout(value[index], tensor)
+            key = _key(tensor.key, index) if per_layer else tensor.key
             if tensor.part is None:
                 yield key, np.ascontiguousarray(array)
                 continue
@@ -253,7 +357,7 @@ def hf_tensors(params, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def from_hf(hf_model, **overrides) -> tuple[ModelConfig, dict]:
-    """`(config, params)` from an HF GPT2LMHeadModel / LlamaForCausalLM instance."""
+    """`(config, params)` from an HF model instance (e.g. a LlamaForCausalLM)."""
     config = config_from_hf(hf_model.config, **overrides)
     return config, params_from_hf(hf_model.state_dict(), config)
 

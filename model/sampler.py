@@ -10,6 +10,7 @@ width to a multiple of PROMPT_BUCKET, so few shapes are ever compiled.
 """
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -58,14 +59,16 @@ def abstract_params(model, mesh, rules):
 
 
 def parse_mesh(text: str) -> ml_collections.ConfigDict:
-    """'-1,1,1' -> config.mesh-style sizes of (data, fsdp, tensor)."""
+    """'-1,1,1' -> config.mesh-style sizes of (data, fsdp, tensor[, expert]); expert: 1."""
     try:
-        data, fsdp, tensor = (int(x) for x in text.split(","))
+        sizes = [int(x) for x in text.split(",")]
+        if len(sizes) not in (3, 4):
+            raise ValueError
     except ValueError:
         raise UserError(
-            f"--mesh={text!r}: give three sizes data,fsdp,tensor, e.g. -1,1,1 or 1,2,4."
+            f"--mesh={text!r}: give sizes data,fsdp,tensor[,expert], e.g. -1,1,1 or 1,2,1,4."
         ) from None
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+    return ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor", "expert"), sizes)))
 
 
 class Sampler:
@@ -82,7 +85,7 @@ class Sampler:
         self.abstract_params = abstract_params(self.model, self.mesh, self.rules)
         shardings = jax.tree.map(lambda a: a.sharding, self.abstract_params)
         self.params = jax.device_put(params, shardings)
-        self.batch_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.batch_multiple = math.prod(self.mesh.shape[a] for a in ("data", "fsdp", "expert"))
         self._compiled = {}
 
     def check_room(self, prompts: list[list[int]], max_new_tokens: int, truncate: bool):

@@ -50,7 +50,7 @@ def splash_attention(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(*args)
-    spec, kv_spec = (PartitionSpec(*nn.logical_to_mesh_axes(a)) for a in (ACTIVATION_AXES, KV_AXES))
+    spec, kv_spec = (_mesh_spec(mesh, a) for a in (ACTIVATION_AXES, KV_AXES))
     rows = PartitionSpec(spec[0], None)
     return jax.shard_map(
         local,
@@ -59,6 +59,18 @@ def splash_attention(
         out_specs=spec,
         check_vma=False,
     )(*args)
+
+
+def _mesh_spec(mesh, logical_axes) -> PartitionSpec:
+    """The rules' PartitionSpec of `logical_axes`, keeping only axes this mesh has (shard_map
+    must name mesh axes; a mesh built by hand may lack e.g. `expert`)."""
+
+    def present(axes):
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        kept = tuple(a for a in axes if a in mesh.axis_names)
+        return kept if len(kept) > 1 else (kept[0] if kept else None)
+
+    return PartitionSpec(*(present(a) for a in nn.logical_to_mesh_axes(logical_axes)))
 
 
 def _kernel(heads, length, block, interpret):

@@ -18,6 +18,19 @@ Parameter paths (stable; the Hugging Face converters and later LoRA address them
     layers/mlp/{wi_gate,wi_up}/kernel   [layers, embed, mlp]      swiglu
     layers/mlp/wo/kernel                [layers, mlp, embed]      (+ biases when use_bias)
     final_norm/{scale,bias}             [embed]
+
+Mixture of experts (model.num_experts > 0, model/moe.py) replaces `layers/mlp` by:
+
+    layers/moe/router/kernel            [layers, embed, experts]  float32
+    layers/moe/{wi_gate,wi_up}/kernel   [layers, experts, embed, moe_mlp]
+    layers/moe/wo/kernel                [layers, experts, moe_mlp, embed]
+    layers/moe/shared/{wi_gate,wi_up}/kernel  [layers, embed, mlp]   num_shared_experts > 0,
+    layers/moe/shared/wo/kernel         [layers, mlp, embed]      mlp = shared x moe_mlp_dim
+
+With model.moe_every = n > 1 the scan runs over num_layers / n groups of n layers:
+`layers/block_{j}/...` for j < n - 1 are dense layers (the paths above without the
+`layers/` prefix, e.g. `layers/block_0/mlp/wo/kernel` [groups, mlp, embed]) and
+`layers/block_{n-1}/moe/...` the group's MoE layer; layer index = group * n + j.
     lm_head                             [embed, vocab]            untied embeddings only
 
 Compressed runs (compress.py, docs/COMPRESSION.md) change the kernels' leaves: with
@@ -45,6 +58,7 @@ from jax import lax
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import Mlp, make_norm, param_init, sinusoidal_embedding, weight
+from model.moe import STATS, MoeMlp
 
 ACTIVATION = ("batch", "length", "embed")
 
@@ -59,6 +73,7 @@ class Block(nn.Module):
     config: ModelConfig
     deterministic: bool = True
     lora_dropout: float = 0.0
+    moe: bool = False  # routed experts (model/moe.py) instead of the dense MLP
 
     @nn.compact
     def __call__(self, carry, layer, positions, segment_ids, key_segment_ids, cache_index):
@@ -73,9 +88,38 @@ class Block(nn.Module):
         x = x + dropout(h)
         x = nn.with_logical_constraint(x, ACTIVATION)
         h = make_norm(cfg, "mlp_norm")(x)
-        x = x + dropout(Mlp(cfg, lora_dropout, name="mlp")(h))
+        if self.moe:
+            mask = None if segment_ids is None else segment_ids != 0
+            x = x + dropout(MoeMlp(cfg, name="moe")(h, mask))
+        else:
+            x = x + dropout(Mlp(cfg, lora_dropout, name="mlp")(h))
         x = nn.with_logical_constraint(x, ACTIVATION)
         return (x, cache), None
+
+
+class Group(nn.Module):
+    """model.moe_every = n > 1: n-1 dense blocks then one MoE block, as one scan body."""
+
+    config: ModelConfig
+    deterministic: bool = True
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, carry, group, positions, segment_ids, key_segment_ids, cache_index):
+        cfg, n = self.config, self.config.moe_every
+        block = _remat(Block, cfg.remat_policy)
+        for j in range(n):
+            carry, _ = block(
+                cfg, self.deterministic, self.lora_dropout, moe=j == n - 1, name=f"block_{j}"
+            )(carry, group * n + j, positions, segment_ids, key_segment_ids, cache_index)
+        return carry, None
+
+
+def _scan_body(cfg: ModelConfig):
+    """(module, its keyword arguments, scan length): layers, or groups of moe_every layers."""
+    if cfg.num_experts and cfg.moe_every > 1:
+        return Group, {}, cfg.num_layers // cfg.moe_every
+    return _remat(Block, cfg.remat_policy), dict(moe=cfg.num_experts > 0), cfg.num_layers
 
 
 def _remat(block_cls, policy_name: str):
@@ -149,16 +193,20 @@ class Transformer(nn.Module):
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
             )
             kv = {k: v for k, v in cache.items() if k not in ("segment_ids", "index")}
+        body, body_args, scan_length = _scan_body(cfg)
         layers = nn.scan(
-            _remat(Block, cfg.remat_policy),
-            variable_axes={"params": 0, "lora": 0, "calibration": 0, "calibration_gram": 0},
+            body,
+            variable_axes={
+                "params": 0, "lora": 0, "calibration": 0, "calibration_gram": 0, STATS: 0,
+                "intermediates": 0,
+            },
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
+            length=scan_length,
             unroll=cfg.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, self.lora_dropout, name="layers")
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        )(cfg, deterministic, self.lora_dropout, name="layers", **body_args)
+        layer_ids = jnp.arange(scan_length, dtype=jnp.int32)
         (x, kv), _ = layers(
             (x, kv), layer_ids, positions, segment_ids, key_segment_ids, cache_index
         )

@@ -1,4 +1,4 @@
-"""The device mesh: axes (data, fsdp, tensor), sizes from `config.mesh`.
+"""The device mesh: axes (data, fsdp, expert, tensor), sizes from `config.mesh`.
 
 Axis types are `Auto` (GSPMD-style): the model names logical axes, the rules in
 sharding/rules.py map them onto these mesh axes, and XLA propagates the rest.
@@ -14,7 +14,7 @@ from jax.sharding import AxisType, Mesh
 from config_schema import check_fields, field
 from errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 AXIS_SIZE = "{-1} | [1, inf)"
 
 
@@ -25,15 +25,23 @@ class MeshConfig:
     data: int = field(-1, AXIS_SIZE, "data parallelism (batch split, params replicated)")
     fsdp: int = field(1, AXIS_SIZE, "fully sharded data parallelism (batch and params split)")
     tensor: int = field(1, AXIS_SIZE, "tensor parallelism over heads, MLP and vocabulary")
+    expert: int = field(
+        1,
+        AXIS_SIZE,
+        "expert parallelism: MoE experts split, the batch too (data parallel elsewhere); "
+        "must divide model.num_experts",
+    )
 
     def __post_init__(self):
         check_fields(self, "mesh")
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-    """Sizes of (data, fsdp, tensor); one size may be -1, meaning "the rest"."""
-    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
-    described = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    """Sizes of MESH_AXES; one size may be -1, meaning "the rest" (expert: 1 if absent)."""
+    sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+    described = " x ".join(  # the expert axis only when used, as before it existed
+        f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if a != "expert" or s != 1
+    )
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise UserError(
             f"{described}: sizes must be positive, and at most one may be -1 "

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from errors import UserError
 
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),  # data parallel: FSDP shards the batch too
+    ("batch", ("data", "fsdp", "expert")),  # data parallel: FSDP and expert split it too
     ("length", None),
     ("embed", "fsdp"),  # parameters: FSDP shards the model dimension
     ("heads", "tensor"),  # tensor parallelism (Megatron-style) over heads and mlp
@@ -25,6 +25,8 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+    ("experts", "expert"),  # model/moe.py: expert parallelism over the routed experts
+    ("moe_mlp", "tensor"),  # each expert's hidden width, as mlp
     ("layers", None),  # the scanned-layers axis stays whole on every device
     ("lora_rank", None),  # model/lora.py: adapters' rank axis is small, kept whole
     ("low_rank", None),  # model.low_rank_ratio: factorized kernels' rank axis

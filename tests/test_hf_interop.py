@@ -309,7 +309,7 @@ def test_workdirs_that_cannot_be_imported_into_or_exported_from(tmp_path, good_h
     [
         (
             dict(TINY_MODEL, position_embedding="rope"),
-            r"neither .* GPT2LMHeadModel .*this model has model\.position_embedding='rope'\).*"
+            r"none of .* GPT2LMHeadModel .*this model has model\.position_embedding='rope'\).*"
             r"LlamaForCausalLM .*this model has model\.norm='layernorm', model\.mlp_activation='gelu'",
         ),
         (

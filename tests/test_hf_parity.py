@@ -175,7 +175,7 @@ def test_missing_and_extra_tensors_are_named():
     fewer_layers = config_from_hf(CASES["llama_gqa_untied"], num_layers=1)
     with pytest.raises(UserError, match=r"model\.layers\.1\."):  # a layer left over
         params_from_hf(state_dict, fewer_layers)
-    with pytest.raises(UserError, match="neither a GPT2LMHeadModel"):
+    with pytest.raises(UserError, match="not a LlamaForCausalLM checkpoint"):
         params_from_hf({"foo.weight": np.zeros(3)}, config)
 
 

@@ -101,7 +101,7 @@ def greedy_by_full_passes(workdir, step, meta, prompts, num_new):
         ([], "error: .*no checkpoint"),
         (["--prompt=x", "--top_p=1.5"], r"error: sampling.top_p=1.5: must be in \(0, 1\]"),
         (["--prompt=x", "--temperature=-1"], r"error: sampling.temperature=-1.0"),
-        (["--prompt=x", "--mesh=1,2"], r"error: --mesh='1,2': give three sizes"),
+        (["--prompt=x", "--mesh=1,2"], r"error: --mesh='1,2': give sizes data,fsdp,tensor\["),
     ],
 )
 def test_mistakes_get_one_error_line(tmp_path, flags, message):

@@ -193,14 +193,17 @@ def small_sweep(config, num_trials: int):
     return vectorized._Sweep({n: sweeps.apply_overrides(config, o) for n, o in named.items()})
 
 
+MESH1 = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+
+
 def test_vectorized_mesh_uses_every_device(tmp_path, caplog):
     config = load_small_config(tmp_path)  # global_batch_size=8, 8 devices
-    assert dict(small_sweep(config, 3).mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert dict(small_sweep(config, 6).mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(small_sweep(config, 3).mesh.shape) == dict(MESH1, fsdp=8)
+    assert dict(small_sweep(config, 6).mesh.shape) == dict(MESH1, data=2, fsdp=4)
     assert "devices" not in caplog.text
 
     config.train.global_batch_size = 4  # 3 trials cannot split a batch of 4 over 8 devices
-    assert dict(small_sweep(config, 3).mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert dict(small_sweep(config, 3).mesh.shape) == dict(MESH1, fsdp=4)
     assert "3 trials use 4 of the 8 devices" in caplog.text
     assert "trial counts that are multiples of 2 use all of them" in caplog.text
 

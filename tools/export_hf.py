@@ -2,11 +2,13 @@
 
     python tools/export_hf.py --workdir=W OUT_DIR [--max_shard_gb=5]
 
-OUT_DIR gets the newest checkpoint of W as a GPT2LMHeadModel or
-LlamaForCausalLM: config.json, the weights in the params' dtype as safetensors
-(model.safetensors, or shards of at most --max_shard_gb listed in
-model.safetensors.index.json) and the tokenizer as tokenizer.json with
-tokenizer_config.json (a sentencepiece model is converted, with the same ids).
+OUT_DIR gets the newest checkpoint of W as a GPT2LMHeadModel, LlamaForCausalLM,
+MixtralForCausalLM or Qwen3MoeForCausalLM (model/hf_layout.py says which model fits
+which): config.json, the weights in the params' dtype as safetensors (model.safetensors,
+or shards of at most --max_shard_gb listed in model.safetensors.index.json; experts one
+tensor each, as save_pretrained and the Hub's files have them) and the tokenizer as
+tokenizer.json with tokenizer_config.json (a sentencepiece model is converted, with the
+same ids).
 `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and `AutoTokenizer` load it, so
 `lm_eval --model hf --model_args pretrained=OUT_DIR` and other tools work on it.
 
@@ -100,7 +102,9 @@ def export_hf(workdir: str, out_dir: str, max_shard_bytes: int) -> str:
     check_new_directory(out_dir)
     run = load_run(workdir, abstract=_on_host)
     config, step = run.config, run.step
-    params, model_config = dense_params(run.params, run.model_config)
+    params, model_config = run.params, run.model_config
+    if model_config != plain_config(model_config):  # a compressed run: write its plain model
+        params, model_config = dense_params(params, model_config)
     params = jax.tree.map(np.asarray, params)
 
     tokenizer = save_for_transformers(

@@ -2,8 +2,10 @@
 
     python tools/import_hf.py HF_DIR --workdir=W [--param_dtype=float32] [--dtype=bfloat16]
 
-HF_DIR holds config.json (a GPT2LMHeadModel or LlamaForCausalLM), the weights as
-safetensors (model.safetensors, or the shards model.safetensors.index.json lists)
+HF_DIR holds config.json (a GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM or
+Qwen3MoeForCausalLM), the weights as safetensors (model.safetensors, or the shards
+model.safetensors.index.json lists; a mixture of experts' experts one tensor each, as
+save_pretrained writes them, or fused as transformers 5 holds them in memory)
 and the tokenizer: tokenizer.json (with its tokenizer_config.json and chat template,
 wherever transformers would read it from), or a sentencepiece tokenizer.model.
 W gets a params-only checkpoint at step 0, its config.json (configs/base with the

@@ -20,6 +20,9 @@ What happens on restore, newest step first:
     data from the start (logged);
   * otherwise it is restored onto the current mesh, and every config value that
     changed since it was written is logged as `field: old -> new`.
+A float16 run's loss-scale state (training/loss_scale.py) is saved in the step's meta as
+exact JSON numbers; a step without one (saved without loss scaling, or before it existed)
+resumes with the initial scale, and a run without loss scaling drops a saved one (logged).
 A workdir that holds checkpoints is never silently trained from scratch.
 """
 
@@ -47,17 +50,20 @@ from checkpoints.layout import (
 from errors import UserError
 from model.lora import is_lora_tree
 from paths import workdir_path
+from training import loss_scale
 
 
 @dataclasses.dataclass
 class Restored:
     """What a checkpoint gave back; `opt_state` is None when a fresh one must be made,
-    `data_state` None when the data starts from the beginning."""
+    `data_state` None when the data starts from the beginning, `loss_scale` (loss_scale.to_json)
+    None when the step holds none."""
 
     step: int
     params: Any
     opt_state: Any
     data_state: dict | None
+    loss_scale: dict | None = None
 
 
 def _gather_across_processes(value: dict) -> list[dict]:
@@ -118,6 +124,8 @@ class Checkpointer:
             lora.save_base(self.workdir, state.params["base"])
             self.base_saved = True
         meta = {"step": step, "model": model_config, "config": config}
+        if state.loss_scale is not None:
+            meta["loss_scale"] = loss_scale.to_json(state.loss_scale)
         return self.manager.save(
             step,
             force=True,
@@ -226,6 +234,7 @@ class Checkpointer:
                 params=params,
                 opt_state=None if fresh_optimizer else restored["opt_state"],
                 data_state=data_state,
+                loss_scale=meta.get("loss_scale"),
             )
         return None
 

@@ -8,6 +8,7 @@ and then the relations between sections, before anything is compiled or written.
 import dataclasses
 
 from config_schema import check_fields, field, from_values
+from data import mixture
 from data.config import DataConfig
 from errors import UserError
 from evaluation.config import EvalConfig
@@ -15,10 +16,11 @@ from model.config import ModelConfig
 from model.lora import LoraConfig
 from sharding.mesh import MESH_AXES, MeshConfig, resolve_mesh_shape
 from sharding.rules import logical_rules
-from training import distill
+from training import distill, loss_scale, metrics
 
 POSITIVE, NON_NEGATIVE = "[1, inf)", "[0, inf)"
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,12 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    name: str = field(
+        "adamw",
+        OPTIMIZERS,
+        "adamw; or muon: orthogonalised momentum for the matmul kernels, AdamW (b1, b2, eps, "
+        "weight_decay) for embeddings, output head, norms and biases (training/optimizer.py)",
+    )
     learning_rate: float = field(3e-4, "(0, inf)", "peak learning rate")
     schedule: str = field("cosine", SCHEDULES, "decay after warmup")
     warmup_steps: int = field(100, NON_NEGATIVE, "linear warmup from 0; <= train.num_steps")
@@ -46,6 +54,12 @@ class OptimizerConfig:
     weight_decay: float = field(0.1, NON_NEGATIVE, "AdamW decoupled weight decay (matmul kernels)")
     decay_embeddings: bool = field(False, bool, "apply weight decay to the embeddings too")
     grad_clip_norm: float = field(1.0, NON_NEGATIVE, "clip the global gradient norm; 0 = off")
+    muon_beta: float = field(0.95, "[0, 1)", "Muon's momentum decay")
+    muon_nesterov: bool = field(True, bool, "Muon: Nesterov momentum")
+    muon_ns_steps: int = field(5, POSITIVE, "Muon: Newton-Schulz iterations per update")
+    muon_weight_decay: float = field(
+        0.1, NON_NEGATIVE, "decoupled weight decay of the Muon kernels (times the rate)"
+    )
     keep_sparsity: bool = field(
         False,
         bool,
@@ -65,8 +79,27 @@ class TrainConfig:
     global_batch_size: int = field(32, POSITIVE, "sequences per optimizer step, over all hosts")
     num_microbatches: int = field(1, POSITIVE, "gradient accumulation: microbatches per step")
     z_loss_weight: float = field(0.0, NON_NEGATIVE, "weight of PaLM's z-loss (log Z)^2")
+    load_balance_weight: float = field(
+        0.01, NON_NEGATIVE, "MoE: weight of the Switch load-balancing loss (global batch)"
+    )
+    router_z_loss_weight: float = field(
+        0.001, NON_NEGATIVE, "MoE: weight of the router z-loss, mean (logsumexp of logits)^2"
+    )
     skip_nonfinite_updates: bool = field(
         False, bool, "skip updates with a NaN/inf loss instead of stopping the run"
+    )
+    loss_scale: str = field(
+        "auto",
+        str,
+        "float16 loss scaling (training/loss_scale.py): auto (= dynamic with model.dtype="
+        "float16, else none) | dynamic (flax DynamicScale's rule: 2^16, x0.5 on overflow, x2 on "
+        "the finite step after loss_scale_growth_interval finite ones) | static:<S> | none; "
+        "refused with bfloat16/float32 compute and with model.param_dtype other than float32. "
+        "A step whose scaled gradients overflow is skipped (params, optimizer state unchanged) "
+        "but counts as a step: the learning-rate schedule and the data advance",
+    )
+    loss_scale_growth_interval: int = field(
+        2000, POSITIVE, "dynamic loss scale: finite steps in a row before the next doubles it"
     )
     log_every: int = field(10, POSITIVE, "steps between progress lines and metrics records")
     eval_every: int = field(200, NON_NEGATIVE, "steps between evaluations; 0 = only at the end")
@@ -77,9 +110,21 @@ class TrainConfig:
         "workdir has no checkpoint yet; fresh optimizer and step; '' = random init",
     )
     init_step: int = field(-1, "{-1} | [0, inf)", "train.init_from's step; -1 = its newest")
+    trackers: str = field(
+        "tensorboard",
+        str,
+        "where metrics go besides metrics.jsonl (always written): comma-separated tensorboard, "
+        "wandb ('' = none); wandb needs `pip install wandb`; a tracker that fails is dropped "
+        "with a warning and the run goes on",
+    )
+    tracker_project: str = field(
+        "meshlm", str, "the W&B project of train.trackers=wandb; '' = W&B's (WANDB_PROJECT)"
+    )
+    run_name: str = field("", str, "the run's name in W&B; '' = the workdir's name")
 
     def __post_init__(self):
         check_fields(self, "train")
+        metrics.parse_trackers(self.trackers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +174,12 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
     from_values(RunConfig, top_level, "config")
     checked = {name: from_values(cls, config[name], name) for name, cls in SECTIONS.items()}
     model_config, data = checked["model"], checked["data"]
+    if data.mixture:  # each source checked as a data section of its own (data/mixture.py)
+        mixture.source_configs(data)
     logical_rules(config.sharding_rules)
     mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(config.mesh, num_devices)))
-    data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
+    data_parallel = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"]
+    batch_axes = "mesh.data*mesh.fsdp" + ("*mesh.expert" if mesh_shape["expert"] > 1 else "")
 
     train = config.train
     batch, micro = train.global_batch_size, train.num_microbatches
@@ -144,7 +192,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
         raise UserError(
             f"train.global_batch_size={batch} / train.num_microbatches={micro} = {per_micro} "
             f"sequences per microbatch is not divisible by the data-parallel size "
-            f"mesh.data*mesh.fsdp={data_parallel}."
+            f"{batch_axes}={data_parallel}."
         )
     if batch % process_count:
         raise UserError(
@@ -152,8 +200,8 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
         )
     if data_parallel % process_count:
         raise UserError(
-            f"mesh.data*mesh.fsdp={data_parallel} does not split over the {process_count} "
-            "processes: each process feeds only its rows of the batch, so the batch-sharding "
+            f"{batch_axes}={data_parallel} does not split over the "
+            f"{process_count} processes: each process feeds only its rows of the batch, so the batch-sharding "
             "axes must be a multiple of the process count (move devices from mesh.tensor to "
             "mesh.fsdp or mesh.data)."
         )
@@ -185,8 +233,30 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
             f"lora.rank={lora_rank} with model.low_rank_ratio={model_config.low_rank_ratio}: "
             "LoRA adapts full kernels; fine-tune a factorized run without LoRA (lora.rank=0)."
         )
+    _check_moe(config, model_config, mesh_shape["expert"])
     distill.check(config, model_config)
+    loss_scale.from_config(config, model_config)  # refuses what it cannot scale
     return model_config
+
+
+def _check_moe(config, model_config: ModelConfig, expert_axis: int) -> None:
+    """MoE refusals that need the mesh or the LoRA config."""
+    experts = model_config.num_experts
+    if experts % expert_axis:
+        raise UserError(
+            f"mesh.expert={expert_axis} does not divide model.num_experts={experts}; "
+            "give a divisor (experts are split evenly over the expert axis)."
+        )
+    if experts and config.lora.rank and model_config.moe_every > 1:
+        raise UserError(
+            f"lora.rank={config.lora.rank} with model.moe_every={model_config.moe_every}: LoRA "
+            "finds layers/attn only when every layer is MoE (model.moe_every=1)."
+        )
+    if experts and config.lora.rank and "mlp" in config.lora.targets:
+        raise UserError(
+            f"lora.targets={config.lora.targets!r}: the experts of an MoE model are not "
+            "adaptable; target the attention (query, key, value, out)."
+        )
 
 
 def tokens_per_step(config) -> int:
@@ -196,10 +266,10 @@ def tokens_per_step(config) -> int:
 def describe(config, model_config: ModelConfig, num_params: int, num_devices: int) -> str:
     """Derived values, printed at start-up so nobody computes them by hand."""
     tokens = tokens_per_step(config)
-    mesh = resolve_mesh_shape(config.mesh, num_devices)
+    mesh = ",".join(map(str, resolve_mesh_shape(config.mesh, num_devices)))
     microbatch = config.train.global_batch_size // config.train.num_microbatches
     return (
-        f"params={num_params / 1e6:.2f}M  mesh(data,fsdp,tensor)={mesh}  "
+        f"params={num_params / 1e6:.2f}M  mesh({','.join(MESH_AXES)})=({mesh})  "
         f"tokens/step={tokens:,}  microbatch={microbatch}"
         f"  steps={config.train.num_steps:,}  total tokens={tokens * config.train.num_steps:,}  "
         f"warmup={config.optimizer.warmup_steps}  layers={model_config.num_layers} "

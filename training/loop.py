@@ -18,6 +18,7 @@ from data.pipeline import make_eval_batches, make_train_iterator
 from errors import UserError
 from evaluation.evaluator import score_batches
 from evaluation.in_training import TrainingTasks
+from evaluation.metrics import loss_metrics
 from paths import workdir_path
 from training.checkpoint import Checkpointer
 from training.config import describe, tokens_per_step
@@ -64,9 +65,20 @@ class _ProfileWindow:
 
 
 def evaluate(trainer: Trainer, eval_step, params, eval_stream, tokenizer) -> dict:
-    """eval_loss, eval_perplexity, eval_bits_per_byte, ... (evaluation/metrics.py)."""
-    metrics = score_batches(eval_step, trainer.to_global, params, eval_stream, tokenizer)
-    return {f"eval_{name}": value for name, value in metrics.items()}
+    """eval_loss, eval_perplexity, eval_bits_per_byte, ... (evaluation/metrics.py); with
+    data.mixture, over every source's eval windows together, and eval_loss_<source>."""
+    score = lambda batches: score_batches(eval_step, trainer.to_global, params, batches, tokenizer)
+    sources = getattr(eval_stream, "sources", None)  # data.mixture's streams, by name
+    if sources is None:
+        return {f"eval_{name}": value for name, value in score(eval_stream).items()}
+    scores = {name: score(stream) for name, stream in sources.items()}
+    total = lambda key: sum(m[key] for m in scores.values())
+    ce_sum = sum(m["loss"] * m["tokens"] for m in scores.values())
+    metrics = loss_metrics(ce_sum, total("tokens"), total("bytes"))
+    return {
+        **{f"eval_{name}": value for name, value in metrics.items()},
+        **{f"eval_loss_{name}": m["loss"] for name, m in scores.items()},
+    }
 
 
 class StepClock:
@@ -154,7 +166,7 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
         logging.info("Restored checkpoint at step %d from %s", step, source)
     _write_config(config, workdir)
 
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, config)
     eval_step = make_eval_step(trainer.model, trainer.mesh, trainer.rules, trainer.model_shardings)
     tokenizer = load_tokenizer(config.data.tokenizer)
     peak_flops, peak_source = peak_flops_per_device(trainer.model_config.dtype)
@@ -209,9 +221,15 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
         }
         if "distill_kl" in metrics:  # a distillation run's KL, per token (training/distill.py)
             last["distill_kl"] = float(metrics["distill_kl"])
+        if "loss_scale" in metrics:  # float16 (training/loss_scale.py): overflows do not stop
+            last["loss_scale"] = float(metrics["loss_scale"])
+            last["skipped_steps"] = int(metrics["skipped_steps"])
+        last.update({k: v for k, v in metrics.items() if k.startswith("tokens_")})
+        last.update({k: float(v) for k, v in metrics.items() if k.startswith("moe_")})  # MoE
         writer.write(step_done, last)
         writer.console(step_done, num_steps, last)
 
+    source_tokens = getattr(train_iter, "source_tokens", dict)  # host-side counts
     pending = None
     preempted = False
     try:
@@ -219,6 +237,7 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
             profiler.before_step(step + 1)
             batch = trainer.to_global(next(train_iter))
             state, metrics = train_step(state, batch)
+            metrics = {**metrics, **source_tokens()}  # data.mixture: tokens_<source> so far
             step += 1
             if pending is not None:
                 finish(*pending)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from errors import UserError
+from model.moe import routed_expert_kernels
 from training.step import forward_sums
 
 # `%name = f32[8,128,256]{2,1,0} opcode(...)`, with op_name metadata when JAX gave one.
@@ -37,6 +38,7 @@ KNOBS = {
     "logits": "model.loss_chunk_size",
     "saved per layer": "model.remat_policy, train.num_microbatches",
     "mlp": "train.num_microbatches, model.remat_policy",
+    "moe": "model.moe_dispatch, model.capacity_factor, train.num_microbatches, mesh.expert",
 }
 
 
@@ -99,6 +101,8 @@ def kind(row: dict, num_layers: int, embed_dim: int, vocab_dims: set[int]) -> st
         return "attention"
     if "/mlp/" in op:
         return "mlp"
+    if "/moe/" in op:  # the routed tokens, dispatch buffers and expert activations
+        return "moe"
     if vocab_dims & set(shape) and embed_dim not in shape:  # not the embedding or its gradient
         return "logits"
     if len(shape) >= 3 and shape[0] == num_layers:
@@ -114,7 +118,7 @@ def saved_activation_bytes(trainer) -> int:
     """
     config, mesh = trainer.config, trainer.mesh
     rows = config.train.global_batch_size // config.train.num_microbatches
-    rows //= mesh.shape["data"] * mesh.shape["fsdp"]
+    rows //= mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     batch = {
         k: jax.ShapeDtypeStruct((rows, v.shape[1]), v.dtype)
         for k, v in trainer.abstract_batch().items()
@@ -144,6 +148,7 @@ def breakdown(trainer, compiled) -> dict:
         row["kind"] = kind(row, cfg.num_layers, cfg.embed_dim, vocab_dims)
     return {
         "params_bytes": shard_bytes(trainer.abstract_state.params),
+        "expert_params_bytes": shard_bytes(routed_expert_kernels(trainer.abstract_state.params)),
         "teacher_params_bytes": shard_bytes(trainer.teacher.abstract_params)
         if trainer.teacher
         else 0,
@@ -160,6 +165,11 @@ def describe(report: dict) -> list[str]:
     lines = [
         "Per device:",
         f"  parameters       {gib(report['params_bytes'])}",
+        *(
+            [f"    of which MoE experts {gib(report['expert_params_bytes'])}  (mesh.expert)"]
+            if report.get("expert_params_bytes")
+            else []
+        ),
         f"  optimizer state  {gib(report['opt_state_bytes'])}",
         f"  batch            {gib(report['batch_bytes'])}",
         f"  temporaries      {gib(report.get('temp_bytes', 0))}  (all the step computes)",

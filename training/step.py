@@ -5,6 +5,8 @@ One train step = forward in the compute dtype, masked cross-entropy in float32
 gradients (accumulated over microbatches with `lax.scan` when asked), one optax
 update. The state is donated, so its buffers are reused for the new state. A
 distillation step also runs the teacher and adds its KL (training/distill.py).
+float16 runs scale each microbatch's loss and skip overflowing updates
+(training/loss_scale.py).
 """
 
 import flax.linen as nn
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from data.batch import BATCH_FIELDS
+from model import moe
 from model.lora import is_lora_tree, scaled, trainable, with_trainable
 from sharding import activate, batch_sharding, replicated
 from training.loss import (
@@ -38,10 +41,11 @@ def _split_microbatches(batch, num_microbatches: int):
 
 
 def _apply(model, params, batch, rng, adapters, return_hidden):
-    """The model on `batch`: `adapters` is a LoRA run's "lora" collection (model/lora.scaled);
-    dropout only with `rng`."""
+    """The model on `batch` -> (output, an MoE model's summed router stats, else {}):
+    `adapters` is a LoRA run's "lora" collection (model/lora.scaled); dropout only with `rng`."""
     variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
-    return model.apply(
+    mutable = [moe.STATS] if model.config.num_experts else False
+    out = model.apply(
         variables,
         batch["inputs"],
         batch["segment_ids"],
@@ -49,7 +53,9 @@ def _apply(model, params, batch, rng, adapters, return_hidden):
         deterministic=rng is None,
         rngs={} if rng is None else {"dropout": rng},
         return_hidden=return_hidden,
+        mutable=mutable,
     )
+    return (out[0], moe.collect(out[1][moe.STATS])) if mutable else (out, {})
 
 
 def _ce_sums(hidden, output, batch, z_loss_weight, chunk_size):
@@ -61,23 +67,28 @@ def _ce_sums(hidden, output, batch, z_loss_weight, chunk_size):
     return cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss_weight)
 
 
-def forward_sums(model, params, batch, rng, z_loss_weight, adapters=None):
-    """(total loss, cross-entropy, weight) sums of one batch: the model, then the loss."""
+def forward_sums(model, params, batch, rng, z_loss_weight, adapters=None, moe_stats=False):
+    """(total loss, cross-entropy, weight) sums of one batch: the model, then the loss;
+    `moe_stats` appends the router stats (model/moe.py; {} for a dense model)."""
     chunk_size = model.config.loss_chunk_size
-    out = _apply(model, params, batch, rng, adapters, return_hidden=chunk_size > 0)
+    out, stats = _apply(model, params, batch, rng, adapters, return_hidden=chunk_size > 0)
     if chunk_size > 0:
-        return _ce_sums(*out, batch, z_loss_weight, chunk_size)
-    return cross_entropy_sums(out, batch["targets"], batch["weights"], z_loss_weight)
+        sums = _ce_sums(*out, batch, z_loss_weight, chunk_size)
+    else:
+        sums = cross_entropy_sums(out, batch["targets"], batch["weights"], z_loss_weight)
+    return (*sums, stats) if moe_stats else sums
 
 
-def distill_sums(model, params, batch, rng, z_loss_weight, adapters, distill, teacher_out):
+def distill_sums(
+    model, params, batch, rng, z_loss_weight, adapters, distill, teacher_out, moe_stats=False
+):
     """(total loss, cross-entropy, KL, weight) sums of one batch of a distillation run:
     total = alpha * T^2 * KL + (1 - alpha) * (CE + z-loss) by `distill` (a DistillConfig),
     the KL between the student's predictions and the teacher's, whose final hidden states
     and output projection are `teacher_out`; chunked by model.loss_chunk_size (0 = whole).
     alpha = 0 gives exactly forward_sums' total (the KL is then only measured)."""
     chunk_size = model.config.loss_chunk_size
-    hidden, output = _apply(model, params, batch, rng, adapters, return_hidden=True)
+    (hidden, output), stats = _apply(model, params, batch, rng, adapters, return_hidden=True)
     total, ce_sum, weight_sum = _ce_sums(hidden, output, batch, z_loss_weight, chunk_size)
     kl_sum = chunked_kl_sum(
         hidden,
@@ -90,7 +101,20 @@ def distill_sums(model, params, batch, rng, z_loss_weight, adapters, distill, te
     )
     if distill.alpha:  # alpha = 0: the loss without a teacher, exactly
         total = (1 - distill.alpha) * total + distill.alpha * distill.temperature**2 * kl_sum
-    return total, ce_sum, kl_sum, weight_sum
+    sums = (total, ce_sum, kl_sum, weight_sum)
+    return (*sums, stats) if moe_stats else sums
+
+
+def _with_moe_losses(total, weight_sum, stats, moe_weights, k):
+    """`total` plus a term worth 0 whose gradient is that of the microbatch's MoE losses
+    (weights `moe_weights` = (load balance, router z)) times its `weight_sum`, so that dividing
+    by the global weight gives their weighted mean over microbatches. Exact with one
+    microbatch; with several, each microbatch's load-balance gradient uses its own load
+    shares f (the global f is known only after the last one). The values logged are exact,
+    from the summed stats (model/moe.metrics)."""
+    balance, z = moe.aux_losses(stats, k, frozen_share=True)
+    aux = (moe_weights[0] * balance + moe_weights[1] * z) * weight_sum
+    return total + aux - jax.lax.stop_gradient(aux)
 
 
 def make_train_step(
@@ -107,6 +131,8 @@ def make_train_step(
     seed: int = 0,
     lora_config=None,
     teacher=None,
+    loss_scale=None,
+    moe_weights=(0.0, 0.0),
 ):
     """Returns `train_step(state, batch) -> (new_state, metrics)`, jitted over `mesh`.
 
@@ -114,11 +140,17 @@ def make_train_step(
     gradients and updates: the model adds them beside the base's kernels, and the
     base is a constant of the step. With a `teacher` (training/distill.Teacher) it is
     `train_step(state, batch, teacher_params)`: the teacher's params are a constant of
-    the step too, outside the state, and the metrics add `distill_kl`.
+    the step too, outside the state, and the metrics add `distill_kl`. With a `loss_scale`
+    (training/loss_scale.LossScale) the state carries its LossScaleState and the metrics add
+    `loss_scale` and `skipped_steps`. An MoE model adds its losses weighted by `moe_weights`
+    (load balance, router z) to the loss, and their metrics (model/moe.metrics).
     """
     sum_names = ("total", "cross_entropy", "weight") + (("distill_kl",) if teacher else ())
+    experts = model.config.num_experts
+    zero_stats = moe.zero_stats(model.config) if experts else {}
 
-    def loss_and_grads(params, teacher_params, batch, rng):
+    def loss_and_grads(params, teacher_params, batch, rng, factor):
+        """(gradients of the loss sum times `factor`, the unscaled sums)."""
         teacher_out = None if teacher is None else teacher.hidden(teacher_params, batch)
 
         def loss_fn(weights):
@@ -128,20 +160,32 @@ def make_train_step(
                 model_params, adapters = weights, None
             args = (model, model_params, batch, rng, z_loss_weight, adapters)
             if teacher is None:
-                total, ce_sum, weight_sum = forward_sums(*args)
-                return total, dict(total=total, cross_entropy=ce_sum, weight=weight_sum)
-            total, ce_sum, kl_sum, weight_sum = distill_sums(*args, teacher.config, teacher_out)
-            return total, dict(
-                total=total, cross_entropy=ce_sum, distill_kl=kl_sum, weight=weight_sum
-            )
+                total, ce_sum, weight_sum, stats = forward_sums(*args, moe_stats=True)
+                sums = dict(total=total, cross_entropy=ce_sum, weight=weight_sum)
+            else:
+                *out, stats = distill_sums(*args, teacher.config, teacher_out, moe_stats=True)
+                sums = dict(zip(("total", "cross_entropy", "distill_kl", "weight"), out))
+            if experts:
+                k = model.config.experts_per_token
+                sums["total"] = _with_moe_losses(
+                    sums["total"], sums["weight"], stats, moe_weights, k
+                )
+            return sums["total"], dict(sums, **stats)
 
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable(params))
+        def scaled_loss_fn(weights):
+            total, sums = loss_fn(weights)
+            return (total if factor is None else total * factor), sums
+
+        (_, sums), grads = jax.value_and_grad(scaled_loss_fn, has_aux=True)(trainable(params))
         return grads, sums
 
     def step(state, batch, teacher_params=None):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        # The loss scale applies to the microbatch's mean over its positions.
+        positions = batch["targets"].size // num_microbatches
+        factor = None if loss_scale is None else state.loss_scale.scale / positions
         if num_microbatches == 1:
-            grads, sums = loss_and_grads(state.params, teacher_params, batch, rng)
+            grads, sums = loss_and_grads(state.params, teacher_params, batch, rng, factor)
         else:
 
             def accumulate(carry, inputs):
@@ -150,12 +194,12 @@ def make_train_step(
                     lambda x: nn.with_logical_constraint(x, ("batch", "length")), microbatch
                 )
                 rng_m = jax.random.fold_in(rng, index)
-                out = loss_and_grads(state.params, teacher_params, microbatch, rng_m)
+                out = loss_and_grads(state.params, teacher_params, microbatch, rng_m, factor)
                 return jax.tree.map(jnp.add, carry, out), None
 
             zeros = (
                 jax.tree.map(jnp.zeros_like, trainable(state.params)),
-                dict.fromkeys(sum_names, jnp.zeros((), jnp.float32)),
+                dict(dict.fromkeys(sum_names, jnp.zeros((), jnp.float32)), **zero_stats),
             )
             microbatches = _split_microbatches(batch, num_microbatches)
             (grads, sums), _ = jax.lax.scan(
@@ -163,8 +207,13 @@ def make_train_step(
             )
 
         denominator = jnp.maximum(sums["weight"], 1.0)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
+        unscale = denominator if factor is None else denominator * factor
+        grads = jax.tree.map(lambda g: g / unscale, grads)
         loss, grad_norm = sums["total"] / denominator, optax.tree.norm(grads)
+        if experts:  # exact, from the global batch's router stats
+            moe_metrics = moe.metrics(sums, model.config.experts_per_token)
+            loss += moe_weights[0] * moe_metrics["moe_load_balance"]
+            loss += moe_weights[1] * moe_metrics["moe_router_z"]
         weights = trainable(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, weights, step=state.step)
         new_state = state.replace(
@@ -172,13 +221,18 @@ def make_train_step(
             params=with_trainable(state.params, optax.apply_updates(weights, updates)),
             opt_state=opt_state,
         )
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if skip_nonfinite_updates:
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # one global check
+        if skip_nonfinite_updates or loss_scale is not None:
             new_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old),
                 new_state,
                 state.replace(step=state.step + 1),
             )
+        if loss_scale is not None:  # an overflow is the scale's to handle; the loss is ours
+            scale_state = loss_scale.update(
+                state.loss_scale, jnp.isfinite(loss), jnp.isfinite(grad_norm)
+            )
+            new_state, finite = new_state.replace(loss_scale=scale_state), jnp.isfinite(loss)
         metrics = {
             "loss": loss,
             "cross_entropy": sums["cross_entropy"] / denominator,
@@ -188,8 +242,13 @@ def make_train_step(
             "num_tokens": sums["weight"],
             "finite": finite,
         }
+        if experts:
+            metrics.update(moe_metrics)
         if teacher is not None:  # per token, before T^2 and alpha
             metrics["distill_kl"] = sums["distill_kl"] / denominator
+        if loss_scale is not None:  # the scale of the next step; steps skipped so far
+            metrics["loss_scale"] = new_state.loss_scale.scale
+            metrics["skipped_steps"] = new_state.loss_scale.skipped_steps
         return new_state, metrics
 
     in_shardings = (state_shardings, {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS})

@@ -16,6 +16,8 @@ from model.lora import LoraConfig, is_lora_tree, merged_params, trainable
 from sharding import activate, batch_sharding, logical_rules, make_mesh
 from training.config import validate_config
 from training.distill import Teacher
+from training.loss_scale import from_config as loss_scale_from_config
+from training.loss_scale import resumed as resumed_loss_scale
 from training.memory import breakdown, check_fits
 from training.optimizer import make_optimizer
 from training.state import TrainState, init_train_state, state_shardings
@@ -63,6 +65,7 @@ class Trainer:
         self.config = config
         devices = jax.devices() if devices is None else devices
         self.model_config = validate_config(config, len(devices), jax.process_count())
+        self.loss_scale = loss_scale_from_config(config, self.model_config)  # None: off
         self.mesh = make_mesh(config.mesh, devices)
         self.rules = logical_rules(config.sharding_rules)
         self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
@@ -74,7 +77,7 @@ class Trainer:
         if config.distill.teacher:
             self.teacher = Teacher(config.distill, self.mesh, self.rules)
         abstract, self.shardings = state_shardings(
-            self.model, self.tx, self.mesh, self.rules, self.seq_len, self.lora
+            self.model, self.tx, self.mesh, self.rules, self.seq_len, self.lora, self.loss_scale
         )
         self.abstract_state = _with_shardings(abstract, self.shardings)
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
@@ -91,6 +94,8 @@ class Trainer:
             seed=config.seed,
             lora_config=self.lora,
             teacher=self.teacher,
+            loss_scale=self.loss_scale,
+            moe_weights=(config.train.load_balance_weight, config.train.router_z_loss_weight),
         )
         # The model's own params: with LoRA, the frozen base (model/lora.py).
         self.abstract_model_params = _with_shardings(abstract, self.shardings).params
@@ -122,6 +127,7 @@ class Trainer:
             self.config.seed,
             self.seq_len,
             self.lora,
+            self.loss_scale,
         )
 
     def resumed_state(self, restored) -> TrainState:
@@ -135,7 +141,9 @@ class Trainer:
             with activate(self.mesh, self.rules):
                 opt_state = init(trainable(params))
         step = jax.device_put(np.int32(restored.step), self.shardings.step)
-        return TrainState(step=step, params=params, opt_state=opt_state)
+        scale = resumed_loss_scale(self.loss_scale, restored.loss_scale, restored.step)
+        scale = None if scale is None else jax.device_put(scale, self.shardings.loss_scale)
+        return TrainState(step=step, params=params, opt_state=opt_state, loss_scale=scale)
 
     def model_params(self, params):
         """The params the model runs on (eval, sampling): with LoRA, base and adapters merged."""

@@ -31,7 +31,7 @@ from errors import UserError
 from model import Transformer
 from paths import workdir_path
 from sharding import activate, batch_sharding, logical_rules, logical_sharding, make_mesh
-from training import sweeps
+from training import loss_scale, sweeps
 from training.config import tokens_per_step, validate_config
 from training.metrics import MetricsWriter
 from training.optimizer import make_optimizer
@@ -243,6 +243,23 @@ def run(base_config, workdir: str, named: dict) -> None:
         raise UserError("--vectorized: LoRA (lora.rank > 0) is not supported; run it without.")
     if base_config.distill.teacher:
         raise UserError("--vectorized: distill.teacher is not supported; run it without.")
+    if base_config.model.get("num_experts", 0):
+        raise UserError(
+            "--vectorized: mixture of experts (model.num_experts > 0) is not supported; run the "
+            "sweep without --vectorized."
+        )
+    if base_config.optimizer.name != "adamw":
+        # trial_optimizer rebuilds AdamW at every update; Muon reads its matrices' axes once,
+        # from the boxed params its state is made from (training/optimizer.py MuonAxes).
+        raise UserError(
+            f"--vectorized: optimizer.name={base_config.optimizer.name} is not supported; "
+            "run the sweep without --vectorized."
+        )
+    if loss_scale.from_config(base_config, base_config.model):
+        raise UserError(
+            "--vectorized: float16 loss scaling (train.loss_scale) is not supported; use "
+            "model.dtype=bfloat16, or train.loss_scale=none."
+        )
     configs = _valid_configs(base_config, workdir, named)
     if not configs:
         return
@@ -268,7 +285,7 @@ def run(base_config, workdir: str, named: dict) -> None:
         (trial_dir / "metrics.jsonl").unlink(missing_ok=True)  # an interrupted start, redone
         (trial_dir / "config.json").write_text(trial_config.to_json_best_effort(indent=2))
         sweeps.write_status(trial_dir, "interrupted")  # until it finishes
-        writers[name] = MetricsWriter(trial_dir)
+        writers[name] = MetricsWriter(trial_dir, trial_config)
     logging.info("Vectorized sweep: %d trials on a %s mesh", len(configs), dict(sweep.mesh.shape))
 
     def log(step, records):
