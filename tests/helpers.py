@@ -50,3 +50,55 @@ def setup(config, mesh_shape=(8, 1, 1)):
     config.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
     trainer = Trainer(config, devices=jax.devices()[: int(np.prod(mesh_shape))])
     return trainer.model, trainer.init_state(), trainer.train_step
+
+
+class Killed(Exception):
+    """Stands for SIGKILL: the run stops between two steps, everything in memory lost."""
+
+
+def train_until_killed(config, workdir: str, call: int, monkeypatch) -> None:
+    """`training.loop.train(config, workdir)`, killed (Killed raised) at its `call`-th train
+    step call, before that step runs: the steps before it are done, logged and saved as the
+    config says, like a run that received SIGKILL there."""
+    import pytest
+
+    from training import loop
+
+    teacher_step = loop.Trainer.teacher_step
+
+    def dies_at_call(trainer, train_step):
+        step, calls = teacher_step(trainer, train_step), []
+
+        def dies(state, batch, *teacher_params):
+            calls.append(1)
+            if len(calls) == call:
+                raise Killed
+            return step(state, batch, *teacher_params)
+
+        return dies
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.Trainer, "teacher_step", dies_at_call)
+        with pytest.raises(Killed):
+            loop.train(config, workdir)
+
+
+def assert_greedy_matches_hf(sampler, hf_model, prompts, eos: int, max_new_tokens: int = 10):
+    """Greedy generation by meshlm's Sampler (KV cache) equals transformers' `generate`,
+    prompt by prompt."""
+    import torch
+
+    from model.sampler import SamplingConfig
+
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    for prompt, new in zip(prompts, sampler.generate(prompts, config, eos)):
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=0,
+            )
+        assert new == out[0, len(prompt) :].tolist()

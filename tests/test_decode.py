@@ -19,7 +19,7 @@ from model.attention import dequantize_cache, quantize_cache
 from model.decode import cache_bytes_per_token, init_cache, left_pad, sample_next
 from model.hf import from_hf
 from model.sampler import Sampler, SamplingConfig
-from tests.helpers import LLAMA_STYLE, TINY_MODEL
+from tests.helpers import LLAMA_STYLE, TINY_MODEL, assert_greedy_matches_hf
 
 STYLES = {"gpt2": {}, "llama": LLAMA_STYLE}
 GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0)
@@ -175,18 +175,7 @@ def test_greedy_decoding_equals_transformers_generate(style):
     prompts = [[5, 9, 40, 7, 11], [12, 3], [33, 34, 35, 36, 37, 38, 39, 30]]
     eos = 2
     sampler = Sampler(config, params, _mesh(), devices=jax.devices()[:1])
-    ours = sampler.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0.0), eos)
-    for prompt, new in zip(prompts, ours):
-        with torch.no_grad():
-            out = hf_model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                do_sample=False,
-                max_new_tokens=10,
-                eos_token_id=eos,
-                pad_token_id=0,
-            )
-        assert new == out[0, len(prompt) :].tolist()
+    assert_greedy_matches_hf(sampler, hf_model, prompts, eos)
 
 
 def test_decoding_on_a_sharded_mesh_gives_the_same_tokens():

@@ -18,7 +18,7 @@ from data.tokenizer import DEFAULT_TOKENIZER
 from errors import UserError
 from model import Transformer
 from model.config import ModelConfig
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import random_batch, tiny_config, train_until_killed
 from tests.test_resume_and_preemption import saved_params
 from tests.test_train_loop import checkpoint_steps, small_config
 from training import loop
@@ -227,9 +227,6 @@ def test_the_dry_run_counts_the_teacher_once_and_chunks_the_kl(tmp_path):
 # Resume ------------------------------------------------------------------------------------
 
 
-class Killed(Exception):
-    """Stands for SIGKILL: the run stops between two steps, its in-memory teacher lost."""
-
 
 def test_resume_after_a_kill_gives_the_same_losses(tmp_path, monkeypatch):
     """Killed before step 8, after logging steps 1-6; resumed from checkpoint 4, steps 5 and 6
@@ -246,23 +243,7 @@ def test_resume_after_a_kill_gives_the_same_losses(tmp_path, monkeypatch):
         }
     )
     workdir = str(tmp_path / "student")
-    teacher_step = loop.Trainer.teacher_step
-
-    def killed_at_step_8(trainer, train_step):
-        step, calls = teacher_step(trainer, train_step), []
-
-        def dies(state, batch):
-            calls.append(1)
-            if len(calls) == 8:
-                raise Killed
-            return step(state, batch)
-
-        return dies
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop.Trainer, "teacher_step", killed_at_step_8)
-        with pytest.raises(Killed):
-            loop.train(config, workdir)
+    train_until_killed(config, workdir, 8, monkeypatch)
     assert checkpoint_steps(workdir) == [4]
     loop.train(config, workdir)  # the teacher is read again
     records = {}

@@ -37,7 +37,8 @@ from model.hf import (
     param_shapes,
     params_from_hf,
 )
-from model.sampler import Sampler, SamplingConfig
+from model.sampler import Sampler
+from tests.helpers import assert_greedy_matches_hf
 from tests.test_hf_interop import assert_exported_logits_match, save_hf, tensors
 from tools import export_hf, import_hf
 from tools.export_hf import write_safetensors
@@ -190,18 +191,7 @@ def test_cached_greedy_decoding_equals_transformers_generate():
     mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     sampler = Sampler(config, params, mesh, devices=jax.devices()[:1])
     prompts, eos = [[5, 9, 40, 7, 11], [12, 3], [33, 34, 35, 36, 37, 38, 39, 30]], 2
-    ours = sampler.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0.0), eos)
-    for prompt, new in zip(prompts, ours):
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                do_sample=False,
-                max_new_tokens=10,
-                eos_token_id=eos,
-                pad_token_id=0,
-            )
-        assert new == out[0, len(prompt) :].tolist()
+    assert_greedy_matches_hf(sampler, model, prompts, eos)
 
 
 def test_router_norm_follows_norm_topk_prob():

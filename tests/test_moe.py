@@ -16,7 +16,7 @@ from model import moe
 from model.config import ModelConfig
 from model.flops import matmul_params
 from model.transformer import Transformer
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import random_batch, tiny_config, train_until_killed
 from tests.test_decode import _cached_logits as cached_logits
 from tests.test_train_loop import checkpoint_steps, small_config
 from training import loop
@@ -197,33 +197,14 @@ def test_mfu_counts_the_active_experts_only():
     assert matmul_params(CONFIG, params) == everything - experts // 2  # 2 of 4 experts
 
 
-class Killed(Exception):
-    """Stands for SIGKILL: the run stops between two steps."""
-
-
 def test_train_py_logs_the_moe_metrics_and_resumes_exactly(tmp_path, monkeypatch):
     config = small_config(
         **{f"model.{k}": v for k, v in MOE.items()},
         **{"train.num_steps": 6, "checkpoint.every_steps": 3, "train.eval_every": 0},
         **{"mesh.expert": 4, "mesh.data": 2},
     )
-    workdir, teacher_step = str(tmp_path), loop.Trainer.teacher_step
-
-    def killed_at_step_6(trainer, train_step):
-        step, calls = teacher_step(trainer, train_step), []
-
-        def dies(state, batch):
-            calls.append(1)
-            if len(calls) == 6:
-                raise Killed
-            return step(state, batch)
-
-        return dies
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop.Trainer, "teacher_step", killed_at_step_6)
-        with pytest.raises(Killed):
-            loop.train(config, workdir)
+    workdir = str(tmp_path)
+    train_until_killed(config, workdir, 6, monkeypatch)
     assert checkpoint_steps(workdir) == [3]
     loop.train(config, workdir)
     records = {}

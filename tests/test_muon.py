@@ -14,7 +14,7 @@ import pytest
 from errors import UserError
 from model import Transformer
 from model.lora import LoraConfig, init_adapters
-from tests.helpers import LLAMA_STYLE, random_batch, setup, tiny_config
+from tests.helpers import LLAMA_STYLE, random_batch, setup, tiny_config, train_until_killed
 from tests.test_train_loop import checkpoint_steps, small_config
 from training import loop, vectorized
 from training.config import OptimizerConfig, validate_config
@@ -157,10 +157,6 @@ def test_sharded_over_fsdp_equals_one_device():
     )
 
 
-class Killed(Exception):
-    """Stands for SIGKILL: the run stops between two steps."""
-
-
 def test_resume_after_a_kill_gives_the_same_losses(tmp_path, monkeypatch):
     """Killed before step 8, after logging steps 1-6; resumed from checkpoint 4, steps 5 and 6
     are computed again, bitwise the same (step 6's loss depends on Muon's momentum)."""
@@ -169,23 +165,7 @@ def test_resume_after_a_kill_gives_the_same_losses(tmp_path, monkeypatch):
         **{"optimizer.name": "muon", "model.num_layers": 1},
     )
     workdir = str(tmp_path)
-    teacher_step = loop.Trainer.teacher_step
-
-    def killed_at_step_8(trainer, train_step):
-        step, calls = teacher_step(trainer, train_step), []
-
-        def dies(state, batch):
-            calls.append(1)
-            if len(calls) == 8:
-                raise Killed
-            return step(state, batch)
-
-        return dies
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop.Trainer, "teacher_step", killed_at_step_8)
-        with pytest.raises(Killed):
-            loop.train(config, workdir)
+    train_until_killed(config, workdir, 8, monkeypatch)
     assert checkpoint_steps(workdir) == [4]
     loop.train(config, workdir)
     records = {}
