@@ -77,6 +77,7 @@ def test_which_runs_scale_and_what_is_refused():
         train = tiny_config().train
         train.loss_scale = value
         model = tiny_config(dtype=dtype, param_dtype=param_dtype).model
+        model.attention_implementation = "xla"
         return loss_scale.resolve(train, model, platform)
 
     assert resolve("auto") == loss_scale.LossScale(True, 2.0**16, 2000)
@@ -89,12 +90,15 @@ def test_which_runs_scale_and_what_is_refused():
         (dict(value="dynamc"), "train.loss_scale='dynamc': expected"),
         (dict(value="auto", param_dtype="float16"), "model.param_dtype=float16 with"),
         (dict(value="none", platform="tpu"), "model.dtype=float16 on TPU.*model.dtype=bfloat16"),
+        (dict(value="auto", platform="cpu"), "float16 on CPU with .*attention_implementation=b"),
     ]
     for kwargs, message in refusals:
         with pytest.raises(UserError, match=message):
             resolve(**kwargs)
     with pytest.raises(UserError, match=r"--vectorized: float16 loss scaling"):
-        vectorized.run(tiny_config(dtype="float16"), "/nonexistent", {"a": {}})
+        vectorized.run(
+            tiny_config(dtype="float16", attention_implementation="blockwise"), "/x", {"a": {}}
+        )
 
 
 def test_an_overflow_is_skipped_and_halves_the_scale(trainers):

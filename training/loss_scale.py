@@ -87,6 +87,11 @@ def resolve(train, model, platform: str) -> LossScale | None:
             "model.dtype=float16 on TPU: TPUs compute in bfloat16, which has float32's range "
             "and needs no loss scaling; use model.dtype=bfloat16."
         )
+    if model.dtype == "float16" and platform == "cpu" and model.attention_implementation == "xla":
+        raise UserError(
+            "model.dtype=float16 on CPU with model.attention_implementation=xla: XLA:CPU has no "
+            "float16 attention with float32 accumulation; use attention_implementation=blockwise."
+        )
     value = train.loss_scale
     if value == "auto":
         value = "dynamic" if model.dtype == "float16" else "none"
