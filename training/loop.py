@@ -219,13 +219,9 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
             "mfu": trainer.flops_per_token * tokens_per_second / (peak_flops * jax.device_count()),
             "eta_seconds": step_time * (num_steps - step_done),
         }
-        if "distill_kl" in metrics:  # a distillation run's KL, per token (training/distill.py)
-            last["distill_kl"] = float(metrics["distill_kl"])
-        if "loss_scale" in metrics:  # float16 (training/loss_scale.py): overflows do not stop
-            last["loss_scale"] = float(metrics["loss_scale"])
-            last["skipped_steps"] = int(metrics["skipped_steps"])
-        last.update({k: v for k, v in metrics.items() if k.startswith("tokens_")})
-        last.update({k: float(v) for k, v in metrics.items() if k.startswith("moe_")})  # MoE
+        # What a run's options add (distill_kl, loss_scale and skipped_steps, moe_*, the
+        # mixture's tokens_<source>) is logged as the step or the data reported it.
+        last.update({k: float(v) for k, v in metrics.items() if k not in last and k != "finite"})
         writer.write(step_done, last)
         writer.console(step_done, num_steps, last)
 
