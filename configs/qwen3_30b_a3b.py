@@ -13,12 +13,15 @@ chunked loss. The experts are split over mesh.expert (default 8) and the rest of
 parameters over fsdp.
 
 Memory, by `--dry_run` on 64 simulated CPU devices (mesh expert=8, fsdp=8) at the global
-batch below (256 x 4096 tokens, num_microbatches=1), 2026-12-05: 2.40 GiB parameters per
-device (1.69 GiB of them experts) and 4.80 GiB AdamW moments, but 2,730 GiB of
-temporaries with the dropless dispatch (258 GiB with moe_dispatch=capacity): the dispatch
-of this version sorts and gathers the global batch's 8.4M assignments on every device
-([8388608, 2048] arrays), so the step does not fit until the dispatch is split by the
-batch shards.
+batch below (256 x 4096 tokens, num_microbatches=1, 16,384 tokens per device), 2026-12-05:
+2.40 GiB parameters per device (1.69 GiB of them experts), 4.80 GiB AdamW moments and
+19.83 GiB of temporaries (4.02 GiB saved for the backward pass), 27.04 GiB in all, with
+the capacity dispatch below (each device dispatches its own tokens and exchanges them with
+its expert group by all-to-all: 163,840 rows per buffer and layer). It was 258 GiB of
+temporaries when every device dispatched the whole batch. Dropless (moe_dispatch=
+"dropless") exchanges a fixed worst-case block, 8x the routed rows here (1,048,576 per
+layer), and XLA:CPU's ragged_dot is a dense masked matmul over the 16 local experts:
+607 GiB of temporaries on CPU (2,730 GiB before); docs/MOE.md, "Dispatch".
 """
 
 from configs.base import get_base_config
@@ -38,6 +41,8 @@ def get_config():
         experts_per_token=8,
         moe_mlp_dim=768,
         router_norm="softmax_topk_renorm",
+        moe_dispatch="capacity",  # dropless's fixed-size exchange is 8x larger here (docstring)
+        capacity_factor=1.25,
         max_seq_len=4096,
         position_embedding="rope",
         rope_theta=1e6,

@@ -6,16 +6,16 @@ Routing: probabilities = softmax(router logits), the top k kept; "softmax_topk_r
 rescales the k weights to sum to 1 (Mixtral, Qwen3-MoE with norm_topk_prob),
 "softmax_topk" keeps them as they are (Qwen3-MoE without).
 
-Dispatch (model.moe_dispatch):
-  * dropless: the N*k assignments are sorted by expert and each expert's rows go
-    through one grouped matmul (`jax.lax.ragged_dot`); nothing is dropped, shapes stay
-    static, and the work is exactly the active parameters'.
+Dispatch (model.moe_dispatch; model/moe_dispatch.py runs it per batch shard, exchanging
+tokens between expert shards with an all-to-all):
+  * dropless: each device's N*k assignments are sorted by expert and each expert's rows
+    go through one grouped matmul (`jax.lax.ragged_dot`); nothing is dropped.
   * capacity: each expert has C = ceil(capacity_factor * N * k / E) slots (at most N)
-    in a [E, C, embed] buffer; an expert takes its assignments in order of position in
-    the flattened [batch * length] (micro)batch, token-major then by rank among the
-    token's k choices, and drops those past its first C (their weight is 0; the residual
-    carries the token). The buffer is sharded over experts (the `expert` mesh axis), so
-    XLA lowers the token exchange to an all-to-all.
+    per batch shard, N that shard's tokens; an expert takes the shard's assignments in
+    order of position in its flattened [batch * length] rows, token-major then by rank
+    among the token's k choices, and drops those past its first C (their weight is 0;
+    the residual carries the token). Which assignments drop depends on how the batch is
+    split over devices (and microbatches); the dropped fraction is logged.
 
 Statistics (collection "moe_stats", sown per MoE layer, float32 sums over the real
 tokens, segment_ids != 0): `counts` [E] routed assignments (before dropping),
@@ -25,7 +25,6 @@ to the global batch's; `aux_losses` forms the losses from the totals.
 """
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import Mlp, param_init, residual_init_std
+from model.moe_dispatch import dispatch
 
 STATS = "moe_stats"
 STAT_NAMES = ("counts", "prob_sums", "z_sum", "dropped", "tokens")
@@ -46,50 +46,6 @@ def route(logits: jax.Array, k: int, renormalize: bool):
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, experts, probs
-
-
-def capacity(num_tokens: int, k: int, num_experts: int, factor: float) -> int:
-    """Slots per expert in capacity mode: ceil(factor * N * k / E), between 1 and N."""
-    return max(1, min(num_tokens, math.ceil(factor * num_tokens * k / num_experts)))
-
-
-def queue_positions(experts: jax.Array, num_experts: int) -> jax.Array:
-    """[N, k] -> each assignment's place in its expert's queue, in flattened order n*k + j."""
-    one_hot = jax.nn.one_hot(experts.reshape(-1), num_experts, dtype=jnp.int32)
-    positions = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
-    return positions.reshape(experts.shape)
-
-
-def swiglu(x, gate, up, down, matmul):
-    """The experts' MLP: down(silu(gate(x)) * up(x)), with `matmul(x, w)` per expert."""
-    return matmul(nn.silu(matmul(x, gate)) * matmul(x, up), down)
-
-
-def dropless(x, experts, gate, up, down):
-    """Every assignment through its expert: x [N, D], experts [N, k] -> [N, k, D]."""
-    n, k = experts.shape
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
-    group_sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-    rows = jnp.take(x, order // k, axis=0)
-    out = swiglu(rows, gate, up, down, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes))
-    return jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
-
-
-def capacity_dispatch(x, experts, gate, up, down, slots: int):
-    """Assignments through a [E, slots, D] buffer: -> (outputs [N, k, D], kept [N, k])."""
-    n, k = experts.shape
-    num_experts = gate.shape[0]
-    position = queue_positions(experts, num_experts)
-    kept = position < slots
-    buffer = jnp.zeros((num_experts, slots, x.shape[-1]), x.dtype)
-    tokens = jnp.broadcast_to(x[:, None], (n, k, x.shape[-1]))
-    buffer = buffer.at[experts, position].set(tokens, mode="drop")  # past `slots`: dropped
-    buffer = nn.with_logical_constraint(buffer, ("experts", None, None))
-    out = swiglu(buffer, gate, up, down, lambda a, w: jnp.einsum("ecd,edf->ecf", a, w))
-    out = nn.with_logical_constraint(out, ("experts", None, None))
-    gathered = out[experts, jnp.minimum(position, slots - 1)]
-    return jnp.where(kept[..., None], gathered, 0), kept
 
 
 class _Kernel(nn.Module):
@@ -138,18 +94,17 @@ class MoeMlp(nn.Module):
             "wo", (num_experts, width, embed), ("experts", "moe_mlp", "embed"),
             residual_init_std(cfg),
         )
-        rows = flat.astype(cfg.dtype)
-        if cfg.moe_dispatch == "dropless":
-            out, kept = dropless(rows, experts, gate, up, down), jnp.ones(experts.shape, bool)
-        else:
-            slots = capacity(flat.shape[0], k, num_experts, cfg.capacity_factor)
-            out, kept = capacity_dispatch(rows, experts, gate, up, down, slots)
-        y = jnp.einsum("nkd,nk->nd", out, weights.astype(cfg.dtype)).reshape(x.shape)
+        per_token = lambda a: a.reshape(batch, length, k)
+        y, kept = dispatch(
+            x.astype(cfg.dtype), per_token(experts), per_token(weights.astype(cfg.dtype)),
+            gate, up, down, cfg.moe_dispatch, cfg.capacity_factor,
+        )
         if cfg.num_shared_experts:
             shared = dataclasses.replace(cfg, mlp_dim=cfg.num_shared_experts * width)
             y = y + Mlp(shared, name="shared")(x)
         mask = jnp.ones((batch, length)) if token_mask is None else token_mask
-        self._sow_stats(logits, experts, probs, kept, mask.reshape(-1).astype(jnp.float32))
+        mask = mask.reshape(-1).astype(jnp.float32)
+        self._sow_stats(logits, experts, probs, kept.reshape(-1, k), mask)
         return y
 
     def _sow_stats(self, logits, experts, probs, kept, mask):

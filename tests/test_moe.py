@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from errors import UserError
-from model import moe
+from model import moe, moe_dispatch
 from model.config import ModelConfig
 from model.flops import matmul_params
 from model.transformer import Transformer
 from tests.helpers import random_batch, tiny_config, train_until_killed
 from tests.test_decode import _cached_logits as cached_logits
 from tests.test_train_loop import checkpoint_steps, small_config
+from sharding.mesh import make_mesh
+from sharding.rules import activate, logical_rules
 from training import loop
 from training.config import validate_config
 from training.trainer import Trainer
@@ -55,9 +57,9 @@ def reference(params, x, k, renormalize, keep=None, xp=np):
     return xp.stack(rows)
 
 
-def layer(config=CONFIG, seed=0, tokens=10):
+def layer(config=CONFIG, seed=0, tokens=10, rows=1):
     module = moe.MoeMlp(config)
-    x = jax.random.normal(jax.random.key(seed), (1, tokens, config.embed_dim))
+    x = jax.random.normal(jax.random.key(seed), (rows, tokens, config.embed_dim))
     params = nn.meta.unbox(module.init(jax.random.key(seed + 1), x)["params"])
     return module, jax.tree.map(np.asarray, params), x
 
@@ -65,7 +67,7 @@ def layer(config=CONFIG, seed=0, tokens=10):
 @pytest.mark.parametrize("router_norm", ["softmax_topk_renorm", "softmax_topk"])
 def test_dropless_equals_a_loop_over_tokens_and_experts(router_norm):
     config = dataclasses.replace(CONFIG, router_norm=router_norm)
-    module, params, x = layer(config)
+    module, params, x = layer(config, tokens=6)
     renorm = router_norm == "softmax_topk_renorm"
     expected = reference(params, np.asarray(x[0], np.float64), 2, renorm)
     np.testing.assert_allclose(module.apply({"params": params}, x)[0], expected, atol=1e-5)
@@ -77,28 +79,69 @@ def test_dropless_equals_a_loop_over_tokens_and_experts(router_norm):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
 
 
-def test_capacity_drops_exactly_the_assignments_past_each_experts_slots():
-    big = dataclasses.replace(CONFIG, moe_dispatch="capacity", capacity_factor=100.0)
-    module, params, x = layer(big, tokens=12)
-    dropless = moe.MoeMlp(CONFIG).apply({"params": params}, x)
-    np.testing.assert_allclose(module.apply({"params": params}, x), dropless, atol=1e-6)
+def documented_keep(chosen, slots, num_experts=4):
+    """The documented rule: an expert takes a shard's assignments in order of position, then
+    of the token's k choices, up to its slots. chosen [N, k] -> kept {(n, j): bool}."""
+    taken, kept = np.zeros(num_experts, int), {}
+    for n, choices in enumerate(chosen):
+        for j, e in enumerate(choices):
+            kept[n, j] = taken[e] < slots
+            taken[e] += 1
+    return kept
 
-    small = dataclasses.replace(big, capacity_factor=0.5)  # 3 slots for 6 assignments/expert
-    slots = moe.capacity(12, 2, 4, 0.5)
-    assert slots == 3
-    logits = np.asarray(x[0]) @ params["router"]["kernel"]
-    chosen = np.argsort(-logits, axis=-1, kind="stable")[:, :2]
-    taken, kept = np.zeros(4, int), {}
-    for n in range(12):  # documented: in order of position, then of the token's k choices
-        for j in range(2):
-            kept[n, j] = taken[chosen[n, j]] < slots
-            taken[chosen[n, j]] += 1
-    assert not all(kept.values())
-    out, stats = moe.MoeMlp(small).apply({"params": params}, x, mutable=[moe.STATS])
-    expected = reference(params, np.asarray(x[0], np.float64), 2, True, lambda n, j: kept[n, j])
-    np.testing.assert_allclose(out[0], expected, atol=1e-5)
-    dropped = stats[moe.STATS]["dropped"]
-    assert dropped == sum(not v for v in kept.values())
+
+def on_mesh(shape, fn, *args):
+    """`fn(*args)` compiled under a mesh of `shape` (None: no mesh) -> (result, HLO text)."""
+    if shape is None:
+        compiled = jax.jit(fn).lower(*args).compile()
+        return compiled(*args), compiled.as_text()
+    config = tiny_config()
+    config.mesh.update(shape)
+    mesh = make_mesh(config.mesh, jax.devices()[: int(np.prod(list(shape.values())))])
+    with activate(mesh, logical_rules()):
+        compiled = jax.jit(fn).lower(*args).compile()
+        return compiled(*args), compiled.as_text()
+
+
+@pytest.mark.parametrize("mesh", [None, dict(data=2, expert=4)])
+def test_capacity_drops_exactly_the_assignments_past_each_experts_slots(mesh):
+    """Slots and queues are per batch shard: the whole batch without a mesh, each row on
+    8 devices; past its slots an assignment is dropped (weight 0, the residual carries)."""
+    small = dataclasses.replace(CONFIG, moe_dispatch="capacity", capacity_factor=0.5)
+    module, params, x = layer(small, tokens=6, rows=8)
+    shard_rows = 8 if mesh is None else 1
+    slots = moe_dispatch.capacity(6 * shard_rows, 2, 4, 0.5)
+    assert slots == (12 if mesh is None else 2)
+    logits = np.asarray(x) @ params["router"]["kernel"]  # [rows, tokens, E]
+    chosen = np.argsort(-logits, axis=-1, kind="stable")[..., :2].reshape(-1, shard_rows * 6, 2)
+    kept = [documented_keep(shard, slots) for shard in chosen]  # per shard
+    assert not all(all(k.values()) for k in kept)
+    apply = lambda p, x: moe.MoeMlp(small).apply({"params": p}, x, mutable=[moe.STATS])
+    (out, stats), _ = on_mesh(mesh, apply, params, x)
+    tokens = np.asarray(x, np.float64).reshape(len(kept), -1, x.shape[-1])
+    for shard, keep in enumerate(kept):
+        expected = reference(params, tokens[shard], 2, True, lambda n, j: keep[n, j])
+        np.testing.assert_allclose(out.reshape(tokens.shape)[shard], expected, atol=1e-5)
+    dropped = sum(not v for keep in kept for v in keep.values())
+    assert stats[moe.STATS]["dropped"] == dropped
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_sharded_dispatch_equals_unsharded_forward_and_gradients(dispatch):
+    """Per-shard dispatch with tokens exchanged between expert shards (all-to-all) and the
+    expert width split over tensor gives the one-device values and gradients (capacity:
+    with a factor large enough that nothing drops)."""
+    config = dataclasses.replace(CONFIG, moe_dispatch=dispatch, capacity_factor=100.0)
+    module, params, x = layer(config, tokens=4, rows=8)
+    cotangent = jax.random.normal(jax.random.key(7), x.shape)
+    loss = lambda p, x: jnp.sum(module.apply({"params": p}, x) * cotangent)
+    step = jax.value_and_grad(loss, (0, 1))
+    want, hlo = on_mesh(None, step, params, x)
+    assert "all-to-all" not in hlo
+    for mesh in (dict(data=2, expert=4), dict(data=1, fsdp=2, expert=2, tensor=2)):
+        got, hlo = on_mesh(mesh, step, params, x)
+        assert "all-to-all" in hlo, mesh
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
 
 
 def router_inputs(model, params, batch):
@@ -153,26 +196,15 @@ def test_load_balance_loss_is_the_global_batch_formula_on_any_layout():
     _, base = two_steps(single)  # whose first step sees that batch with those params
     np.testing.assert_allclose(base[0]["moe_load_balance"], balance, rtol=1e-5)
     np.testing.assert_allclose(base[0]["moe_router_z"], z, rtol=1e-5)
-    for layout in (trainer_on((2, 1, 4, 1)), trainer_on((1, 1, 1, 1), microbatches=4)):
+    expert = trainer_on((2, 1, 4, 1))
+    with activate(expert.mesh, expert.rules):  # tokens go to their experts' devices
+        step = expert.train_step.jitted.lower(expert.abstract_state, expert.abstract_batch())
+    assert "all_to_all" in step.as_text()
+    for layout in (expert, trainer_on((1, 1, 1, 1), microbatches=4)):
         _, runs = two_steps(layout)
         for name in ("moe_load_balance", "moe_router_z", "moe_load_min", "moe_load_max"):
             np.testing.assert_allclose(runs[0][name], base[0][name], rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(runs[1]["loss"], base[1]["loss"], rtol=1e-4)
-
-
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_sharded_over_experts_equals_unsharded(dispatch):
-    model = dict(moe_dispatch=dispatch, capacity_factor=1.0)
-    base_params, base = two_steps(trainer_on((1, 1, 1, 1), **model))
-    sharded = trainer_on((1, 2, 4, 1), **model)
-    kernel = sharded.abstract_state.params["layers"]["moe"]["wi_gate"]["kernel"]
-    assert "expert" in str(kernel.sharding.spec)
-    params, runs = two_steps(sharded)
-    for step in range(2):
-        for name in ("loss", "moe_dropped", "moe_load_balance"):
-            np.testing.assert_allclose(runs[step][name], base[step][name], rtol=1e-5, atol=1e-7)
-    assert (base[0]["moe_dropped"] > 0) == (dispatch == "capacity")
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, base_params)
 
 
 def test_every_second_layer_moe_scans_groups_and_decodes_with_a_cache():

@@ -19,6 +19,7 @@ import numpy as np
 
 from errors import UserError
 from model.moe import routed_expert_kernels
+from model.moe_dispatch import expert_rows
 from training.step import forward_sums
 
 # `%name = f32[8,128,256]{2,1,0} opcode(...)`, with op_name metadata when JAX gave one.
@@ -110,15 +111,22 @@ def kind(row: dict, num_layers: int, embed_dim: int, vocab_dims: set[int]) -> st
     return ""
 
 
+def device_rows(trainer) -> int:
+    """One device's rows of a microbatch."""
+    config, mesh = trainer.config, trainer.mesh
+    rows = config.train.global_batch_size // config.train.num_microbatches
+    return rows // (mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"])  # not stage:
+    # every pipeline stage sees all the rows (of its own layers)
+
+
 def saved_activation_bytes(trainer) -> int:
     """Bytes of the loss's residuals for one device's rows of a microbatch (shapes only).
 
     Parameters kept for the backward pass are counted under parameters, not here;
     tensor parallelism (which also splits some activations) is not applied.
     """
-    config, mesh = trainer.config, trainer.mesh
-    rows = config.train.global_batch_size // config.train.num_microbatches
-    rows //= mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    config = trainer.config
+    rows = device_rows(trainer)
     batch = {
         k: jax.ShapeDtypeStruct((rows, v.shape[1]), v.dtype)
         for k, v in trainer.abstract_batch().items()
@@ -135,6 +143,14 @@ def saved_activation_bytes(trainer) -> int:
         for r in jax.tree.leaves(residuals)
         if (r.shape, r.dtype) not in param_like
     )
+
+
+def moe_rows(trainer) -> int:
+    """Rows [rows, embed] of each dispatch buffer of one MoE layer on one device (0: dense)."""
+    cfg = trainer.model_config
+    if not cfg.num_experts:
+        return 0
+    return expert_rows(cfg, device_rows(trainer) * trainer.seq_len, trainer.mesh.shape["expert"])
 
 
 def breakdown(trainer, compiled) -> dict:
@@ -155,6 +171,7 @@ def breakdown(trainer, compiled) -> dict:
         "opt_state_bytes": shard_bytes(trainer.abstract_state.opt_state),
         "batch_bytes": shard_bytes(trainer.abstract_batch()),
         "saved_activation_bytes": saved_activation_bytes(trainer),
+        "moe_rows": moe_rows(trainer),
         "largest_arrays": rows,
     }
 
@@ -178,6 +195,10 @@ def describe(report: dict) -> list[str]:
         "Largest arrays (per device, not all live at once; XLA:CPU computes bfloat16 matmuls "
         "in float32 and keeps float32 copies, so a CPU dry run overstates a GPU's or TPU's):",
     ]
+    if report.get("moe_rows"):  # before "Largest arrays"
+        rows = f"{report['moe_rows']:,} rows x embed per buffer and MoE layer"
+        knobs = "model.moe_dispatch, model.capacity_factor, mesh.expert; docs/MOE.md"
+        lines.insert(-1, f"  MoE dispatch     {rows}  ({knobs})")
     if report["teacher_params_bytes"]:
         teacher = gib(report["teacher_params_bytes"])
         lines.insert(2, f"  teacher params   {teacher}  (distill.teacher, frozen)")
