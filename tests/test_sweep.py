@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs.sweeps import grid, log_uniform, random_sample
 from data.pipeline import make_train_iterator
-from training import sweeps, vectorized
+from training import sweep_summary, sweeps, vectorized
+from training.metrics import MetricsWriter
 from training.sweep_summary import edge_warnings
 from training.trainer import Trainer
 
@@ -113,16 +113,6 @@ def test_dispatch_prints_one_command_per_trial(tmp_path):
     assert all("tpu-vm ssh v4 --worker=all" in c and "--distributed" in c for c in commands)
 
 
-def test_vectorized_sweep_takes_the_base_overrides(tmp_path):
-    config, sweep_file = write_files(tmp_path)
-    workdir = str(tmp_path / "sweep")
-    args = [f"--config={config}", f"--sweep={sweep_file}", f"--workdir={workdir}"]
-    sweep_cli(*args, "--vectorized", "--config.train.num_steps=2")
-    for trial in ("learning_rate=0.001,warmup_steps=1", "learning_rate=0.003,warmup_steps=1"):
-        assert sweeps.read_trial_config(os.path.join(workdir, trial))["train"]["num_steps"] == 2
-        assert sweeps.read_metrics(os.path.join(workdir, trial))[-1]["step"] == 2
-
-
 def load_small_config(tmp_path):
     config_path, _ = write_files(tmp_path)
     spec = importlib.util.spec_from_file_location("small_config", config_path)
@@ -148,30 +138,45 @@ def train_alone(config) -> list[dict]:
 
 COMPARED = ("loss", "learning_rate", "grad_norm", "param_norm")
 
-# One trial per field a vectorized sweep may vary, each far from the base config's value.
-VARIED = [
-    {"optimizer.learning_rate": 1e-2},
-    {"optimizer.warmup_steps": 4},
-    {"optimizer.weight_decay": 0.5},
-    {"optimizer.b1": 0.5},
-    {"optimizer.b2": 0.5},
-    {"optimizer.eps": 1e-2},
-    {"seed": 7},
-]
+# Every field a vectorized sweep may vary, in every trial, each value unlike the base config's
+# and the other trials': a field a trial ignored, or took from another field or trial, makes it
+# differ from the same overrides trained alone (b1 != b2 everywhere, so a swap of the two shows).
+VALUES = {
+    "optimizer.learning_rate": (1e-2, 5e-3, 1e-3),
+    "optimizer.warmup_steps": (4, 3, 0),
+    "optimizer.weight_decay": (0.5, 0.0, 0.3),
+    "optimizer.b1": (0.5, 0.7, 0.3),
+    "optimizer.b2": (0.8, 0.5, 0.7),
+    "optimizer.eps": (1e-2, 1e-4, 1e-3),
+    "seed": (7, 8, 9),
+}
+VARIED = [{key: values[i] for key, values in VALUES.items()} for i in range(3)]
+
+# The vectorized sweep's base overrides, each unlike small.py's (4 steps, evaluation, warmup 1,
+# the default config's 2e-3).
+BASE = {
+    "train.num_steps": 5,
+    "train.eval_every": 0,
+    "optimizer.warmup_steps": 2,
+    "optimizer.learning_rate": 3e-3,
+}
 
 
 def test_vectorized_trials_match_running_each_alone(tmp_path):
-    """7 trials on 8 devices (gcd 1: the whole mesh is fsdp inside each trial), each varying one
-    field, give what each trial gives trained alone."""
-    config = load_small_config(tmp_path)
-    config.train.update(num_steps=5, eval_every=0)
-    config.optimizer.update(warmup_steps=2, learning_rate=3e-3)
-    assert sorted(k for t in VARIED for k in t) == sorted(vectorized.VECTORIZABLE)
-    named = sweeps.name_trials(VARIED, "test")
+    """`sweep.py --vectorized` with base overrides: 3 trials on 8 devices (gcd 1: the whole mesh
+    is fsdp inside each trial) give what each trial gives trained alone, base overrides taken."""
+    assert sorted(VALUES) == sorted(vectorized.VECTORIZABLE)
+    config_path, _ = write_files(tmp_path)
+    (tmp_path / "varied.py").write_text(f"def get_sweep():\n    return {VARIED!r}\n")
     workdir = str(tmp_path / "vectorized")
-    vectorized.run(config, workdir, named)
+    base = [f"--config.{key}={value}" for key, value in BASE.items()]
+    sweep = f"--sweep={tmp_path / 'varied.py'}"
+    sweep_cli(f"--config={config_path}", sweep, f"--workdir={workdir}", "--vectorized", *base)
+    config = sweeps.apply_overrides(load_small_config(tmp_path), BASE)
+    named = sweeps.name_trials(VARIED, "test")
     finals = set()
     for name, overrides in named.items():
+        assert sweeps.read_trial_config(os.path.join(workdir, name))["train"]["num_steps"] == 5
         expected = train_alone(sweeps.apply_overrides(config, overrides))
         together = [r for r in sweeps.read_metrics(os.path.join(workdir, name)) if "loss" in r]
         assert [r["step"] for r in together] == [1, 2, 3, 4, 5]
@@ -184,7 +189,7 @@ def test_vectorized_trials_match_running_each_alone(tmp_path):
             )
         finals.add(round(together[-1]["param_norm"], 4))
         assert sweeps.read_status(os.path.join(workdir, name))["status"] == "done"
-    assert len(finals) == len(VARIED)  # every field really changed its trial
+    assert len(finals) == len(VARIED)  # the trials really differ
 
 
 def small_sweep(config, num_trials: int):
@@ -193,7 +198,7 @@ def small_sweep(config, num_trials: int):
     return vectorized._Sweep({n: sweeps.apply_overrides(config, o) for n, o in named.items()})
 
 
-MESH1 = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+MESH1 = {"stage": 1, "data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
 
 
 def test_vectorized_mesh_uses_every_device(tmp_path, caplog):
@@ -219,3 +224,20 @@ def test_sweep_definitions_and_edge_warning():
     assert "lr=4 is the highest value tried" in edge_warnings(rows, ["lr"])[0]
     rows[2]["best_eval_loss"] = 5.0
     assert edge_warnings(rows, ["lr"]) == []
+
+
+def test_a_summary_of_trials_that_set_different_fields(tmp_path):
+    """A hand-written sweep whose trials override different fields: each plot shows the trials
+    that set its field (the others have no value there, which once crashed the plot)."""
+    named = {"lr": {"optimizer.learning_rate": 0.1}, "muon": {"optimizer.name": "muon"}}
+    sweeps.write_sweep(str(tmp_path), named)
+    for name, loss in (("lr", 1.5), ("muon", 1.25)):
+        sweeps.write_status(str(tmp_path / name), "interrupted")  # makes the trial's directory
+        writer = MetricsWriter(str(tmp_path / name))
+        writer.write(1, {"loss": 2.0, "tokens_per_second": 10.0})
+        writer.write(1, {"eval_loss": loss})
+        writer.close()
+        sweeps.write_status(str(tmp_path / name), "done")
+    lines = sweep_summary.summarize(str(tmp_path))
+    assert any("1.25" in line and "muon" in line for line in lines), lines
+    assert (tmp_path / "summary.png").stat().st_size > 0

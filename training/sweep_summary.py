@@ -81,7 +81,11 @@ def write_plot(workdir: str, rows: list[dict], keys: list[str]) -> None:
     """Best eval loss against each swept value, then every trial's training loss curve."""
     figure, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        points = [(r[key], r["best_eval_loss"]) for r in rows if math.isfinite(r["best_eval_loss"])]
+        points = [  # a trial that does not set `key` has "" there: nothing to plot
+            (r[key], r["best_eval_loss"])
+            for r in rows
+            if r[key] != "" and math.isfinite(r["best_eval_loss"])
+        ]
         if points:
             ax.scatter(*zip(*points))
         values = [p[0] for p in points if isinstance(p[0], (int, float))]
