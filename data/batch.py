@@ -9,6 +9,8 @@ A batch is a dict of arrays, each [batch, seq_len]:
     weights      float32  loss weight of each target: 0 for padding and document ends;
                           in fine-tuning data (data.source=sft) also 0 on every target that
                           is not a response (assistant) token, so only responses are learned
+    prefix_mask  int32    1 on the tokens of each document's bidirectional prefix (prefix-LM
+                          objectives, data/objectives.py; model.attention_mask=prefix), else 0
 
 The packer makes batches in this format, the train and eval steps read it, and
 the Trainer shards it; tests and benchmarks make random ones with `random_batch`.
@@ -26,6 +28,7 @@ BATCH_FIELDS = {
     "segment_ids": np.int32,
     "positions": np.int32,
     "weights": np.float32,
+    "prefix_mask": np.int32,
 }
 
 
@@ -38,7 +41,9 @@ def batch_spec(batch_size: int, seq_len: int, sharding=None) -> dict:
 
 
 def make_batch(**arrays) -> dict:
-    """The batch from its fields, cast to their dtypes; a missing or extra field is a bug."""
+    """The batch from its fields, cast to their dtypes; a missing or extra field is a bug.
+    `prefix_mask` may be left out: next-token batches have no prefix (all 0)."""
+    arrays.setdefault("prefix_mask", np.zeros(np.shape(arrays["inputs"]), np.int32))
     if set(arrays) != set(BATCH_FIELDS):
         raise KeyError(f"batch fields {sorted(arrays)} != {sorted(BATCH_FIELDS)}")
     return {key: np.asarray(arrays[key], dtype) for key, dtype in BATCH_FIELDS.items()}

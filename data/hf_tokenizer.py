@@ -24,7 +24,7 @@ from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, decoders, models, normalizers
 
-from data.tokenizer import Tokenizer
+from data.tokenizer import MASK_PIECE, Tokenizer, sentinel_ids
 from errors import UserError
 from startup import import_tensorflow
 
@@ -68,6 +68,14 @@ class HFTokenizer:
             )
         self.bos_id = self._special_id("bos_token")
         self.pad_id = self._special_id("pad_token")
+        # The objectives' reserved ids (data/objectives.py): its mask_token (e.g. ModernBERT's
+        # [MASK]) or a <mask> token, and T5's sentinels <extra_id_0>, <extra_id_1>, ...
+        self.mask_id = self._special_id("mask_token")
+        if self.mask_id is None:
+            self.mask_id = self._tokenizer.token_to_id(MASK_PIECE)
+        self.sentinel_ids = sentinel_ids(self._tokenizer.token_to_id)
+        special = {i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.first_text_id = next(i for i in range(self.vocab_size + 1) if i not in special)
         # transformers' split_special_tokens: special tokens written in the text are plain text.
         self._tokenizer.encode_special_tokens = bool(self.config.get("split_special_tokens"))
 
@@ -220,6 +228,7 @@ def save_for_transformers(path: str, out_dir: str, model_max_length: int) -> HFT
             "eos_token": piece(spec.eos_id),
             "unk_token": piece(spec.unk_id),
             "pad_token": piece(spec.pad_id),
+            **({"mask_token": MASK_PIECE} if tokenizer.mask_id is not None else {}),
             "split_special_tokens": True,  # "</s>" in a text is text, as in sentencepiece
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length,

@@ -19,9 +19,13 @@ into the cache pipeline's batches (data.mixture).
 
 data.source=sft (fine-tuning) reads neither: whole JSONL examples are packed
 into rows, with loss weights only on response tokens (data.sft_batches).
+
+Given the run's train section, its train.objective (data.objectives) transforms
+every batch of either pipeline: train batch i with draws of (seed, i), the i-th eval
+batch with the same draws at every evaluation.
 """
 
-from data import mixture, prepare, sft_batches, stream, windows
+from data import mixture, objectives, prepare, sft_batches, stream, windows
 from data.config import validate
 from data.hf_tokenizer import load_tokenizer
 from errors import UserError
@@ -53,9 +57,23 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     model_vocab_size: int | None = None,
+    train_config=None,
 ):
-    """This process's endless stream of train batches, each array [global_batch_size // process_count, seq_len]."""
+    """This process's endless stream of train batches, each array [global_batch_size // process_count, seq_len].
+    `train_config` (config.train) gives the objective (None: clm)."""
     tokenizer = _check(data_config, global_batch_size, process_count, model_vocab_size)
+    objective = _objective(train_config, data_config, tokenizer, seed)
+    if objective is not None:
+        first_row = process_index * (global_batch_size // process_count)
+        inner = make_train_iterator(
+            _reading(data_config, objective),
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            model_vocab_size=model_vocab_size,
+        )
+        return ObjectiveTrainIterator(inner, objective, first_row)
     if data_config.source == "sft":
         return sft_batches.TrainIterator(
             sft_batches.Examples(
@@ -105,28 +123,37 @@ def make_eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     model_vocab_size: int | None = None,
+    train_config=None,
 ):
-    """This process's rows of the finite eval batches; the last batch is padded with weight 0."""
+    """This process's rows of the finite eval batches; the last batch is padded with weight 0.
+    `train_config` (config.train) gives the objective (None: clm)."""
     tokenizer = _check(data_config, global_batch_size, process_count, model_vocab_size)
     kwargs = dict(
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,
     )
+    objective = _objective(train_config, data_config, tokenizer, objectives.EVAL_SEED)
+    if objective is not None:
+        data_config = _reading(data_config, objective)
+    first_row = process_index * (global_batch_size // process_count)
+
+    def transform(batches):
+        return batches if objective is None else ObjectiveEvalStream(batches, objective, first_row)
     if data_config.source == "sft":
         examples = sft_batches.Examples(
             data_config.sft_eval_file, data_config, tokenizer, data_config.seq_len + 1
         )
         return sft_batches.EvalStream(examples, data_config, **kwargs)
     if data_config.pipeline == "stream":
-        return stream.EvalStream(data_config, tokenizer, **kwargs)
+        return transform(stream.EvalStream(data_config, tokenizer, **kwargs))
     if data_config.mixture:
         splits = _source_splits(data_config, tokenizer, "eval")
-        streams = {name: windows.EvalStream(s, data_config, **kwargs) for name, s in splits.items()}
-        return mixture.EvalStream(streams)
-    return windows.EvalStream(
-        prepare.open_split(data_config, tokenizer, "eval"), data_config, **kwargs
-    )
+        return mixture.EvalStream(
+            {n: transform(windows.EvalStream(s, data_config, **kwargs)) for n, s in splits.items()}
+        )
+    split = prepare.open_split(data_config, tokenizer, "eval")
+    return transform(windows.EvalStream(split, data_config, **kwargs))
 
 
 def _source_splits(data_config, tokenizer, split: str) -> dict:
@@ -138,3 +165,61 @@ def _source_splits(data_config, tokenizer, split: str) -> dict:
         except UserError as error:
             raise UserError(f"data.mixture source {name!r}: {error}") from None
     return splits
+
+
+def _objective(train_config, data_config, tokenizer, seed: int):
+    """The run's objective, None for clm (batches as read); refuses a vocabulary without
+    the ids it needs."""
+    if train_config is None or train_config.get("objective", "clm") == "clm":  # older runs: clm
+        return None
+    return objectives.from_config(train_config, data_config.seq_len, tokenizer, seed)
+
+
+def _reading(data_config, objective):
+    """The data config the windows are read with: span_corruption reads shorter windows,
+    which its sentinels lengthen to data.seq_len (objectives.raw_seq_len)."""
+    cfg = data_config.copy_and_resolve_references()
+    cfg.seq_len = objectives.raw_seq_len(objective)
+    return cfg
+
+
+class ObjectiveTrainIterator:
+    """Train batches under an objective. Batch i of the run gets the objective's draws of
+    (seed, i); i is saved beside the inner iterator's state, so a resume continues exactly."""
+
+    def __init__(self, inner, objective, first_row: int):
+        self._inner, self._objective, self._first_row = inner, objective, first_row
+        self._index = 0
+
+    def __getattr__(self, name):  # invalid_utf8_documents, a mixture's source_tokens
+        return getattr(self._inner, name)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._inner)
+        batch = objectives.apply(self._objective, batch, self._index, self._first_row)
+        self._index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {**self._inner.get_state(), "objective_batch": self._index}
+
+    def set_state(self, state: dict) -> None:
+        self._inner.set_state(state)
+        self._index = int(state.get("objective_batch", 0))
+
+
+class ObjectiveEvalStream:
+    """Eval batches under an objective, the i-th with the same draws at every iteration."""
+
+    def __init__(self, inner, objective, first_row: int):
+        self._inner, self._objective, self._first_row = inner, objective, first_row
+
+    def __getattr__(self, name):  # invalid_utf8_documents
+        return getattr(self._inner, name)
+
+    def __iter__(self):
+        for index, batch in enumerate(self._inner):
+            yield objectives.apply(self._objective, batch, index, self._first_row)

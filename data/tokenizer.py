@@ -1,13 +1,19 @@
 """Sentencepiece tokenizer: train one from a text source, load it, tokenize in tf.data.
 
 Every model trained here records the fixed ids pad=0, bos=1, eos=2, unk=3, and
-(for bpe/unigram) byte fallback, so no text is ever out of vocabulary. The
+(for bpe/unigram) byte fallback, so no text is ever out of vocabulary. With
+--extra_ids=N it also reserves `<mask>` at id 4 and N sentinels `<extra_id_0>`..
+`<extra_id_{N-1}>` at ids 5..N+4 (T5's names) for the mlm and span_corruption
+objectives (data/objectives.py): control pieces, like pad/bos/eos, which text never
+encodes to (a literal "<mask>" in the text stays text). The default, 0, leaves the
+vocabulary as it always was. The
 normalizer is the identity and whitespace is kept as is, so code (indentation,
 newlines) round-trips exactly.
 
 Train a tokenizer:
   python -m data.tokenizer --input=stdlib --vocab_size=8000 --model_type=bpe \
       --output=data/assets/stdlib_bpe8k.model
+  python -m data.tokenizer --input=stdlib --extra_ids=100 --output=/tmp/stdlib_bpe8k_x.model
   python -m data.tokenizer --input='corpus/*.txt' --file_format=lines ...
   python -m data.tokenizer --input=tfds:lm1b --tfds_split=train --tfds_text_key=text ...
 """
@@ -28,6 +34,8 @@ from errors import UserError
 from startup import import_tensorflow
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+MASK_PIECE = "<mask>"
+SENTINEL_PIECE = "<extra_id_{}>"  # T5's sentinel names, which its tokenizers have too
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_TOKENIZER = os.path.join(ASSETS_DIR, "stdlib_bpe8k.model")
 # Special ids and the newline piece, plus 256 byte-fallback pieces for bpe and unigram.
@@ -58,6 +66,14 @@ class Tokenizer:
                 f"data.tokenizer: {self.path!r} has no eos token; train one with `python -m data.tokenizer`."
             )
         self._tf_tokenizer = None
+        special = [
+            i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)
+        ]
+        control = {self._sp.id_to_piece(i): i for i in special}
+        self.mask_id = control.get(MASK_PIECE)  # --extra_ids: the objectives' reserved ids
+        self.sentinel_ids = sentinel_ids(control.get)
+        # The ids below it are special (pad, bos, eos, unk, mask, sentinels): never text.
+        self.first_text_id = next(i for i in range(self.vocab_size + 1) if i not in special)
 
     @property
     def vocab_size(self) -> int:
@@ -95,6 +111,20 @@ class Tokenizer:
         return self._tf_tokenizer.tokenize(texts)
 
 
+def sentinel_ids(piece_id) -> list[int]:
+    """The ids of <extra_id_0>, <extra_id_1>, ... up to the first missing one, by `piece_id`
+    (a piece's id, or None)."""
+    ids = []
+    while (i := piece_id(SENTINEL_PIECE.format(len(ids)))) is not None:
+        ids.append(i)
+    return ids
+
+
+def extra_pieces(extra_ids: int) -> list[str]:
+    """--extra_ids=N's reserved pieces: <mask> and N sentinels (none for 0)."""
+    return [MASK_PIECE] + [SENTINEL_PIECE.format(k) for k in range(extra_ids)] if extra_ids else []
+
+
 def train_tokenizer(
     texts: Iterable[str],
     output: str,
@@ -102,14 +132,16 @@ def train_tokenizer(
     vocab_size: int,
     model_type: str = "bpe",
     max_sentences: int = 2_000_000,
+    extra_ids: int = 0,
 ) -> Tokenizer:
     """Trains a sentencepiece model on the lines of `texts` and writes `output`.
 
     `output` may name the file with or without `.model` (sentencepiece appends it);
     its directory is created if needed, and removed again if training fails.
+    `extra_ids` > 0 reserves <mask> and that many sentinels after the fixed ids.
     The returned Tokenizer's path is the file written.
     """
-    check_training_flags(vocab_size, model_type, max_sentences)
+    check_training_flags(vocab_size, model_type, max_sentences, extra_ids)
     path = output_path(output)
     prefix = path[: -len(".model")]
     lines = _lines(texts)
@@ -121,7 +153,14 @@ def train_tokenizer(
     created = []
     try:
         _make_parents(path, created)
-        _train(itertools.chain([first], lines), prefix, vocab_size, model_type, max_sentences)
+        _train(
+            itertools.chain([first], lines),
+            prefix,
+            vocab_size,
+            model_type,
+            max_sentences,
+            extra_pieces(extra_ids),
+        )
     except OSError as error:
         _remove_dirs(created)
         raise UserError(f"--output={output!r}: cannot write there ({error}).") from None
@@ -136,15 +175,23 @@ def train_tokenizer(
     return Tokenizer(path)
 
 
-def check_training_flags(vocab_size: int, model_type: str, max_sentences: int) -> None:
-    """Raises UserError for a vocabulary size, model type or sentence count that cannot train."""
+def check_training_flags(
+    vocab_size: int, model_type: str, max_sentences: int, extra_ids: int = 0
+) -> None:
+    """Raises UserError for a vocabulary size, model type, sentence count or number of
+    reserved ids that cannot train."""
     if model_type not in ("bpe", "unigram", "char"):
         raise UserError(f"--model_type: {model_type!r} is not one of bpe, unigram, char.")
-    minimum = MIN_VOCAB_SIZE[model_type]
+    if not 0 <= extra_ids <= MAX_INT:
+        raise UserError(f"--extra_ids={extra_ids}: must be >= 0 (0 = no <mask> or sentinels).")
+    extra = len(extra_pieces(extra_ids))
+    minimum = MIN_VOCAB_SIZE[model_type] + extra
     if vocab_size < minimum:
         raise UserError(
             f"--vocab_size={vocab_size}: a {model_type} model needs at least {minimum} pieces "
-            "(4 special ids and a newline" + (", plus 256 byte pieces)." if minimum > 6 else ").")
+            "(4 special ids and a newline"
+            + (f", {extra} reserved by --extra_ids" if extra else "")
+            + (", plus 256 byte pieces)." if model_type != "char" else ").")
         )
     if vocab_size > MAX_INT:
         raise UserError(f"--vocab_size={vocab_size}: must be at most {MAX_INT}.")
@@ -189,7 +236,7 @@ def _remove_dirs(created: list[str]) -> None:
             break
 
 
-def _train(sentences, prefix: str, vocab_size: int, model_type: str, max_sentences: int):
+def _train(sentences, prefix, vocab_size, model_type, max_sentences, control_symbols):
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences,
         model_prefix=prefix,
@@ -201,6 +248,7 @@ def _train(sentences, prefix: str, vocab_size: int, model_type: str, max_sentenc
         bos_id=BOS_ID,
         eos_id=EOS_ID,
         unk_id=UNK_ID,
+        control_symbols=control_symbols,  # ids right after unk; never produced by encode
         user_defined_symbols=["\n"],  # lines are the training sentences; newlines still get one id
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
@@ -348,6 +396,12 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab_size", type=int, default=8000)
     parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char"])
     parser.add_argument(
+        "--extra_ids",
+        type=int,
+        default=0,
+        help="reserve <mask> and this many sentinels <extra_id_k> (mlm, span_corruption); 0 = none",
+    )
+    parser.add_argument(
         "--max_sentences", type=int, default=2_000_000, help="lines sampled for training"
     )
     parser.add_argument(
@@ -358,7 +412,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         # Cheap checks first: the flags, then the input (globs, TFDS dataset), then the slow work.
-        check_training_flags(args.vocab_size, args.model_type, args.max_sentences)
+        check_training_flags(args.vocab_size, args.model_type, args.max_sentences, args.extra_ids)
         output_path(args.output)
         texts = source_texts(
             args.input,
@@ -373,6 +427,7 @@ def main(argv=None) -> None:
             vocab_size=args.vocab_size,
             model_type=args.model_type,
             max_sentences=args.max_sentences,
+            extra_ids=args.extra_ids,
         )
     except UserError as error:
         raise SystemExit(f"error: {error}") from None

@@ -17,18 +17,21 @@ from training.step import make_eval_step
 
 
 def score_batches(eval_step, to_global, params, batches, tokenizer) -> dict:
-    """Loss, perplexity and bits per byte over finite `batches` (data/batch.py format).
+    """Loss, perplexity and bits per byte over finite `batches` (data/batch.py format), and
+    for a masked LM the accuracy over its masked tokens (the weighted targets).
     Each row's target bytes go through `to_global` beside the row, so the bytes are summed
     over the same global rows as the loss, whether a process feeds only its own rows
     (training's evaluation) or the whole batch (Evaluator)."""
-    ce_sum, tokens, num_bytes = 0.0, 0.0, 0
+    ce_sum, tokens, num_bytes, correct = 0.0, 0.0, 0, None
     for batch in batches:
         placed = to_global({**batch, "bytes": _bytes_by_row(tokenizer, batch)})
         num_bytes += int(_total(placed.pop("bytes")))
         out = jax.device_get(eval_step(params, placed))
         ce_sum += float(out["ce_sum"])
         tokens += float(out["weight_sum"])
-    return loss_metrics(ce_sum, tokens, num_bytes)
+        if "correct_sum" in out:  # a masked LM's hits (training/step.py make_eval_step)
+            correct = (correct or 0.0) + float(out["correct_sum"])
+    return loss_metrics(ce_sum, tokens, num_bytes, correct)
 
 
 _total = jax.jit(jnp.sum)

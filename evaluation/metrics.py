@@ -23,13 +23,17 @@ def target_bytes(tokenizer, targets: np.ndarray, weights: np.ndarray) -> list[in
     ]
 
 
-def loss_metrics(ce_sum: float, tokens: float, num_bytes: int) -> dict:
-    """Mean loss, perplexity and bits per byte from sums over every target."""
+def loss_metrics(ce_sum: float, tokens: float, num_bytes: int, correct=None) -> dict:
+    """Mean loss, perplexity and bits per byte from sums over every target; with `correct`
+    (targets whose argmax prediction is right), the accuracy. For a masked LM the targets
+    are its masked tokens: the loss and perplexity are per masked token."""
     loss = ce_sum / max(tokens, 1.0)
+    accuracy = {} if correct is None else {"accuracy": correct / max(tokens, 1.0)}
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "bits_per_byte": ce_sum / math.log(2) / max(num_bytes, 1),
+        **accuracy,
         "tokens": tokens,
         "bytes": num_bytes,
     }

@@ -1,7 +1,8 @@
 """What eval.py does, callable from Python: evaluate one checkpoint, return the numbers.
 
 Text (the run's validation data, other text files, or a TFDS split) gives loss,
-perplexity, bits per byte and tokens/s; an SFT JSONL file gives the response-only
+perplexity, bits per byte and tokens/s, under the run's train.objective (an mlm run:
+over masked tokens, with their accuracy); an SFT JSONL file gives the response-only
 loss and generation metrics. Inputs are checked, and an SFT file read, before the
 model is loaded, so a mistake costs seconds.
 """
@@ -16,7 +17,16 @@ from evaluation.sft import evaluate_sft, read_examples
 from evaluation.text_data import eval_batches, text_data_config
 from model.sampler import SamplingConfig, parse_mesh
 
-COLUMNS = ("loss", "perplexity", "bits_per_byte", "tokens", "exact_match", "bleu", "rouge_l")
+COLUMNS = (
+    "loss",
+    "perplexity",
+    "bits_per_byte",
+    "accuracy",
+    "tokens",
+    "exact_match",
+    "bleu",
+    "rouge_l",
+)
 
 
 def evaluate_workdir(
@@ -62,7 +72,9 @@ def evaluate_workdir(
         )
         start = time.perf_counter()
         try:
-            batches = eval_batches(data, batch_size, sampler.model_config.vocab_size, max_batches)
+            batches = eval_batches(
+                data, batch_size, sampler.model_config.vocab_size, max_batches, config.train
+            )
         except UserError as error:
             raise UserError(f"--tfds={tfds}: {error}" if tfds else str(error)) from None
         metrics = evaluator.score(batches)

@@ -41,6 +41,7 @@ def response_batches(examples, tokenizer, template, seq_len: int, batch_size: in
             weights=mask[1:],
             segment_ids=np.ones(n),
             positions=np.arange(n),
+            prefix_mask=np.zeros(n),
         )
         for name, values in row.items():
             rows[name].append(np.pad(np.asarray(values), (0, seq_len - n)))

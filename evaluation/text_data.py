@@ -35,10 +35,15 @@ def text_data_config(
     return data
 
 
-def eval_batches(data_config, batch_size: int, vocab_size: int, max_batches: int | None = None):
-    """The finite evaluation batches of `data_config`; `max_batches` (0 = all) replaces
-    data.eval_max_batches when given."""
+def eval_batches(
+    data_config, batch_size: int, vocab_size: int, max_batches: int | None = None, train=None
+):
+    """The finite evaluation batches of `data_config` under the objective of `train` (a run's
+    config.train; None = clm); `max_batches` (0 = all) replaces data.eval_max_batches when
+    given."""
     data = data_config.copy_and_resolve_references()
     if max_batches is not None:
         data.eval_max_batches = max_batches
-    return make_eval_batches(data, global_batch_size=batch_size, model_vocab_size=vocab_size)
+    return make_eval_batches(
+        data, global_batch_size=batch_size, model_vocab_size=vocab_size, train_config=train
+    )

@@ -1,15 +1,17 @@
-"""Causal self-attention: multi-head or grouped-query, packed segments, an optional KV cache.
+"""Self-attention: multi-head or grouped-query, packed segments, an optional KV cache.
 
 Projections keep heads as their own axis ([embed, heads, head_dim] kernels) so
 tensor parallelism can shard heads by name. The attention itself (scores,
 mask, softmax, weighted values) is `model.attention_ops.attend`, in the
-implementation the config names.
+implementation and with the mask (causal, bidirectional, prefix) the config names.
 
 While decoding, each layer's keys and values are written into its slice of the
 KV cache at the cache index, and the queries attend to every cached key (see
 model/decode.py); grouped-query models cache only their KV heads. An int8 cache
 stores each new head vector as int8 with one float32 absmax scale, and the layer's
-slice is dequantized to the compute dtype before attending.
+slice is dequantized to the compute dtype before attending. Decoding is causal: a
+prefix LM's prompt is its prefix, bidirectional within the call that writes it (the
+prefill), and a bidirectional model (masked LM) cannot decode.
 """
 
 import flax.linen as nn
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from errors import UserError
 from model.attention_ops import attend, attention_mask
 from model.config import ModelConfig
 from model.layers import Dense, apply_rope, ones_init, residual_init_std
@@ -33,7 +36,9 @@ class Attention(nn.Module):
     lora_dropout: float = 0.0  # on LoRA adapters' input (model/layers.Dense); 0 outside training
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, key_segment_ids, cache_index, cache, layer):
+    def __call__(
+        self, x, positions, segment_ids, key_segment_ids, cache_index, cache, layer, prefix_mask
+    ):
         """(output [batch, length, embed], the cache with this layer's new keys and values).
 
         Without a cache (None) the keys are the tokens' own (`key_segment_ids` =
@@ -41,6 +46,8 @@ class Attention(nn.Module):
         and values ([layers, batch, kv_heads, cache_len, head_dim]; int8 ones with
         "key_scale"/"value_scale" [layers, batch, kv_heads, cache_len]); this layer writes
         its slice `layer` in place and attends over it, `key_segment_ids` covering it.
+        `prefix_mask` [batch, length] (or None): the tokens of model.attention_mask=prefix's
+        bidirectional prefix; the other masks ignore it.
         """
         cfg = self.config
         e, d = cfg.embed_dim, cfg.head_dim
@@ -76,13 +83,37 @@ class Attention(nn.Module):
                 key_segment_ids,
                 implementation=cfg.attention_implementation,
                 block_size=cfg.attention_block_size,
+                mask_kind=cfg.attention_mask,
+                query_prefix=prefix_mask,
+                key_prefix=prefix_mask,
             )
         else:  # written in place: a decode step moves one token's keys, not the cache
+            if cfg.attention_mask == "bidirectional":
+                raise UserError(
+                    "model.attention_mask=bidirectional (a masked LM) sees later tokens, so it "
+                    "cannot generate text with a KV cache; sample from a causal or prefix model."
+                )
             cache = dict(cache)
             for name, new in (("key", key), ("value", value)):
                 cache.update(_write_cache(cache, name, new, layer, cache_index))
             key, value = (_read_cache(cache, name, layer, cfg.dtype) for name in ("key", "value"))
-            out = _attend_cache(query, key, value, segment_ids, key_segment_ids, cache_index)
+            key_prefix = None
+            if prefix_mask is not None:  # the prefix is the new tokens' (the prompt's)
+                empty = jnp.zeros(key_segment_ids.shape, bool)
+                key_prefix = lax.dynamic_update_slice(
+                    empty, prefix_mask.astype(bool), (0, cache_index)
+                )
+            out = _attend_cache(
+                query,
+                key,
+                value,
+                segment_ids,
+                key_segment_ids,
+                cache_index,
+                cfg.attention_mask,
+                prefix_mask,
+                key_prefix,
+            )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = Dense(
             cfg,
@@ -142,11 +173,14 @@ def _read_cache(cache, name, layer, dtype):
     return nn.with_logical_constraint(x, CACHE_AXES)
 
 
-def _attend_cache(query, key, value, segment_ids, key_segment_ids, cache_index):
+def _attend_cache(
+    query, key, value, segment_ids, key_segment_ids, cache_index, mask_kind, *prefixes
+):
     """Attention of new tokens [b, t, heads, d] over the cache [b, kv_heads, s, d].
 
-    The same rule as attention_ops.attend (causal from `cache_index`, same segment),
-    written for the cache's heads-major layout; query heads are grouped over KV heads.
+    The same rule as attention_ops.attend (from `cache_index`, same segment, `prefixes`
+    the query and key prefix masks), written for the cache's heads-major layout; query
+    heads are grouped over KV heads.
     """
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -154,7 +188,9 @@ def _attend_cache(query, key, value, segment_ids, key_segment_ids, cache_index):
     scores = jnp.einsum(
         "btkgd,bksd->bkgts", query, key, preferred_element_type=jnp.float32
     ) / jnp.sqrt(jnp.float32(head_dim))
-    mask = attention_mask(segment_ids, key_segment_ids, length, key.shape[2], cache_index)
+    mask = attention_mask(
+        segment_ids, key_segment_ids, length, key.shape[2], cache_index, mask_kind, *prefixes
+    )
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, value)

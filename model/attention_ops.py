@@ -7,14 +7,18 @@ Every implementation takes the same arguments and computes the same thing:
     heads // kv_heads query heads).
 
 Query i sits at key index `query_offset + i` (0 in training, where the keys are
-the queries' own tokens; the cache position while decoding). It attends to key j
-if and only if
+the queries' own tokens; the cache position while decoding). With i' = query_offset + i
+it attends to key j if and only if key_segment_ids[j] == query_segment_ids[i] (same
+packed document) and, by `mask_kind` (`model.attention_mask`):
 
-    j <= query_offset + i                    (causal)
-    key_segment_ids[j] == query_segment_ids[i]   (same packed document)
+    causal          j <= i'
+    bidirectional   always (masked LM)
+    prefix          j <= i'  or  (query_prefix[i] and key_prefix[j])   (prefix LM, as t5x)
 
-Segment ids of None mean one segment. Padding is segment 0 and attends to other
-padding only, so no row is ever fully masked and no NaN can appear.
+The prefixes are the batch's `prefix_mask` (1 = the token is in its document's
+bidirectional prefix); "prefix" without them (None) is causal. Segment ids of None
+mean one segment. Padding is segment 0 and attends to other padding only, so no row
+is ever fully masked and no NaN can appear.
 
 Implementations (`model.attention_implementation`; memory per layer for b
 sequences of t tokens, h heads):
@@ -23,11 +27,14 @@ sequences of t tokens, h heads):
     blockwise  flash-style tiles in plain JAX (model/blockwise_attention.py): memory
                linear in t for forward and backward. Any backend, any shape.
     cudnn      NVIDIA's fused kernel through jax.nn.dot_product_attention (GPU, bf16/f16).
-               Its documented API has no segment ids: with packed documents the
-               segment rule goes in as a [b, 1, t, t] mask (cuDNN adds it as a bias
-               and returns its gradient), quadratic in t but not per head.
+               Its documented API has no segment ids or prefixes: its is_causal flag
+               serves the causal mask only; packed documents (any mask) and the
+               bidirectional and prefix rules go in as a [b, 1, t, t] mask (cuDNN adds
+               it as a bias and returns its gradient), quadratic in t but not per head.
     splash     the TPU Pallas splash-attention kernel (model/splash_attention.py),
-               with native segment ids: linear in t.
+               with native segment ids: linear in t. Causal and bidirectional masks
+               only: a per-row prefix is no static kernel mask, so "prefix" runs
+               blockwise instead (logged once).
 
 cudnn and splash take training shapes only (q_len == k_len at a static offset 0);
 decoding shapes (a few queries at a traced offset over a KV cache) go to the
@@ -36,9 +43,10 @@ reference, which at one query per step is already linear in the cache length.
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from errors import UserError
-from model.blockwise_attention import blockwise_attention
+from model.blockwise_attention import blockwise_attention, visible
 from model.splash_attention import splash_attention
 
 DEFAULT_BLOCK_SIZE = 512
@@ -50,21 +58,28 @@ def attention_mask(
     q_len: int,
     k_len: int,
     query_offset: jax.Array | int = 0,
+    mask_kind: str = "causal",
+    query_prefix: jax.Array | None = None,
+    key_prefix: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean [batch or 1, 1, q_len, k_len] mask of the rule above."""
-    query_index = query_offset + jnp.arange(q_len, dtype=jnp.int32)
-    causal = (jnp.arange(k_len, dtype=jnp.int32)[None, :] <= query_index[:, None])[None, None]
-    if query_segment_ids is None and key_segment_ids is None:
-        return causal
-    return causal & _segment_mask(query_segment_ids, key_segment_ids, q_len, k_len)
-
-
-def _segment_mask(query_segment_ids, key_segment_ids, q_len, k_len):
+    one_segment = lambda length: jnp.ones((1, length), jnp.int32)
     if query_segment_ids is None:
-        query_segment_ids = jnp.ones(key_segment_ids.shape[:1] + (q_len,), jnp.int32)
+        query_segment_ids = one_segment(q_len)
     if key_segment_ids is None:
-        key_segment_ids = jnp.ones(query_segment_ids.shape[:1] + (k_len,), jnp.int32)
-    return query_segment_ids[:, None, :, None] == key_segment_ids[:, None, None, :]
+        key_segment_ids = one_segment(k_len)
+    if query_prefix is None and mask_kind == "prefix":
+        mask_kind = "causal"
+    mask = visible(
+        query_offset + jnp.arange(q_len, dtype=jnp.int32),
+        jnp.arange(k_len, dtype=jnp.int32),
+        query_segment_ids,
+        key_segment_ids,
+        query_prefix,
+        key_prefix,
+        mask_kind,
+    )
+    return mask[:, None]
 
 
 def attend(
@@ -76,22 +91,44 @@ def attend(
     query_offset: jax.Array | int = 0,
     implementation: str = "xla",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    mask_kind: str = "causal",
+    query_prefix: jax.Array | None = None,
+    key_prefix: jax.Array | None = None,
 ) -> jax.Array:
     """[batch, q_len, heads, head_dim] attention output, in `query`'s dtype.
 
     `block_size`: queries and keys per tile of blockwise and splash attention.
+    `mask_kind`: causal, bidirectional or prefix (the rule above); `query_prefix`
+    [batch, q_len] and `key_prefix` [batch, k_len]: the prefix kind's masks (both or neither).
     """
+    if query_prefix is None and mask_kind == "prefix":
+        mask_kind = "causal"  # no prefix: blockwise may then skip the future's tiles
     args = (query, key, value, query_segment_ids, key_segment_ids)
+    prefixes = (query_prefix, key_prefix)
     if implementation == "blockwise":
-        return blockwise_attention(*args, query_offset, block_size)
+        return blockwise_attention(*args, query_offset, block_size, mask_kind, *prefixes)
     training_shape = query.shape[1] == key.shape[1] and _is_zero(query_offset)
     if implementation == "cudnn" and training_shape:
-        return _cudnn(*args)
+        return _cudnn(*args, mask_kind, *prefixes)
     if implementation == "splash" and training_shape:
         _require_backend("splash", "tpu", "a TPU")
-        return splash_attention(*args, block_size)
+        if mask_kind != "prefix":
+            return splash_attention(*args, block_size, mask_kind)
+        logging.log_first_n(
+            logging.WARNING,
+            "model.attention_mask=prefix: splash attention has no per-row prefix mask; "
+            "these layers run model.attention_implementation=blockwise instead.",
+            1,
+        )
+        return blockwise_attention(*args, 0, block_size, mask_kind, *prefixes)
     mask = attention_mask(
-        query_segment_ids, key_segment_ids, query.shape[1], key.shape[1], query_offset
+        query_segment_ids,
+        key_segment_ids,
+        query.shape[1],
+        key.shape[1],
+        query_offset,
+        mask_kind,
+        *prefixes,
     )
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
@@ -108,17 +145,20 @@ def _require_backend(implementation, backend, what):
         )
 
 
-def _cudnn(query, key, value, query_segment_ids, key_segment_ids):
+def _cudnn(query, key, value, query_segment_ids, key_segment_ids, mask_kind, *prefixes):
     _require_backend("cudnn", "gpu", "an NVIDIA GPU")
     if query.dtype not in (jnp.bfloat16, jnp.float16):
         raise UserError(
             f"model.attention_implementation=cudnn needs model.dtype=bfloat16 or float16, "
             f"not {query.dtype}."
         )
-    mask = None
-    if query_segment_ids is not None or key_segment_ids is not None:
+    causal, mask = mask_kind == "causal", None
+    if mask_kind == "prefix" or query_segment_ids is not None or key_segment_ids is not None:
         length = query.shape[1]
-        mask = _segment_mask(query_segment_ids, key_segment_ids, length, length)
+        segments_and_prefix = "bidirectional" if causal else mask_kind  # is_causal adds order
+        mask = attention_mask(
+            query_segment_ids, key_segment_ids, length, length, 0, segments_and_prefix, *prefixes
+        )
     return jax.nn.dot_product_attention(
-        query, key, value, mask=mask, is_causal=True, implementation="cudnn"
+        query, key, value, mask=mask, is_causal=causal, implementation="cudnn"
     )

@@ -4,25 +4,64 @@ The reference materialises [batch, heads, q_len, k_len] scores; here queries and
 keys are processed in blocks with an online softmax, so at most one
 [batch, heads, block, block] tile of scores exists at a time. A custom VJP saves
 only the output and the per-query log-sum-exp and recomputes each tile in the
-backward pass (FlashAttention-2's scheme). Key blocks wholly in a query block's
-causal future are skipped, in both passes, which halves the work of a causal
-self-attention. Runs on any backend (it is what --dry_run measures on CPU).
+backward pass (FlashAttention-2's scheme). With the causal mask, key blocks
+wholly in a query block's future are skipped, in both passes, which halves the
+work; bidirectional and prefix masks visit every tile (a prefix token may see any
+later prefix token), so they do the full work in the same linear memory. Runs on
+any backend (it is what --dry_run measures on CPU).
 
-Lengths need not be multiples of the block: inputs are padded (padded keys lie
-past every real query, so causality masks them). Decoding shapes (a few queries
-at a traced `query_offset` over the KV cache) work as they are, and skip the
-cache blocks not written yet.
+Lengths need not be multiples of the block: inputs are padded, the padding with
+segment id PAD_SEGMENT, which no real token has, so no real query sees it under any
+mask. Decoding shapes (a few queries at a traced `query_offset` over the KV cache)
+work as they are, and (causal) skip the cache blocks not written yet.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+PAD_SEGMENT = -1
+
+
+def visible(q_index, k_index, q_seg, k_seg, q_prefix, k_prefix, kind):
+    """Boolean [batch or 1, q, k]: the keys each query sees, attention_ops' rule for `kind`.
+
+    q_index [q] and k_index [k] are places in the key sequence; q_seg, q_prefix [b or 1, q]
+    and k_seg, k_prefix [b or 1, k] (bool prefixes, None outside the prefix mask).
+    """
+    mask = q_seg[:, :, None] == k_seg[:, None, :]
+    if kind == "bidirectional":
+        return mask
+    order = (k_index[None, :] <= q_index[:, None])[None]
+    if kind == "prefix":
+        order = order | (q_prefix.astype(bool)[:, :, None] & k_prefix.astype(bool)[:, None, :])
+    return mask & order
+
+
+class _MaskInputs(NamedTuple):
+    """What a tile's mask is made of, padded to whole blocks (prefixes None unless prefix)."""
+
+    q_seg: jax.Array
+    k_seg: jax.Array
+    q_prefix: jax.Array | None
+    k_prefix: jax.Array | None
+    offset: jax.Array
+
 
 def blockwise_attention(
-    query, key, value, query_segment_ids, key_segment_ids, query_offset, block_size
+    query,
+    key,
+    value,
+    query_segment_ids,
+    key_segment_ids,
+    query_offset,
+    block_size,
+    kind="causal",
+    query_prefix=None,
+    key_prefix=None,
 ):
     """attention_ops.attend's contract, `block_size` queries and keys per tile."""
     batch, q_len, heads, head_dim = query.shape
@@ -34,20 +73,27 @@ def blockwise_attention(
     if key_segment_ids is None:
         key_segment_ids = jnp.ones((batch, k_len), jnp.int32)
 
-    def pad(x, amount, axis):
+    def pad(x, amount, axis, value=0):
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, amount)
-        return jnp.pad(x, widths)
+        return jnp.pad(x, widths, constant_values=value)
+
+    def pad_prefix(prefix, amount):
+        return None if kind != "prefix" else pad(prefix.astype(bool), amount, 1)
 
     # Heads-major layouts; query heads grouped over their KV head (as jax.nn and the cache).
     q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     q = pad(q.transpose(0, 2, 3, 1, 4), q_pad, 3)
     k = pad(key.transpose(0, 2, 1, 3), k_pad, 2)
     v = pad(value.transpose(0, 2, 1, 3), k_pad, 2)
-    q_seg = pad(query_segment_ids.astype(jnp.int32), q_pad, 1)
-    k_seg = pad(key_segment_ids.astype(jnp.int32), k_pad, 1)
-    offset = jnp.asarray(query_offset, jnp.int32)
-    out = _flash(q, k, v, q_seg, k_seg, offset, block_q, block_k)
+    mask = _MaskInputs(
+        pad(query_segment_ids.astype(jnp.int32), q_pad, 1, PAD_SEGMENT),
+        pad(key_segment_ids.astype(jnp.int32), k_pad, 1, PAD_SEGMENT),
+        pad_prefix(query_prefix, q_pad),
+        pad_prefix(key_prefix, k_pad),
+        jnp.asarray(query_offset, jnp.int32),
+    )
+    out = _flash(q, k, v, mask, kind, block_q, block_k)
     out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, heads, head_dim)
 
@@ -56,35 +102,47 @@ def _tile(x, index, size, axis):
     return lax.dynamic_slice_in_dim(x, index * size, size, axis)
 
 
-def _scores_and_mask(q_blk, k_blk, q_seg, k_seg, offset, i, j, block_q, block_k):
+def _scores_and_mask(q_blk, k_blk, mask, kind, i, j, block_q, block_k):
     """f32 scores [b, kvh, g, bq, bk] of query block i against key block j, and the mask."""
     scale = 1.0 / jnp.sqrt(jnp.float32(q_blk.shape[-1]))
     s = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
-    q_index = offset + i * block_q + jnp.arange(block_q)
+    rows = lambda x: None if x is None else _tile(x, i, block_q, 1)
+    cols = lambda x: None if x is None else _tile(x, j, block_k, 1)
+    q_index = mask.offset + i * block_q + jnp.arange(block_q)
     k_index = j * block_k + jnp.arange(block_k)
-    causal = k_index[None, :] <= q_index[:, None]  # padded keys lie past every real query
-    same = _tile(q_seg, i, block_q, 1)[:, :, None] == _tile(k_seg, j, block_k, 1)[:, None, :]
-    mask = (causal[None] & same)[:, None, None]
-    return s * scale, mask
+    allowed = visible(
+        q_index,
+        k_index,
+        rows(mask.q_seg),
+        cols(mask.k_seg),
+        rows(mask.q_prefix),
+        cols(mask.k_prefix),
+        kind,
+    )
+    return s * scale, allowed[:, None, None]
 
 
-def _key_blocks_end(offset, i, block_q, block_k, num_k):
-    """One past the last key block that query block i can see (causality)."""
+def _key_blocks_end(kind, offset, i, block_q, block_k, num_k):
+    """One past the last key block that query block i can see (causal: none in its future)."""
+    if kind != "causal":
+        return num_k
     last_query = offset + (i + 1) * block_q - 1
     return jnp.clip(last_query // block_k + 1, 0, num_k)
 
 
-def _query_blocks_start(offset, j, block_q, block_k, num_q):
+def _query_blocks_start(kind, offset, j, block_q, block_k, num_q):
     """The first query block that can see key block j."""
+    if kind != "causal":
+        return 0
     return jnp.clip((j * block_k - offset) // block_q, 0, num_q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _flash(q, k, v, q_seg, k_seg, offset, block_q, block_k):
-    return _forward(q, k, v, q_seg, k_seg, offset, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, mask, kind, block_q, block_k):
+    return _forward(q, k, v, mask, kind, block_q, block_k)[0]
 
 
-def _forward(q, k, v, q_seg, k_seg, offset, block_q, block_k):
+def _forward(q, k, v, mask, kind, block_q, block_k):
     """(output [b, kvh, g, tq, d] in q's dtype, log-sum-exp [b, kvh, g, tq] in f32)."""
     num_q, num_k = q.shape[3] // block_q, k.shape[2] // block_k
 
@@ -94,10 +152,10 @@ def _forward(q, k, v, q_seg, k_seg, offset, block_q, block_k):
 
         def key_block(j, carry):
             acc, m, denom = carry
-            s, mask = _scores_and_mask(
-                q_blk, _tile(k, j, block_k, 2), q_seg, k_seg, offset, i, j, block_q, block_k
+            s, allowed = _scores_and_mask(
+                q_blk, _tile(k, j, block_k, 2), mask, kind, i, j, block_q, block_k
             )
-            s = jnp.where(mask, s, -jnp.inf)
+            s = jnp.where(allowed, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row with nothing seen yet
             p = jnp.exp(s - m_safe[..., None])
@@ -116,7 +174,7 @@ def _forward(q, k, v, q_seg, k_seg, offset, block_q, block_k):
             jnp.full(stats_shape, -jnp.inf, jnp.float32),
             jnp.zeros(stats_shape, jnp.float32),
         )
-        end = _key_blocks_end(offset, i, block_q, block_k, num_k)
+        end = _key_blocks_end(kind, mask.offset, i, block_q, block_k, num_k)
         acc, m, denom = lax.fori_loop(0, end, key_block, init)
         seen = denom > 0  # padded query rows may see no key at all
         o_blk = acc / jnp.where(seen, denom, 1.0)[..., None]
@@ -129,14 +187,14 @@ def _forward(q, k, v, q_seg, k_seg, offset, block_q, block_k):
     return lax.fori_loop(0, num_q, query_block, init)
 
 
-def _flash_fwd(q, k, v, q_seg, k_seg, offset, block_q, block_k):
-    out, lse = _forward(q, k, v, q_seg, k_seg, offset, block_q, block_k)
-    return out, (q, k, v, q_seg, k_seg, offset, out, lse)
+def _flash_fwd(q, k, v, mask, kind, block_q, block_k):
+    out, lse = _forward(q, k, v, mask, kind, block_q, block_k)
+    return out, (q, k, v, mask, out, lse)
 
 
-def _flash_bwd(block_q, block_k, residuals, d_out):
+def _flash_bwd(kind, block_q, block_k, residuals, d_out):
     """Outer loop over key blocks, inner over the query blocks that see them (FA-2)."""
-    q, k, v, q_seg, k_seg, offset, out, lse = residuals
+    q, k, v, mask, out, lse = residuals
     num_q, num_k = q.shape[3] // block_q, k.shape[2] // block_k
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
@@ -148,8 +206,8 @@ def _flash_bwd(block_q, block_k, residuals, d_out):
         def query_block(i, carry):
             dq, dk_blk, dv_blk = carry
             q_blk, do_blk = _tile(q, i, block_q, 3), _tile(d_out, i, block_q, 3)
-            s, mask = _scores_and_mask(q_blk, k_blk, q_seg, k_seg, offset, i, j, block_q, block_k)
-            p = jnp.where(mask, jnp.exp(s - _tile(lse, i, block_q, 3)[..., None]), 0.0)
+            s, allowed = _scores_and_mask(q_blk, k_blk, mask, kind, i, j, block_q, block_k)
+            p = jnp.where(allowed, jnp.exp(s - _tile(lse, i, block_q, 3)[..., None]), 0.0)
             dv_blk += jnp.einsum(
                 "bkgqs,bkgqd->bksd",
                 p.astype(do_blk.dtype),
@@ -165,7 +223,7 @@ def _flash_bwd(block_q, block_k, residuals, d_out):
             dk_blk += jnp.einsum("bkgqs,bkgqd->bksd", ds, q_blk, preferred_element_type=jnp.float32)
             return dq, dk_blk, dv_blk
 
-        start = _query_blocks_start(offset, j, block_q, block_k, num_q)
+        start = _query_blocks_start(kind, mask.offset, j, block_q, block_k, num_q)
         zeros = jnp.zeros(k_blk.shape, jnp.float32)
         dq, dk_blk, dv_blk = lax.fori_loop(start, num_q, query_block, (dq, zeros, zeros))
         dk = lax.dynamic_update_slice_in_dim(dk, dk_blk, j * block_k, 2)
@@ -174,7 +232,7 @@ def _flash_bwd(block_q, block_k, residuals, d_out):
 
     zeros_q, zeros_k = jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32)
     dq, dk, dv = lax.fori_loop(0, num_k, key_block, (zeros_q, zeros_k, zeros_k))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -27,6 +27,7 @@ REMAT_POLICIES = (
     "everything_saveable",
 )
 ATTENTION_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "splash")
+ATTENTION_MASKS = ("causal", "bidirectional", "prefix")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4")
 LOW_RANK_TARGETS = ("query", "key", "value", "out", "mlp")
@@ -83,6 +84,13 @@ class ModelConfig:
     attention_block_size: int = field(
         512, POSITIVE, "queries and keys per tile of blockwise and splash attention"
     )
+    attention_mask: str = field(
+        "causal",
+        ATTENTION_MASKS,
+        "which keys a token sees in its packed document: causal (earlier ones), bidirectional "
+        "(all; masked LM) or prefix (bidirectional within the document's prefix, the batch's "
+        "prefix_mask, causal after it; prefix LM); see model/attention_ops.py",
+    )
     loss_chunk_size: int = field(
         0,
         "[0, inf)",
@@ -137,7 +145,10 @@ class ModelConfig:
         "over-capacity assignments dropped by position)",
     )
     capacity_factor: float = field(
-        1.25, "(0, inf)", "MoE capacity dispatch: slots per expert = factor x tokens x k / experts"
+        1.25,
+        "(0, inf)",
+        "MoE capacity dispatch: slots per expert and batch shard = factor x the shard's tokens x "
+        "k / experts",
     )
 
     # Fields that change how the model is computed, not what its weights are: a
@@ -146,6 +157,7 @@ class ModelConfig:
         "dtype",
         "attention_implementation",
         "attention_block_size",
+        "attention_mask",
         "loss_chunk_size",
         "remat_policy",
         "scan_unroll",

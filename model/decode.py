@@ -10,7 +10,9 @@ which no real token attends to. The whole prompt is prefilled in one forward
 pass, then one token per step is decoded inside a `lax.while_loop`: the
 decode position is data, not a static argument, so nothing is re-traced per
 token. Sampling: greedy (temperature 0), or temperature, then top-k, then
-top-p (nucleus), as in Hugging Face's `generate`.
+top-p (nucleus), as in Hugging Face's `generate`. The prompt is the prefill's
+prefix_mask: a prefix LM (model.attention_mask=prefix) attends bidirectionally within
+it, then decodes causally; a masked LM (bidirectional) is refused (model/attention.py).
 
 The cache holds keys and values in the model's compute dtype, or (kv_cache_dtype
 "int8") as int8 with one float32 absmax scale per (row, position, KV head): head_dim + 4
@@ -136,7 +138,9 @@ def generate(
         logits[:, -1, : num_ids or None], jax.random.fold_in(rng, step), temperature, top_k, top_p
     )
 
-    logits, cache = model.apply(variables, tokens, segment_ids, positions, cache=cache)
+    logits, cache = model.apply(
+        variables, tokens, segment_ids, positions, cache=cache, prefix_mask=segment_ids
+    )
     first = sample(logits, 0)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = first == eos_id

@@ -1,7 +1,9 @@
 """Splash attention (TPU Pallas kernel) behind attention_ops.attend's contract.
 
-Written against `jax.experimental.pallas.ops.tpu.splash_attention`: a causal
-`MultiHeadMask`, `SegmentIds` for packed documents (the same rule as attend:
+Written against `jax.experimental.pallas.ops.tpu.splash_attention`: a
+`MultiHeadMask` of `CausalMask`s (model.attention_mask=causal) or `FullMask`s
+(bidirectional; a per-row prefix is no static mask, attend() runs "prefix"
+blockwise), `SegmentIds` for packed documents (the same rule as attend:
 equal ids attend, padding 0 attends to padding), grouped-query heads handled by
 the kernel itself. A Pallas call cannot be partitioned by GSPMD, so the kernel
 runs under `jax.shard_map` over the current mesh, each device on its own batch
@@ -25,9 +27,17 @@ KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 def splash_attention(
-    query, key, value, query_segment_ids, key_segment_ids, block_size, interpret=False
+    query,
+    key,
+    value,
+    query_segment_ids,
+    key_segment_ids,
+    block_size,
+    mask_kind="causal",
+    interpret=False,
 ):
-    """[batch, length, heads, head_dim] output of causal, segment-masked attention."""
+    """[batch, length, heads, head_dim] output of causal or bidirectional (`mask_kind`),
+    segment-masked attention."""
     batch, length = query.shape[:2]
     block = min(block_size, length)
     if length % block:
@@ -41,7 +51,7 @@ def splash_attention(
     query = query * (1.0 / jnp.sqrt(jnp.float32(query.shape[-1]))).astype(query.dtype)
 
     def local(q, k, v, q_seg, k_seg):  # one device's rows and heads
-        kernel = _kernel(q.shape[2], q.shape[1], block, interpret)
+        kernel = _kernel(q.shape[2], q.shape[1], block, mask_kind, interpret)
         segments = splash.SegmentIds(q=q_seg, kv=k_seg)
         out = jax.vmap(kernel)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), segments)
         return out.swapaxes(1, 2)
@@ -63,7 +73,7 @@ def splash_attention(
 
 def _mesh_spec(mesh, logical_axes) -> PartitionSpec:
     """The rules' PartitionSpec of `logical_axes`, keeping only axes this mesh has (shard_map
-    must name mesh axes; a mesh built by hand may lack e.g. `expert`)."""
+    must name mesh axes; a mesh built by hand may lack e.g. `expert` or `stage`)."""
 
     def present(axes):
         axes = (axes,) if isinstance(axes, str) else axes or ()
@@ -73,8 +83,9 @@ def _mesh_spec(mesh, logical_axes) -> PartitionSpec:
     return PartitionSpec(*(present(a) for a in nn.logical_to_mesh_axes(logical_axes)))
 
 
-def _kernel(heads, length, block, interpret):
-    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])
+def _kernel(heads, length, block, mask_kind, interpret):
+    head_mask = {"causal": splash.CausalMask, "bidirectional": splash.FullMask}[mask_kind]
+    mask = splash.MultiHeadMask([head_mask((length, length)) for _ in range(heads)])
     sizes = splash.BlockSizes(
         block_q=block,
         block_kv=block,

@@ -17,6 +17,7 @@ import optax
 from data.batch import BATCH_FIELDS
 from model import moe
 from model.lora import is_lora_tree, scaled, trainable, with_trainable
+from model.pipeline import split_microbatches
 from sharding import activate, batch_sharding, replicated
 from training.loss import (
     chunked_cross_entropy_sums,
@@ -26,25 +27,15 @@ from training.loss import (
 )
 
 
-def _split_microbatches(batch, num_microbatches: int):
-    """[B, ...] -> [M, B/M, ...], microbatch m taking rows m, m+M, m+2M, ...
-
-    Interleaving (rather than contiguous blocks) keeps every microbatch spread
-    evenly over the data-parallel shards, so the split moves no data.
-    """
-
-    def split(x):
-        rows = x.shape[0] // num_microbatches
-        return x.reshape(rows, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
-
-    return jax.tree.map(split, batch)
-
-
 def _apply(model, params, batch, rng, adapters, return_hidden):
     """The model on `batch` -> (output, an MoE model's summed router stats, else {}):
     `adapters` is a LoRA run's "lora" collection (model/lora.scaled); dropout only with `rng`."""
     variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
     mutable = [moe.STATS] if model.config.num_experts else False
+    # Only a prefix-attention model reads the prefix mask: any other compiles as it did.
+    prefix = {}
+    if model.config.attention_mask == "prefix":
+        prefix["prefix_mask"] = batch["prefix_mask"]
     out = model.apply(
         variables,
         batch["inputs"],
@@ -54,6 +45,7 @@ def _apply(model, params, batch, rng, adapters, return_hidden):
         rngs={} if rng is None else {"dropout": rng},
         return_hidden=return_hidden,
         mutable=mutable,
+        **prefix,
     )
     return (out[0], moe.collect(out[1][moe.STATS])) if mutable else (out, {})
 
@@ -201,7 +193,7 @@ def make_train_step(
                 jax.tree.map(jnp.zeros_like, trainable(state.params)),
                 dict(dict.fromkeys(sum_names, jnp.zeros((), jnp.float32)), **zero_stats),
             )
-            microbatches = _split_microbatches(batch, num_microbatches)
+            microbatches = split_microbatches(batch, num_microbatches)
             (grads, sums), _ = jax.lax.scan(
                 accumulate, zeros, (jnp.arange(num_microbatches), microbatches)
             )
@@ -270,11 +262,18 @@ def make_train_step(
 
 
 def make_eval_step(model, mesh, rules, params_shardings):
-    """Returns `eval_step(params, batch) -> {"ce_sum", "weight_sum"}` (sums, to be accumulated)."""
+    """Returns `eval_step(params, batch) -> {"ce_sum", "weight_sum"}` (sums, to be accumulated);
+    a bidirectional (masked-LM) model adds "correct_sum", its weighted argmax hits."""
 
     def step(params, batch):
-        _, ce_sum, weight_sum = forward_sums(model, params, batch, None, 0.0)
-        return {"ce_sum": ce_sum, "weight_sum": weight_sum}
+        if model.config.attention_mask != "bidirectional":
+            _, ce_sum, weight_sum = forward_sums(model, params, batch, None, 0.0)
+            return {"ce_sum": ce_sum, "weight_sum": weight_sum}
+        logits, _ = _apply(model, params, batch, None, None, return_hidden=False)
+        _, ce_sum, weight_sum = cross_entropy_sums(logits, batch["targets"], batch["weights"])
+        hits = jnp.argmax(logits, axis=-1) == batch["targets"]
+        correct_sum = jnp.sum(hits * batch["weights"].astype(jnp.float32))
+        return {"ce_sum": ce_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
 
     batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS}
     jitted = jax.jit(
