@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run to evaluate.")
 flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
 flags.DEFINE_string(
-    "mesh", "-1,1,1", "Devices along data,fsdp,tensor[,expert]; -1 = the rest."
+    "mesh", "-1,1,1", "Devices along data,fsdp,tensor[,expert[,stage]]; -1 = the rest."
 )
 flags.DEFINE_string("text_files", "", "Comma-separated globs of text to score instead.")
 flags.DEFINE_string("tfds", "", "NAME:SPLIT of a TFDS dataset to score instead.")

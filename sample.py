@@ -38,7 +38,7 @@ flags.DEFINE_bool(
     "truncate_prompt", False, "Keep the last tokens of a prompt too long for the model."
 )
 flags.DEFINE_string(
-    "mesh", "-1,1,1", "Devices along data,fsdp,tensor[,expert]; -1 = the rest."
+    "mesh", "-1,1,1", "Devices along data,fsdp,tensor[,expert[,stage]]; -1 = the rest."
 )
 _DEFINE = {float: flags.DEFINE_float, int: flags.DEFINE_integer, str: flags.DEFINE_string}
 for _field in dataclasses.fields(SamplingConfig):
@@ -73,6 +73,11 @@ def main(argv):
         )
         texts = read_prompts()
         sampler, run = load_sampler(FLAGS.workdir, parse_mesh(FLAGS.mesh))
+        if run.config.train.get("objective", "clm") == "mlm":
+            raise UserError(
+                f"--workdir={FLAGS.workdir}: a masked LM (train.objective=mlm) fills in masked "
+                "tokens and does not generate text left to right; score it with eval.py."
+            )
         from data.hf_tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(run.config.data.tokenizer)

@@ -59,16 +59,19 @@ def abstract_params(model, mesh, rules):
 
 
 def parse_mesh(text: str) -> ml_collections.ConfigDict:
-    """'-1,1,1' -> config.mesh-style sizes of (data, fsdp, tensor[, expert]); expert: 1."""
+    """'-1,1,1' -> config.mesh-style sizes of (data, fsdp, tensor[, expert[, stage]]), the
+    optional axes 1 when left out (the order keeps the older three- and four-size forms)."""
     try:
         sizes = [int(x) for x in text.split(",")]
-        if len(sizes) not in (3, 4):
+        if len(sizes) not in (3, 4, 5):
             raise ValueError
     except ValueError:
         raise UserError(
-            f"--mesh={text!r}: give sizes data,fsdp,tensor[,expert], e.g. -1,1,1 or 1,2,1,4."
+            f"--mesh={text!r}: give sizes data,fsdp,tensor[,expert[,stage]], e.g. -1,1,1 or "
+            "1,2,1,4 or 1,4,1,1,2."
         ) from None
-    return ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor", "expert"), sizes)))
+    axes = ("data", "fsdp", "tensor", "expert", "stage")
+    return ml_collections.ConfigDict(dict(zip(axes, sizes)))
 
 
 class Sampler:

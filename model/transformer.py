@@ -55,10 +55,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from model import pipeline
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import Mlp, make_norm, param_init, sinusoidal_embedding, weight
 from model.moe import STATS, MoeMlp
+from model.pipeline import Schedule
 
 ACTIVATION = ("batch", "length", "embed")
 
@@ -76,14 +78,16 @@ class Block(nn.Module):
     moe: bool = False  # routed experts (model/moe.py) instead of the dense MLP
 
     @nn.compact
-    def __call__(self, carry, layer, positions, segment_ids, key_segment_ids, cache_index):
+    def __call__(
+        self, carry, layer, positions, segment_ids, key_segment_ids, cache_index, prefix_mask
+    ):
         cfg = self.config
         x, cache = carry
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         lora_dropout = 0.0 if self.deterministic else self.lora_dropout
         h = make_norm(cfg, "attn_norm")(x)
         h, cache = Attention(cfg, lora_dropout, name="attn")(
-            h, positions, segment_ids, key_segment_ids, cache_index, cache, layer
+            h, positions, segment_ids, key_segment_ids, cache_index, cache, layer, prefix_mask
         )
         x = x + dropout(h)
         x = nn.with_logical_constraint(x, ACTIVATION)
@@ -105,13 +109,14 @@ class Group(nn.Module):
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, carry, group, positions, segment_ids, key_segment_ids, cache_index):
+    def __call__(self, carry, group, *inputs):
+        """`inputs`: Block's arguments after the layer index (positions, segment ids, ...)."""
         cfg, n = self.config, self.config.moe_every
         block = _remat(Block, cfg.remat_policy)
         for j in range(n):
             carry, _ = block(
                 cfg, self.deterministic, self.lora_dropout, moe=j == n - 1, name=f"block_{j}"
-            )(carry, group * n + j, positions, segment_ids, key_segment_ids, cache_index)
+            )(carry, group * n + j, *inputs)
         return carry, None
 
 
@@ -120,6 +125,24 @@ def _scan_body(cfg: ModelConfig):
     if cfg.num_experts and cfg.moe_every > 1:
         return Group, {}, cfg.num_layers // cfg.moe_every
     return _remat(Block, cfg.remat_policy), dict(moe=cfg.num_experts > 0), cfg.num_layers
+
+
+def _stack(cfg: ModelConfig, length: int, layer_axis: str):
+    """The scanned layers (`_scan_body`'s body `length` times), an nn.Module class whose
+    params have a leading layer axis named `layer_axis`."""
+    body, _, _ = _scan_body(cfg)
+    return nn.scan(
+        body,
+        variable_axes={
+            "params": 0, "lora": 0, "calibration": 0, "calibration_gram": 0, STATS: 0,
+            "intermediates": 0,
+        },
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0,) + (nn.broadcast,) * 5,
+        length=length,
+        unroll=cfg.scan_unroll,
+        metadata_params={nn.PARTITION_NAME: layer_axis},
+    )
 
 
 def _remat(block_cls, policy_name: str):
@@ -139,10 +162,15 @@ class Transformer(nn.Module):
     A LoRA run also passes its adapters as the "lora" collection ({"params": ...,
     "lora": ...}, model/lora.py); `lora_dropout` drops their input when not
     `deterministic`.
+
+    `prefix_mask` [batch, length] (1 = in its document's bidirectional prefix) is read by
+    model.attention_mask=prefix only (model/attention_ops.py); with a cache, the prefix is
+    the new tokens' (a prompt prefilled in one call).
     """
 
     config: ModelConfig
     lora_dropout: float = 0.0
+    pipeline: Schedule | None = None  # mesh.stage > 1: the layers run as model/pipeline.py
 
     @nn.compact
     def __call__(
@@ -153,6 +181,7 @@ class Transformer(nn.Module):
         deterministic: bool = True,
         cache: dict | None = None,
         return_hidden: bool = False,
+        prefix_mask: jax.Array | None = None,
     ):
         cfg = self.config
         batch, length = tokens.shape
@@ -193,23 +222,20 @@ class Transformer(nn.Module):
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
             )
             kv = {k: v for k, v in cache.items() if k not in ("segment_ids", "index")}
-        body, body_args, scan_length = _scan_body(cfg)
-        layers = nn.scan(
-            body,
-            variable_axes={
-                "params": 0, "lora": 0, "calibration": 0, "calibration_gram": 0, STATS: 0,
-                "intermediates": 0,
-            },
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=scan_length,
-            unroll=cfg.scan_unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, self.lora_dropout, name="layers", **body_args)
-        layer_ids = jnp.arange(scan_length, dtype=jnp.int32)
-        (x, kv), _ = layers(
-            (x, kv), layer_ids, positions, segment_ids, key_segment_ids, cache_index
+        _, body_args, scan_length = _scan_body(cfg)
+        # A pipelined model's layer axis is stored split over the stage mesh axis.
+        layer_axis = "layers" if self.pipeline is None else "stage"
+        layers = _stack(cfg, scan_length, layer_axis)(
+            cfg, deterministic, self.lora_dropout, name="layers", **body_args
         )
+        if self.pipeline is None or cache is not None or self.is_initializing():
+            layer_ids = jnp.arange(scan_length, dtype=jnp.int32)
+            (x, kv), _ = layers(
+                (x, kv), layer_ids, positions, segment_ids, key_segment_ids, cache_index,
+                prefix_mask,
+            )
+        else:
+            x = self._pipelined(x, (positions, segment_ids, prefix_mask), deterministic)
 
         x = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
@@ -232,3 +258,46 @@ class Transformer(nn.Module):
             return logits
         cache = dict(kv, segment_ids=key_segment_ids, index=cache_index + length)
         return logits, cache
+
+    def _pipelined(self, x, extras, deterministic):
+        """The layers as the stages of `self.pipeline` (model/pipeline.py), each stage the
+        same scanned Block (remat, attention, LoRA) over its own block of layers; `extras`:
+        the rows' (positions, segment ids, prefix mask), each going with its microbatch."""
+        cfg, schedule = self.config, self.pipeline
+        _, body_args, _ = _scan_body(cfg)
+        per_stage = cfg.num_layers // (schedule.stages * schedule.repeats)
+        stack = _stack(cfg, per_stage, "layers")(
+            cfg, deterministic, self.lora_dropout, parent=None, **body_args
+        )
+        layer_ids = jnp.arange(per_stage, dtype=jnp.int32)
+
+        def stage_fn(weights, x, extras, rng):
+            positions, segment_ids, prefix_mask = extras
+            (x, _), _ = stack.apply(
+                weights, (x, None), layer_ids, positions, segment_ids, segment_ids, 0,
+                prefix_mask, rngs={} if rng is None else {"dropout": rng},
+            )
+            return x
+
+        collections = ("params", "lora")
+        weights = {c: self.variables[c]["layers"] for c in collections if c in self.variables}
+        names = self._layer_names(stack, x, layer_ids, extras)
+        weights = pipeline.stage_weights(weights, names, schedule)
+        dropout = not deterministic and (cfg.dropout_rate > 0 or self.lora_dropout > 0)
+        rng = self.make_rng("dropout") if dropout else None
+        return pipeline.run(schedule, stage_fn, weights, x, extras, rng)
+
+    def _layer_names(self, stack, x, layer_ids, extras):
+        """Logical axis names of the layers' weights after their layer axis: the params' from
+        an abstract init of one stage; LoRA adapters (small) replicated."""
+        positions, segment_ids, prefix_mask = extras
+        args = (x, None), layer_ids, positions, segment_ids, segment_ids, 0, prefix_mask
+        boxed = jax.eval_shape(lambda: stack.init(jax.random.key(0), *args))
+        names = {"params": jax.tree.map(
+            lambda spec: tuple(spec)[1:], nn.get_partition_spec(boxed["params"]),
+            is_leaf=lambda n: isinstance(n, jax.sharding.PartitionSpec),
+        )}
+        if "lora" in self.variables:
+            adapters = self.variables["lora"]["layers"]
+            names["lora"] = jax.tree.map(lambda a: (None,) * (a.ndim - 1), adapters)
+        return names

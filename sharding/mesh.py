@@ -1,8 +1,11 @@
-"""The device mesh: axes (data, fsdp, expert, tensor), sizes from `config.mesh`.
+"""The device mesh: axes (stage, data, fsdp, expert, tensor), sizes from `config.mesh`.
 
 Axis types are `Auto` (GSPMD-style): the model names logical axes, the rules in
 sharding/rules.py map them onto these mesh axes, and XLA propagates the rest.
 Changing parallelism means changing `config.mesh`, never the model.
+
+`stage` is outermost: jax.make_mesh puts the first axis across hosts and slices, where
+pipeline stages (few activations sent per step) cope with slow links best.
 """
 
 import dataclasses
@@ -14,7 +17,8 @@ from jax.sharding import AxisType, Mesh
 from config_schema import check_fields, field
 from errors import UserError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
+OPTIONAL_AXES = ("stage", "expert")  # shown in messages only when used, as before they existed
 AXIS_SIZE = "{-1} | [1, inf)"
 
 
@@ -31,16 +35,22 @@ class MeshConfig:
         "expert parallelism: MoE experts split, the batch too (data parallel elsewhere); "
         "must divide model.num_experts",
     )
+    stage: int = field(
+        1,
+        AXIS_SIZE,
+        "pipeline stages: the decoder layers split into consecutive groups, one per stage "
+        "(see the pipeline section); the batch is not split over it",
+    )
 
     def __post_init__(self):
         check_fields(self, "mesh")
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-    """Sizes of MESH_AXES; one size may be -1, meaning "the rest" (expert: 1 if absent)."""
+    """Sizes of MESH_AXES; one size may be -1, meaning "the rest" (stage, expert: 1 if absent)."""
     sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
-    described = " x ".join(  # the expert axis only when used, as before it existed
-        f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if a != "expert" or s != 1
+    described = " x ".join(
+        f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if a not in OPTIONAL_AXES or s != 1
     )
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise UserError(

@@ -28,10 +28,19 @@ DEFAULT_RULES = (
     ("experts", "expert"),  # model/moe.py: expert parallelism over the routed experts
     ("moe_mlp", "tensor"),  # each expert's hidden width, as mlp
     ("layers", None),  # the scanned-layers axis stays whole on every device
+    ("stage", "stage"),  # pipelined runs (model/pipeline.py): the layers split into stages
     ("lora_rank", None),  # model/lora.py: adapters' rank axis is small, kept whole
     ("low_rank", None),  # model.low_rank_ratio: factorized kernels' rank axis
     ("quant_groups", None),  # model/quantize.py: int4 scales' groups along the input
     ("trials", "data"),  # sweep.py --vectorized: trials stacked on a leading axis
+)
+# The known trap: sharding the scanned layers over `stage` runs every layer on every device,
+# all-gathering each layer's weights in turn (FSDP over layers), with no pipelining at all.
+_LAYERS_ON_STAGE = (
+    "sharding_rules={overrides!r}: layers=stage does not pipeline; it shards the scanned layers "
+    "over mesh.stage, and every device then all-gathers each layer's weights in turn (FSDP over "
+    "layers). Drop it and set mesh.stage plus the pipeline.* fields (pipeline.microbatches, "
+    "pipeline.schedule) instead."
 )
 
 
@@ -46,6 +55,8 @@ def logical_rules(overrides: str = "") -> tuple:
                 f"name=axis with name one of {sorted(rules)}."
             )
         axes = tuple(a.strip() for a in axes.split("+") if a.strip())
+        if name.strip() == "layers" and "stage" in axes:
+            raise UserError(_LAYERS_ON_STAGE.format(overrides=overrides))
         rules[name.strip()] = axes[0] if len(axes) == 1 else (axes or None)
     return tuple(rules.items())
 

@@ -239,6 +239,20 @@ def test_two_processes_train_as_one_and_resume_on_another_topology(two_and_one, 
     )
 
 
+def test_processes_along_the_stage_axis_feed_the_same_rows(two_and_one, tmp_path):
+    """mesh.stage=2 spans the two processes (devices in process order, stage outermost):
+    both feed the whole batch, the pipeline's activations cross between them, and the
+    losses are those of one process."""
+    _, _, one, _ = two_and_one
+    workdir = str(tmp_path)
+    processes = start_processes(workdir, **SHORT, **{"mesh.stage": 2, "mesh.data": 4})
+    successful_outputs(processes)
+    assert sorted(losses(workdir)) == list(range(1, 7))
+    np.testing.assert_allclose(
+        list(losses(workdir).values()), list(losses(one).values()), rtol=1e-5
+    )
+
+
 def test_sample_and_eval_on_two_processes_give_what_one_process_gives(two_and_one, tmp_path):
     """sample.py and eval.py with --distributed (through launch_local.py): process 0 prints
     (and writes) the numbers and text that one process of 8 devices computes. Text is

@@ -8,11 +8,12 @@ and then the relations between sections, before anything is compiled or written.
 import dataclasses
 
 from config_schema import check_fields, field, from_values
-from data import mixture
+from data import mixture, objectives
 from data.config import DataConfig
 from errors import UserError
 from evaluation.config import EvalConfig
 from model.config import ModelConfig
+from model import pipeline
 from model.lora import LoraConfig
 from sharding.mesh import MESH_AXES, MeshConfig, resolve_mesh_shape
 from sharding.rules import logical_rules
@@ -87,6 +88,35 @@ class TrainConfig:
     )
     skip_nonfinite_updates: bool = field(
         False, bool, "skip updates with a NaN/inf loss instead of stopping the run"
+    )
+    objective: str = field(
+        "clm",
+        objectives.OBJECTIVES,
+        "what the model learns (data/objectives.py): clm (next token; model.attention_mask="
+        "causal), mlm (masked tokens; bidirectional), prefix_lm (the rest of each document "
+        "after a bidirectional prefix; prefix) or span_corruption (T5's denoising as a prefix "
+        "LM; prefix); mlm and span_corruption need a tokenizer with reserved ids (`python -m "
+        "data.tokenizer --extra_ids=100`)",
+    )
+    mlm_mask_rate: float = field(0.15, "(0, 1)", "mlm: share of the tokens masked (BERT 0.15)")
+    mlm_mask_token: float = field(
+        0.8, "[0, 1]", "mlm: share of the masked tokens replaced by <mask>"
+    )
+    mlm_random_token: float = field(
+        0.1, "[0, 1]", "mlm: share of the masked tokens replaced by a random token; the rest stay"
+    )
+    prefix_length: str = field(
+        "uniform",
+        ("uniform", "fixed"),
+        "prefix_lm: each document's prefix is a uniform random length in [1, length-1], or "
+        "train.prefix_fraction of it",
+    )
+    prefix_fraction: float = field(0.5, "(0, 1)", "prefix_lm, prefix_length=fixed: prefix share")
+    span_noise_density: float = field(
+        0.15, "(0, 1)", "span_corruption: share of each document's tokens in noise spans"
+    )
+    span_mean_length: float = field(
+        3.0, "[1, inf)", "span_corruption: mean noise span length in tokens"
     )
     loss_scale: str = field(
         "auto",
@@ -165,6 +195,7 @@ SECTIONS = {
     "eval": EvalConfig,
     "lora": LoraConfig,
     "distill": distill.DistillConfig,
+    "pipeline": pipeline.PipelineConfig,
 }
 
 
@@ -178,6 +209,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
         mixture.source_configs(data)
     logical_rules(config.sharding_rules)
     mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(config.mesh, num_devices)))
+    # The batch is split over these axes, never over mesh.stage (each stage sees every row).
     data_parallel = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"]
     batch_axes = "mesh.data*mesh.fsdp" + ("*mesh.expert" if mesh_shape["expert"] > 1 else "")
 
@@ -194,16 +226,13 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
             f"sequences per microbatch is not divisible by the data-parallel size "
             f"{batch_axes}={data_parallel}."
         )
-    if batch % process_count:
+    if (mesh_shape["stage"] * data_parallel) % process_count:  # finer: distributed.feed_position
         raise UserError(
-            f"train.global_batch_size={batch} is not divisible by the {process_count} processes."
-        )
-    if data_parallel % process_count:
-        raise UserError(
-            f"{batch_axes}={data_parallel} does not split over the "
-            f"{process_count} processes: each process feeds only its rows of the batch, so the batch-sharding "
-            "axes must be a multiple of the process count (move devices from mesh.tensor to "
-            "mesh.fsdp or mesh.data)."
+            f"mesh.stage x {batch_axes}={mesh_shape['stage'] * data_parallel} does not split over "
+            f"the {process_count} processes: each process feeds only its rows of the batch (the "
+            "same rows as the processes beside it along mesh.stage), so these axes must be a "
+            "multiple of the process count (move devices from mesh.tensor to mesh.fsdp, "
+            "mesh.data or mesh.stage)."
         )
     if config.optimizer.warmup_steps > train.num_steps:
         raise UserError(
@@ -234,7 +263,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
             "LoRA adapts full kernels; fine-tune a factorized run without LoRA (lora.rank=0)."
         )
     _check_moe(config, model_config, mesh_shape["expert"])
+    objectives.check_config(config, model_config.attention_mask)
     distill.check(config, model_config)
+    pipeline.check(config, model_config, mesh_shape)
     loss_scale.from_config(config, model_config)  # refuses what it cannot scale
     return model_config
 
@@ -268,9 +299,11 @@ def describe(config, model_config: ModelConfig, num_params: int, num_devices: in
     tokens = tokens_per_step(config)
     mesh = ",".join(map(str, resolve_mesh_shape(config.mesh, num_devices)))
     microbatch = config.train.global_batch_size // config.train.num_microbatches
+    bubble = pipeline.bubble_fraction(config, num_devices)
+    bubble = f"  pipeline bubble={bubble:.1%}" if bubble else ""
     return (
         f"params={num_params / 1e6:.2f}M  mesh({','.join(MESH_AXES)})=({mesh})  "
-        f"tokens/step={tokens:,}  microbatch={microbatch}"
+        f"tokens/step={tokens:,}  microbatch={microbatch}{bubble}"
         f"  steps={config.train.num_steps:,}  total tokens={tokens * config.train.num_steps:,}  "
         f"warmup={config.optimizer.warmup_steps}  layers={model_config.num_layers} "
         f"width={model_config.embed_dim} heads={model_config.num_heads}/{model_config.num_kv_heads}"

@@ -91,3 +91,34 @@ def _wait_for_coordinator(address: str, process_id: int, timeout_s: int) -> None
                     "the address and that the port is open between the hosts."
                 ) from None
             time.sleep(0.5)
+
+
+def feed_position(sharding, global_batch_size: int) -> tuple[int, int]:
+    """(index, count): this process feeds the index-th of `count` equal parts of the global
+    batch (the data pipeline's process_index and process_count). Processes that differ only
+    along axes the batch is not split over (mesh.stage, mesh.tensor) hold the same rows, so
+    they feed the same part."""
+    rows = {}  # process -> the row ranges of its devices
+    for device, index in sharding.devices_indices_map((global_batch_size, 1)).items():
+        start, stop, _ = index[0].indices(global_batch_size)
+        rows.setdefault(device.process_index, set()).add((start, stop))
+    return feed_positions(rows, global_batch_size)[jax.process_index()]
+
+
+def feed_positions(rows: dict, global_batch_size: int) -> dict:
+    """{process: (index, count)} from {process: {(start, stop) row range of each device}}:
+    processes holding the same ranges share an index (numbered in process order). Where rows
+    land in the batch does not matter (jax.make_array_from_process_local_data places them),
+    but the parts must be equal and disjoint."""
+    parts = list(dict.fromkeys(frozenset(rows[p]) for p in sorted(rows)))
+    sizes = {sum(stop - start for start, stop in part) for part in parts}
+    if sizes != {global_batch_size // len(parts)} or len(set().union(*parts)) != sum(
+        map(len, parts)
+    ):
+        raise UserError(
+            "config.mesh: the processes' devices hold overlapping or unequal parts of the "
+            "batch's rows (the batch is split over mesh.data x mesh.fsdp x mesh.expert, not "
+            "mesh.stage or mesh.tensor); make mesh.stage x mesh.data x mesh.fsdp x mesh.expert "
+            "a multiple of the process count, e.g. mesh.stage = the process count."
+        )
+    return {p: (parts.index(frozenset(rows[p])), len(parts)) for p in rows}

@@ -122,9 +122,10 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
     train_cfg = config.train
     data_kwargs = dict(
         global_batch_size=train_cfg.global_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=trainer.feed_index,  # processes along mesh.stage feed the same rows
+        process_count=trainer.feed_count,
         model_vocab_size=trainer.model_config.vocab_size,
+        train_config=train_cfg,  # its objective transforms the batches (data/objectives.py)
     )
     train_iter = make_train_iterator(config.data, seed=config.seed, **data_kwargs)
     eval_stream = make_eval_batches(config.data, **data_kwargs)

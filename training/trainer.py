@@ -11,11 +11,13 @@ import numpy as np
 
 from data.batch import batch_spec
 from model import Transformer
+from model import pipeline
 from model.flops import count_params, train_flops_per_token
 from model.lora import LoraConfig, is_lora_tree, merged_params, trainable
 from sharding import activate, batch_sharding, logical_rules, make_mesh
 from training.config import validate_config
 from training.distill import Teacher
+from training.distributed import feed_position
 from training.loss_scale import from_config as loss_scale_from_config
 from training.loss_scale import resumed as resumed_loss_scale
 from training.memory import breakdown, check_fits
@@ -71,7 +73,11 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
         self.seq_len = config.data.seq_len
         self.lora = LoraConfig(**config.lora) if config.lora.rank else None
-        self.model = Transformer(self.model_config, self.lora.dropout if self.lora else 0.0)
+        self.model = Transformer(
+            self.model_config,
+            self.lora.dropout if self.lora else 0.0,
+            pipeline.schedule(config, self.mesh.shape["stage"]),
+        )
         # Distillation: the teacher's model and abstract params (its arrays: `teacher_step`).
         self.teacher = None
         if config.distill.teacher:
@@ -81,6 +87,10 @@ class Trainer:
         )
         self.abstract_state = _with_shardings(abstract, self.shardings)
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        # The part of the batch this process feeds (processes along mesh.stage feed the same).
+        self.feed_index, self.feed_count = feed_position(
+            self.batch_sharding, config.train.global_batch_size
+        )
         self.train_step = make_train_step(
             self.model,
             self.tx,
@@ -159,10 +169,9 @@ class Trainer:
     def to_global(self, local_batch: dict) -> dict:
         """This process's numpy rows -> global arrays sharded over the mesh. Every process
         feeds as many rows; the global shape is explicit, not inferred from the mesh."""
-        processes = jax.process_count()
         return {
             k: jax.make_array_from_process_local_data(
-                self.batch_sharding, v, (v.shape[0] * processes, *v.shape[1:])
+                self.batch_sharding, v, (v.shape[0] * self.feed_count, *v.shape[1:])
             )
             for k, v in local_batch.items()
         }

@@ -137,7 +137,7 @@ class _Sweep:
         self.config = config
         devices = jax.devices()  # the global list: the same on every process
         data, fsdp = _mesh_shape(len(configs), config, len(devices))
-        config.mesh.update(data=1, fsdp=fsdp, tensor=1)  # what one trial sees
+        config.mesh.update(stage=1, data=1, fsdp=fsdp, expert=1, tensor=1)  # what one trial sees
         model_config = validate_config(config, fsdp, jax.process_count())
         config.mesh.data = data
         self.mesh = make_mesh(config.mesh, devices[: data * fsdp])
@@ -221,7 +221,7 @@ def _valid_configs(base_config, workdir: str, named: dict) -> dict:
             continue
         try:
             config = sweeps.apply_overrides(base_config, overrides)
-            config.mesh.update(data=1, fsdp=1, tensor=1)
+            config.mesh.update(stage=1, data=1, fsdp=1, expert=1, tensor=1)
             validate_config(config, 1, jax.process_count())
         except UserError as error:
             sweeps.write_status(trial_dir, "failed", f"error: {error}")
@@ -272,6 +272,7 @@ def run(base_config, workdir: str, named: dict) -> None:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         model_vocab_size=sweep.model.config.vocab_size,
+        train_config=train_cfg,  # its objective transforms the batches (data/objectives.py)
     )
     streams = {  # one stream per seed: a trial sees the batches it would see alone
         seed: make_train_iterator(config.data, seed=seed, **data_kwargs)
