@@ -197,11 +197,11 @@ def char_tokenizer_path() -> str:
 
 def char_tokenizer():
     """The character-level tokenizer of the stdlib source, trained on first use."""
-    from data import tokenizer
+    from data import tokenizer, tokenizer_inputs
 
     path = char_tokenizer_path()
     if not os.path.exists(path):
-        tokenizer.train_tokenizer(tokenizer.source_texts("stdlib"), path, vocab_size=100,
+        tokenizer.train_tokenizer(tokenizer_inputs.source_texts("stdlib"), path, vocab_size=100,
                                   model_type="char")
     return tokenizer.Tokenizer(path)
 
