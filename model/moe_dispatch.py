@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec
 
+from sharding.rules import rule_axes
+
 
 def capacity(num_tokens: int, k: int, num_experts: int, factor: float) -> int:
     """Slots per expert in capacity mode: ceil(factor * N * k / E), between 1 and N."""
@@ -55,10 +57,8 @@ class Layout(NamedTuple):
 
 def _axes(mesh, logical: str, size: int) -> tuple:
     """The mesh axes the rules give `logical`, in order, while their product divides `size`."""
-    axes = nn.logical_to_mesh_axes((logical,))[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     kept, product = [], 1
-    for axis in axes:
+    for axis in rule_axes(nn.logical_to_mesh_axes((logical,))[0]):
         if axis in mesh.axis_names and mesh.shape[axis] > 1:
             if size % (product * mesh.shape[axis]) == 0:
                 kept.append(axis)

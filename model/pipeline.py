@@ -38,6 +38,7 @@ from jax import lax
 from config_schema import check_fields, field
 from errors import UserError
 from sharding.mesh import MESH_AXES, resolve_mesh_shape
+from sharding.rules import rule_axes
 
 SCHEDULES = ("gpipe", "circular")
 ACTIVATIONS = ("stage", "batch", "length", "embed")  # one microbatch per stage
@@ -184,8 +185,7 @@ def merge_microbatches(x):
 
 def _data_parallel_axes(rules) -> set:
     """The mesh axes the batch is split over: stage weights are gathered over them."""
-    axes = dict(rules).get("batch") or ()
-    return {axes} if isinstance(axes, str) else set(axes)
+    return set(rule_axes(dict(rules).get("batch")))
 
 
 def _gather_rules(rules) -> tuple:
@@ -193,8 +193,7 @@ def _gather_rules(rules) -> tuple:
     dropped = _data_parallel_axes(rules)
     out = []
     for name, axes in rules:
-        axes = (axes,) if isinstance(axes, str) else axes or ()
-        kept = tuple(a for a in axes if a not in dropped)
+        kept = tuple(a for a in rule_axes(axes) if a not in dropped)
         out.append((name, kept[0] if len(kept) == 1 else (kept or None)))
     return tuple(out)
 

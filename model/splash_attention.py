@@ -21,6 +21,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
 from errors import UserError
+from sharding.rules import rule_axes
 
 ACTIVATION_AXES = ("batch", "length", "heads", "head_dim")
 KV_AXES = ("batch", "length", "kv_heads", "head_dim")
@@ -76,8 +77,7 @@ def _mesh_spec(mesh, logical_axes) -> PartitionSpec:
     must name mesh axes; a mesh built by hand may lack e.g. `expert` or `stage`)."""
 
     def present(axes):
-        axes = (axes,) if isinstance(axes, str) else axes or ()
-        kept = tuple(a for a in axes if a in mesh.axis_names)
+        kept = tuple(a for a in rule_axes(axes) if a in mesh.axis_names)
         return kept if len(kept) > 1 else (kept[0] if kept else None)
 
     return PartitionSpec(*(present(a) for a in nn.logical_to_mesh_axes(logical_axes)))

@@ -61,6 +61,11 @@ def logical_rules(overrides: str = "") -> tuple:
     return tuple(rules.items())
 
 
+def rule_axes(axes) -> tuple:
+    """A rule's mesh axes (None, one name or a tuple of names) as a tuple."""
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def logical_sharding(mesh, rules, logical_names) -> NamedSharding:
     """NamedSharding for one array described by logical axis names."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_names, rules))
