@@ -21,6 +21,7 @@ from jax import lax
 
 from errors import UserError
 from model.attention_ops import attend, attention_mask
+from model.blockwise_attention import Scores
 from model.config import ModelConfig
 from model.layers import Dense, apply_rope, ones_init, residual_init_std
 from model.quantize import quantize
@@ -68,9 +69,17 @@ class Attention(nn.Module):
         value = project("value", cfg.num_kv_heads, "kv_heads")
         if cfg.qk_norm:
             query, key = _head_norm(cfg, "query_norm")(query), _head_norm(cfg, "key_norm")(key)
+        local = _is_local(cfg, layer)
+        window = None if local is None else jnp.where(local, cfg.sliding_window, 0)
         if cfg.position_embedding == "rope":
-            query = apply_rope(query, positions, cfg.rope_theta)
-            key = apply_rope(key, positions, cfg.rope_theta)
+            theta = cfg.rope_theta
+            if local is not None and cfg.local_rope_theta:
+                theta = jnp.where(local, cfg.local_rope_theta, cfg.rope_theta)
+            query = apply_rope(query, positions, theta)
+            key = apply_rope(key, positions, theta)
+        scores = Scores(
+            (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5, cfg.attn_logit_softcap
+        )
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
         if cache is None:
             key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
@@ -86,6 +95,9 @@ class Attention(nn.Module):
                 mask_kind=cfg.attention_mask,
                 query_prefix=prefix_mask,
                 key_prefix=prefix_mask,
+                scale=scores.scale,
+                logit_cap=scores.cap,
+                window=window,
             )
         else:  # written in place: a decode step moves one token's keys, not the cache
             if cfg.attention_mask == "bidirectional":
@@ -111,6 +123,8 @@ class Attention(nn.Module):
                 key_segment_ids,
                 cache_index,
                 cfg.attention_mask,
+                scores,
+                window,
                 prefix_mask,
                 key_prefix,
             )
@@ -125,6 +139,15 @@ class Attention(nn.Module):
             name="out",
         )(out)
         return out, cache
+
+
+def _is_local(config: ModelConfig, layer):
+    """Whether layer `layer` (a traced index) is local, by model.attention_pattern repeated
+    over the layers; None when the model has no local layers."""
+    if not config.sliding_window:
+        return None
+    pattern = jnp.array([c == "L" for c in config.attention_pattern])
+    return pattern[layer % len(config.attention_pattern)]
 
 
 def _head_norm(config: ModelConfig, name: str) -> nn.Module:
@@ -174,24 +197,24 @@ def _read_cache(cache, name, layer, dtype):
 
 
 def _attend_cache(
-    query, key, value, segment_ids, key_segment_ids, cache_index, mask_kind, *prefixes
+    query, key, value, segment_ids, key_segment_ids, cache_index, mask_kind, scores, window,
+    *prefixes,
 ):
     """Attention of new tokens [b, t, heads, d] over the cache [b, kv_heads, s, d].
 
-    The same rule as attention_ops.attend (from `cache_index`, same segment, `prefixes`
-    the query and key prefix masks), written for the cache's heads-major layout; query
-    heads are grouped over KV heads.
+    The same rule as attention_ops.attend (from `cache_index`, same segment, `scores` and
+    `window` as there, `prefixes` the query and key prefix masks), written for the cache's
+    heads-major layout; query heads are grouped over KV heads.
     """
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[1]
     query = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum(
-        "btkgd,bksd->bkgts", query, key, preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(head_dim))
+    raw = jnp.einsum("btkgd,bksd->bkgts", query, key, preferred_element_type=jnp.float32)
     mask = attention_mask(
-        segment_ids, key_segment_ids, length, key.shape[2], cache_index, mask_kind, *prefixes
+        segment_ids, key_segment_ids, length, key.shape[2], cache_index, mask_kind, *prefixes,
+        window,
     )
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    logits = jnp.where(mask[:, :, None], scores(raw), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, value)
     return out.reshape(batch, length, heads, head_dim)

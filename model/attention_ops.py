@@ -15,6 +15,10 @@ packed document) and, by `mask_kind` (`model.attention_mask`):
     bidirectional   always (masked LM)
     prefix          j <= i'  or  (query_prefix[i] and key_prefix[j])   (prefix LM, as t5x)
 
+and, in a local layer (a sliding `window` > 0), |i' - j| < window.
+Scores are q.k times `scale` (head_dim ** -0.5 unless given), soft-capped to
+(-logit_cap, logit_cap) when logit_cap > 0 (Gemma 2), then masked.
+
 The prefixes are the batch's `prefix_mask` (1 = the token is in its document's
 bidirectional prefix); "prefix" without them (None) is causal. Segment ids of None
 mean one segment. Padding is segment 0 and attends to other padding only, so no row
@@ -46,7 +50,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from errors import UserError
-from model.blockwise_attention import blockwise_attention, visible
+from model.blockwise_attention import Scores, blockwise_attention, visible
 from model.splash_attention import splash_attention
 
 DEFAULT_BLOCK_SIZE = 512
@@ -61,6 +65,7 @@ def attention_mask(
     mask_kind: str = "causal",
     query_prefix: jax.Array | None = None,
     key_prefix: jax.Array | None = None,
+    window: jax.Array | int | None = None,
 ) -> jax.Array:
     """Boolean [batch or 1, 1, q_len, k_len] mask of the rule above."""
     one_segment = lambda length: jnp.ones((1, length), jnp.int32)
@@ -78,6 +83,7 @@ def attention_mask(
         query_prefix,
         key_prefix,
         mask_kind,
+        window,
     )
     return mask[:, None]
 
@@ -94,33 +100,47 @@ def attend(
     mask_kind: str = "causal",
     query_prefix: jax.Array | None = None,
     key_prefix: jax.Array | None = None,
+    scale: float | None = None,
+    logit_cap: float = 0.0,
+    window: jax.Array | int | None = None,
 ) -> jax.Array:
     """[batch, q_len, heads, head_dim] attention output, in `query`'s dtype.
 
     `block_size`: queries and keys per tile of blockwise and splash attention.
     `mask_kind`: causal, bidirectional or prefix (the rule above); `query_prefix`
     [batch, q_len] and `key_prefix` [batch, k_len]: the prefix kind's masks (both or neither).
+    `scale`, `logit_cap` and `window` (None, or per layer a possibly traced int, <= 0 =
+    global): the rule above.
     """
     if query_prefix is None and mask_kind == "prefix":
         mask_kind = "causal"  # no prefix: blockwise may then skip the future's tiles
     args = (query, key, value, query_segment_ids, key_segment_ids)
     prefixes = (query_prefix, key_prefix)
+    scores = Scores(query.shape[-1] ** -0.5 if scale is None else scale, logit_cap)
+    blockwise = lambda offset: blockwise_attention(
+        *args, offset, block_size, mask_kind, *prefixes, scores, window
+    )
     if implementation == "blockwise":
-        return blockwise_attention(*args, query_offset, block_size, mask_kind, *prefixes)
+        return blockwise(query_offset)
     training_shape = query.shape[1] == key.shape[1] and _is_zero(query_offset)
     if implementation == "cudnn" and training_shape:
-        return _cudnn(*args, mask_kind, *prefixes)
+        if logit_cap:
+            raise UserError(
+                "model.attn_logit_softcap: cuDNN's fused attention has no soft-capping; use "
+                "model.attention_implementation=blockwise (or xla)."
+            )
+        return _cudnn(*args, mask_kind, *prefixes, scores.scale, window)
     if implementation == "splash" and training_shape:
         _require_backend("splash", "tpu", "a TPU")
-        if mask_kind != "prefix":
+        if mask_kind != "prefix" and window is None and not logit_cap:
             return splash_attention(*args, block_size, mask_kind)
         logging.log_first_n(
             logging.WARNING,
-            "model.attention_mask=prefix: splash attention has no per-row prefix mask; "
-            "these layers run model.attention_implementation=blockwise instead.",
+            "splash attention has no per-row prefix mask, per-layer sliding window or "
+            "soft-capping here; these layers run model.attention_implementation=blockwise.",
             1,
         )
-        return blockwise_attention(*args, 0, block_size, mask_kind, *prefixes)
+        return blockwise(0)
     mask = attention_mask(
         query_segment_ids,
         key_segment_ids,
@@ -129,8 +149,13 @@ def attend(
         query_offset,
         mask_kind,
         *prefixes,
+        window,
     )
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+    if not logit_cap:
+        return jax.nn.dot_product_attention(
+            query, key, value, mask=mask, scale=scores.scale, implementation="xla"
+        )
+    return _reference(query, key, value, mask, scores)
 
 
 def _is_zero(offset) -> bool:
@@ -145,7 +170,22 @@ def _require_backend(implementation, backend, what):
         )
 
 
-def _cudnn(query, key, value, query_segment_ids, key_segment_ids, mask_kind, *prefixes):
+def _reference(query, key, value, mask, scores: Scores):
+    """Dense attention with soft-capped scores (jax.nn's has no cap); GQA heads grouped."""
+    batch, length, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    query = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    raw = jnp.einsum("btkgd,bskd->bkgts", query, key, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, :, None], scores(raw), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, value)
+    return out.reshape(batch, length, heads, head_dim)
+
+
+def _cudnn(
+    query, key, value, query_segment_ids, key_segment_ids, mask_kind, q_prefix, k_prefix,
+    scale, window,
+):
     _require_backend("cudnn", "gpu", "an NVIDIA GPU")
     if query.dtype not in (jnp.bfloat16, jnp.float16):
         raise UserError(
@@ -153,12 +193,14 @@ def _cudnn(query, key, value, query_segment_ids, key_segment_ids, mask_kind, *pr
             f"not {query.dtype}."
         )
     causal, mask = mask_kind == "causal", None
-    if mask_kind == "prefix" or query_segment_ids is not None or key_segment_ids is not None:
+    segments = query_segment_ids is not None or key_segment_ids is not None
+    if mask_kind == "prefix" or segments or window is not None:
         length = query.shape[1]
-        segments_and_prefix = "bidirectional" if causal else mask_kind  # is_causal adds order
+        rest = "bidirectional" if causal else mask_kind  # is_causal adds the order
         mask = attention_mask(
-            query_segment_ids, key_segment_ids, length, length, 0, segments_and_prefix, *prefixes
+            query_segment_ids, key_segment_ids, length, length, 0, rest, q_prefix, k_prefix,
+            window,
         )
     return jax.nn.dot_product_attention(
-        query, key, value, mask=mask, is_causal=causal, implementation="cudnn"
+        query, key, value, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
     )

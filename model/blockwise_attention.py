@@ -23,22 +23,47 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from model.layers import soft_cap
+
 PAD_SEGMENT = -1
 
 
-def visible(q_index, k_index, q_seg, k_seg, q_prefix, k_prefix, kind):
+def visible(q_index, k_index, q_seg, k_seg, q_prefix, k_prefix, kind, window=None):
     """Boolean [batch or 1, q, k]: the keys each query sees, attention_ops' rule for `kind`.
 
     q_index [q] and k_index [k] are places in the key sequence; q_seg, q_prefix [b or 1, q]
     and k_seg, k_prefix [b or 1, k] (bool prefixes, None outside the prefix mask).
+    `window` (None, or an int32 scalar that may be traced; <= 0 = no window): a local
+    layer's, keys at distance >= window are hidden too.
     """
     mask = q_seg[:, :, None] == k_seg[:, None, :]
+    if window is not None:
+        near = jnp.abs(q_index[:, None] - k_index[None, :]) < window
+        mask = mask & (near | (window <= 0))[None]
     if kind == "bidirectional":
         return mask
     order = (k_index[None, :] <= q_index[:, None])[None]
     if kind == "prefix":
         order = order | (q_prefix.astype(bool)[:, :, None] & k_prefix.astype(bool)[:, None, :])
     return mask & order
+
+
+class Scores(NamedTuple):
+    """How raw q.k products become scores: times `scale`, then `cap` x tanh(s / cap) when
+    `cap` > 0 (Gemma 2's soft-capping). Static: part of the compiled kernel."""
+
+    scale: float
+    cap: float = 0.0
+
+    def __call__(self, raw):
+        s = raw * self.scale
+        return soft_cap(s, self.cap)
+
+    def grad_factor(self, s):
+        """d(scores)/d(raw) from the scores themselves."""
+        if not self.cap:
+            return self.scale
+        return self.scale * (1.0 - jnp.square(s / self.cap))
 
 
 class _MaskInputs(NamedTuple):
@@ -49,6 +74,7 @@ class _MaskInputs(NamedTuple):
     q_prefix: jax.Array | None
     k_prefix: jax.Array | None
     offset: jax.Array
+    window: jax.Array | None  # a local layer's sliding window (<= 0: none), else None
 
 
 def blockwise_attention(
@@ -62,8 +88,11 @@ def blockwise_attention(
     kind="causal",
     query_prefix=None,
     key_prefix=None,
+    scores=None,
+    window=None,
 ):
-    """attention_ops.attend's contract, `block_size` queries and keys per tile."""
+    """attention_ops.attend's contract, `block_size` queries and keys per tile; `scores`: a
+    `Scores` (default: scaled by head_dim ** -0.5)."""
     batch, q_len, heads, head_dim = query.shape
     k_len, kv_heads = key.shape[1], key.shape[2]
     block_q, block_k = min(block_size, q_len), min(block_size, k_len)
@@ -92,8 +121,10 @@ def blockwise_attention(
         pad_prefix(query_prefix, q_pad),
         pad_prefix(key_prefix, k_pad),
         jnp.asarray(query_offset, jnp.int32),
+        None if window is None else jnp.asarray(window, jnp.int32),
     )
-    out = _flash(q, k, v, mask, kind, block_q, block_k)
+    scores = scores or Scores(head_dim**-0.5)
+    out = _flash(q, k, v, mask, (kind, scores), block_q, block_k)
     out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, heads, head_dim)
 
@@ -102,9 +133,10 @@ def _tile(x, index, size, axis):
     return lax.dynamic_slice_in_dim(x, index * size, size, axis)
 
 
-def _scores_and_mask(q_blk, k_blk, mask, kind, i, j, block_q, block_k):
-    """f32 scores [b, kvh, g, bq, bk] of query block i against key block j, and the mask."""
-    scale = 1.0 / jnp.sqrt(jnp.float32(q_blk.shape[-1]))
+def _scores_and_mask(q_blk, k_blk, mask, rule, i, j, block_q, block_k):
+    """f32 scores [b, kvh, g, bq, bk] of query block i against key block j, and the mask;
+    `rule`: (mask kind, Scores)."""
+    kind, scores = rule
     s = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
     rows = lambda x: None if x is None else _tile(x, i, block_q, 1)
     cols = lambda x: None if x is None else _tile(x, j, block_k, 1)
@@ -118,8 +150,9 @@ def _scores_and_mask(q_blk, k_blk, mask, kind, i, j, block_q, block_k):
         rows(mask.q_prefix),
         cols(mask.k_prefix),
         kind,
+        mask.window,
     )
-    return s * scale, allowed[:, None, None]
+    return scores(s), allowed[:, None, None]
 
 
 def _key_blocks_end(kind, offset, i, block_q, block_k, num_k):
@@ -138,11 +171,11 @@ def _query_blocks_start(kind, offset, j, block_q, block_k, num_q):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, mask, kind, block_q, block_k):
-    return _forward(q, k, v, mask, kind, block_q, block_k)[0]
+def _flash(q, k, v, mask, rule, block_q, block_k):
+    return _forward(q, k, v, mask, rule, block_q, block_k)[0]
 
 
-def _forward(q, k, v, mask, kind, block_q, block_k):
+def _forward(q, k, v, mask, rule, block_q, block_k):
     """(output [b, kvh, g, tq, d] in q's dtype, log-sum-exp [b, kvh, g, tq] in f32)."""
     num_q, num_k = q.shape[3] // block_q, k.shape[2] // block_k
 
@@ -153,7 +186,7 @@ def _forward(q, k, v, mask, kind, block_q, block_k):
         def key_block(j, carry):
             acc, m, denom = carry
             s, allowed = _scores_and_mask(
-                q_blk, _tile(k, j, block_k, 2), mask, kind, i, j, block_q, block_k
+                q_blk, _tile(k, j, block_k, 2), mask, rule, i, j, block_q, block_k
             )
             s = jnp.where(allowed, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
@@ -174,7 +207,7 @@ def _forward(q, k, v, mask, kind, block_q, block_k):
             jnp.full(stats_shape, -jnp.inf, jnp.float32),
             jnp.zeros(stats_shape, jnp.float32),
         )
-        end = _key_blocks_end(kind, mask.offset, i, block_q, block_k, num_k)
+        end = _key_blocks_end(rule[0], mask.offset, i, block_q, block_k, num_k)
         acc, m, denom = lax.fori_loop(0, end, key_block, init)
         seen = denom > 0  # padded query rows may see no key at all
         o_blk = acc / jnp.where(seen, denom, 1.0)[..., None]
@@ -187,17 +220,17 @@ def _forward(q, k, v, mask, kind, block_q, block_k):
     return lax.fori_loop(0, num_q, query_block, init)
 
 
-def _flash_fwd(q, k, v, mask, kind, block_q, block_k):
-    out, lse = _forward(q, k, v, mask, kind, block_q, block_k)
+def _flash_fwd(q, k, v, mask, rule, block_q, block_k):
+    out, lse = _forward(q, k, v, mask, rule, block_q, block_k)
     return out, (q, k, v, mask, out, lse)
 
 
-def _flash_bwd(kind, block_q, block_k, residuals, d_out):
+def _flash_bwd(rule, block_q, block_k, residuals, d_out):
     """Outer loop over key blocks, inner over the query blocks that see them (FA-2)."""
     q, k, v, mask, out, lse = residuals
     num_q, num_k = q.shape[3] // block_q, k.shape[2] // block_k
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    scores = rule[1]
 
     def key_block(j, grads):
         dq, dk, dv = grads
@@ -206,7 +239,7 @@ def _flash_bwd(kind, block_q, block_k, residuals, d_out):
         def query_block(i, carry):
             dq, dk_blk, dv_blk = carry
             q_blk, do_blk = _tile(q, i, block_q, 3), _tile(d_out, i, block_q, 3)
-            s, allowed = _scores_and_mask(q_blk, k_blk, mask, kind, i, j, block_q, block_k)
+            s, allowed = _scores_and_mask(q_blk, k_blk, mask, rule, i, j, block_q, block_k)
             p = jnp.where(allowed, jnp.exp(s - _tile(lse, i, block_q, 3)[..., None]), 0.0)
             dv_blk += jnp.einsum(
                 "bkgqs,bkgqd->bksd",
@@ -215,7 +248,8 @@ def _flash_bwd(kind, block_q, block_k, residuals, d_out):
                 preferred_element_type=jnp.float32,
             )
             dp = jnp.einsum("bkgqd,bksd->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
-            ds = (p * (dp - _tile(delta, i, block_q, 3)[..., None]) * scale).astype(q.dtype)
+            ds = p * (dp - _tile(delta, i, block_q, 3)[..., None]) * scores.grad_factor(s)
+            ds = ds.astype(q.dtype)
             dq_blk = jnp.einsum("bkgqs,bksd->bkgqd", ds, k_blk, preferred_element_type=jnp.float32)
             dq = lax.dynamic_update_slice_in_dim(
                 dq, _tile(dq, i, block_q, 3) + dq_blk, i * block_q, 3
@@ -223,7 +257,7 @@ def _flash_bwd(kind, block_q, block_k, residuals, d_out):
             dk_blk += jnp.einsum("bkgqs,bkgqd->bksd", ds, q_blk, preferred_element_type=jnp.float32)
             return dq, dk_blk, dv_blk
 
-        start = _query_blocks_start(kind, mask.offset, j, block_q, block_k, num_q)
+        start = _query_blocks_start(rule[0], mask.offset, j, block_q, block_k, num_q)
         zeros = jnp.zeros(k_blk.shape, jnp.float32)
         dq, dk_blk, dv_blk = lax.fori_loop(start, num_q, query_block, (dq, zeros, zeros))
         dk = lax.dynamic_update_slice_in_dim(dk, dk_blk, j * block_k, 2)

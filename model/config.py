@@ -15,7 +15,7 @@ from errors import UserError
 
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLP_ACTIVATIONS = ("gelu", "swiglu")
+MLP_ACTIVATIONS = ("gelu", "swiglu", "geglu")
 REMAT_POLICIES = (
     "none",
     "full",
@@ -64,13 +64,56 @@ class ModelConfig:
     norm: str = field("layernorm", NORMS, "pre-norm type")
     norm_eps: float = field(1e-5, "(0, 1)", "epsilon of the norms")
     mlp_activation: str = field(
-        "gelu", MLP_ACTIVATIONS, "gelu (tanh approximation, as GPT-2) or swiglu (three matrices)"
+        "gelu",
+        MLP_ACTIVATIONS,
+        "gelu (two matrices), swiglu or geglu (gated: three matrices, SiLU or GELU on the gate)",
+    )
+    gelu_approximate: bool = field(
+        True, bool, "GELU's tanh approximation (GPT-2, Gemma); False = exact erf (ModernBERT)"
     )
     use_bias: bool = field(True, bool, "biases in projections and LayerNorm")
     qk_norm: bool = field(
         False, bool, "RMSNorm on each query and key head before RoPE (Qwen3, Qwen3-MoE)"
     )
     tie_embeddings: bool = field(True, bool, "output projection = token embedding transposed")
+    embed_scale: bool = field(False, bool, "token embeddings times sqrt(embed_dim) (Gemma)")
+    embed_norm: bool = field(False, bool, "a norm right after the embeddings (ModernBERT)")
+    first_attn_norm: bool = field(
+        True, bool, "False: layer 0 has no pre-attention norm (ModernBERT, after embed_norm)"
+    )
+    post_norms: bool = field(
+        False, bool, "norms on the attention and MLP outputs too, before each residual add (Gemma)"
+    )
+    query_pre_attn_scalar: float = field(
+        0.0, "[0, inf)", "attention scores scaled by its inverse square root; 0 = head_dim"
+    )
+    attn_logit_softcap: float = field(
+        0.0, "[0, inf)", "attention scores -> cap x tanh(scores / cap) before the mask; 0 = off"
+    )
+    final_logit_softcap: float = field(
+        0.0, "[0, inf)", "output logits -> cap x tanh(logits / cap); 0 = off (Gemma 2)"
+    )
+    sliding_window: int = field(
+        0,
+        "[0, inf)",
+        "local layers (the L of attention_pattern) see only keys at distance < this many "
+        "positions (causal: the last sliding_window keys); 0 = no local layers",
+    )
+    attention_pattern: str = field(
+        "G",
+        "text",
+        "G (global) and L (local: sliding_window) per layer, repeated over the layers: "
+        "GLL = ModernBERT, LG = Gemma 2, LLLLLG = Gemma 3",
+    )
+    local_rope_theta: float = field(
+        0.0, "[0, inf)", "RoPE base of the local layers; 0 = rope_theta"
+    )
+    prediction_head: bool = field(
+        False,
+        bool,
+        "a dense + GELU + norm transform before the output projection, which gains a bias "
+        "(BERT's and ModernBERT's masked-LM head)",
+    )
     dropout_rate: float = field(0.0, "[0, 1)", "dropout on embeddings and residual branches")
     init_std: float = field(0.02, "(0, inf)", "std of the normal initializer")
     dtype: str = field("bfloat16", DTYPES, "compute dtype (logits and loss are float32)")
@@ -214,9 +257,23 @@ class ModelConfig:
                 f"({', '.join(f'{k}={v}' for k, v in sizes.items())}); give a divisor.",
             )
 
+        self._check_local_attention(require)
         self._check_moe(require)
         if self.num_experts and not self.moe_mlp_dim:
             object.__setattr__(self, "moe_mlp_dim", self.mlp_dim)
+
+    def _check_local_attention(self, require):
+        require(
+            set(self.attention_pattern) <= {"G", "L"},
+            "attention_pattern",
+            "give a string of G (global) and L (local) layers, e.g. LG.",
+        )
+        require(
+            ("L" in self.attention_pattern) == (self.sliding_window > 0),
+            "sliding_window",
+            f"local layers (L in model.attention_pattern={self.attention_pattern!r}) need a "
+            "window > 0, and a window needs local layers.",
+        )
 
     def _check_moe(self, require):
         """MoE refusals: each names its field (the expert mesh axis is checked with the mesh)."""

@@ -30,16 +30,13 @@ from flax import traverse_util
 
 from errors import UserError
 from model.config import ModelConfig
-from model.hf_layout import (
-    DIFFERENT_MOE,
-    FAMILIES,
-    IGNORED,
-    LM_HEAD,
-    Family,
-    Tensor,
-    tensor_layout,
-)
+from model.hf_layout import DIFFERENT_MOE, IGNORED, Family, Tensor, tensor_layout
+from model.hf_layout import FAMILIES as BASE_FAMILIES
+from model.hf_layout_windowed import WINDOWED_FAMILIES
 from model.transformer import Transformer
+
+
+FAMILIES = {**BASE_FAMILIES, **WINDOWED_FAMILIES}
 
 
 def _field(hf_config, name, default=None, aliases=None):
@@ -101,16 +98,22 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
     if missing:
         raise UserError(f"{model_type} config has no {', '.join(missing)}.")
     if family.style["position_embedding"] == "rope":
-        # transformers v5 keeps theta and scaling in rope_parameters; v4: rope_theta, rope_scaling.
+        # transformers v5 keeps theta and scaling in rope_parameters (per layer type when the
+        # types' bases differ, as ModernBERT's); v4: rope_theta, rope_scaling.
         rope = dict(_field(c, "rope_parameters", None) or _field(c, "rope_scaling", None) or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UserError(
-                f"{model_type} config: rope scaling (rope_type={rope_type!r}) is not supported "
-                "by meshlm; it implements plain RoPE with rope_theta."
-            )
-        theta = rope.get("rope_theta", _field(c, "rope_theta", family.rope_theta))
+        per_type = rope if rope and all(isinstance(v, dict) for v in rope.values()) else None
+        for params in per_type.values() if per_type else [rope]:
+            rope_type = params.get("rope_type", params.get("type", "default"))
+            if rope_type != "default":
+                raise UserError(
+                    f"{model_type} config: rope scaling (rope_type={rope_type!r}) is not "
+                    "supported by meshlm; it implements plain RoPE with rope_theta."
+                )
+        global_rope = per_type.get("full_attention", {}) if per_type else rope
+        theta = global_rope.get("rope_theta", _field(c, "rope_theta", family.rope_theta))
         fields["rope_theta"] = float(theta)
+    if family.read:
+        fields.update(family.read(c))
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -154,6 +157,8 @@ def config_to_hf(config: ModelConfig, **extra) -> dict:
     if rope:  # v5 reads rope_parameters; v4 and other tools (vLLM) read rope_theta
         hf["rope_theta"] = config.rope_theta
         hf["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if family.write:
+        hf.update(family.write(config))
     hf["dtype"] = config.param_dtype
     hf.update(extra)
     back = config_from_hf(types.SimpleNamespace(**hf))
@@ -179,18 +184,25 @@ def _to_numpy(tensor) -> np.ndarray:
 
 
 def _from_hf_layout(array: np.ndarray, tensor: Tensor, shape: tuple) -> np.ndarray:
+    array = array.T if tensor.transpose else array  # the output axis last
     if tensor.part is not None:
-        k, width = tensor.part[0], tensor.shape[-1] // tensor.part[1]
+        k, width = tensor.part[0], array.shape[-1] // tensor.part[1]
         array = array[..., k * width : (k + 1) * width]
-    return (array.T if tensor.transpose else array).reshape(shape)
+    return (array + np.float32(tensor.offset) if tensor.offset else array).reshape(shape)
 
 
 def _to_hf_layout(array: np.ndarray, tensor: Tensor) -> np.ndarray:
     """The inverse of _from_hf_layout: the HF tensor, or its slice (part) of a packed one."""
-    shape = tensor.shape
+    shape = tensor.shape[::-1] if tensor.transpose else tensor.shape  # the output axis last
     if tensor.part is not None:
         shape = shape[:-1] + (shape[-1] // tensor.part[1],)
-    return array.reshape(shape[::-1]).T if tensor.transpose else array.reshape(shape)
+    array = array.reshape(shape) - np.asarray(tensor.offset, array.dtype)
+    return array.T if tensor.transpose else array
+
+
+def _part_axis(tensor: Tensor) -> int:
+    """The HF axis that a packed tensor's parts are concatenated on: its output axis."""
+    return 0 if tensor.transpose else -1
 
 
 def param_shapes(config: ModelConfig) -> dict:
@@ -314,6 +326,9 @@ def params_from_hf(state_dict, config: ModelConfig) -> dict:
         if "{i}" in tensor.key:
             flat[path] = np.empty(spec.shape, spec.dtype)
             for index in _layer_indices(tensor.key, config):
+                if index[0] < tensor.from_layer:  # HF has no such tensor there: unused ones
+                    flat[path][index] = 1.0
+                    continue
                 array = load(_key(tensor.key, index), tensor)
                 flat[path][index] = _from_hf_layout(array, tensor, spec.shape[len(index) :])
         else:
@@ -321,7 +336,7 @@ def params_from_hf(state_dict, config: ModelConfig) -> dict:
             flat[path] = np.ascontiguousarray(array, dtype=spec.dtype)
 
     if config.tie_embeddings:
-        used.add(LM_HEAD)  # HF lists the tied output projection under its own name too.
+        used.add(family.lm_head)  # HF lists the tied output projection under its own name too.
     unused = sorted(k for k in state_dict if k not in used and not IGNORED.search(k))
     if unused:
         raise UserError(
@@ -344,6 +359,8 @@ def hf_tensors(params, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
         value = np.asarray(flat[path])
         per_layer = "{i}" in tensor.key
         for index in _layer_indices(tensor.key, config) if per_layer else [()]:
+            if per_layer and index[0] < tensor.from_layer:
+                continue
             array = _to_hf_layout(value[index], tensor)
             key = _key(tensor.key, index) if per_layer else tensor.key
             if tensor.part is None:
@@ -352,7 +369,8 @@ def hf_tensors(params, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
             parts = packed.setdefault(key, {})
             parts[tensor.part[0]] = array
             if len(parts) == tensor.part[1]:
-                yield key, np.concatenate([parts[k] for k in sorted(parts)], axis=-1)
+                parts = [parts[k] for k in sorted(parts)]
+                yield key, np.concatenate(parts, axis=_part_axis(tensor))
                 del packed[key]
 
 

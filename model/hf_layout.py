@@ -16,6 +16,10 @@ export cannot disagree. A `Family` gives:
   aliases      HF config key -> the other name transformers may write it under
   fused        how transformers 5 holds the experts in memory (see `Fused`)
   rope_theta   RoPE's base when the config gives none
+  lm_head      the output projection's HF name
+  read, write  the family's own config conversions, where a key is no plain rename
+               (per-layer attention types, per-type RoPE bases): HF config -> fields,
+               ModelConfig -> HF keys
 
 Parameter paths are those of model/transformer.py. A key with "{i}" is per layer;
 meshlm stacks the layers on a leading axis. One with "{j}" is also per expert: HF
@@ -37,7 +41,11 @@ class Tensor(NamedTuple):
     key: str  # the HF name; "{i}" is the layer index
     shape: tuple[int, ...]  # the HF tensor's shape
     transpose: bool = False  # torch's nn.Linear stores [out, in]; meshlm kernels are [in, out]
-    part: tuple[int, int] | None = None  # (k, n): the k-th of n equal slices of the last axis
+    # (k, n): the k-th of n equal slices of the output axis (the last of a GPT-2 Conv1D, the
+    # first of a transposed nn.Linear)
+    part: tuple[int, int] | None = None
+    offset: float = 0.0  # meshlm = HF + offset (Gemma's RMSNorm stores scale - 1)
+    from_layer: int = 0  # HF has it from this layer on; meshlm's earlier layers hold ones
 
 
 class Fused(NamedTuple):
@@ -62,6 +70,9 @@ class Family:
     aliases: dict = dataclasses.field(default_factory=dict)
     fused: dict = dataclasses.field(default_factory=dict)  # file name pattern -> `Fused`
     rope_theta: float = 10000.0  # when the config has none
+    lm_head: str = "lm_head.weight"  # the output projection (tied ones are listed too)
+    read: Callable | None = None  # (HF config) -> dict of ModelConfig fields
+    write: Callable | None = None  # (ModelConfig) -> dict of HF config keys
 
 
 def _gpt2_layout(cfg: ModelConfig) -> dict:
@@ -305,12 +316,11 @@ DIFFERENT_MOE = {
 }
 # Buffers that HF state dicts may carry and that hold no weights of their own.
 IGNORED = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
-LM_HEAD = "lm_head.weight"  # every family's untied output projection
 
 
 def tensor_layout(family: Family, cfg: ModelConfig) -> dict:
     """The family's table for `cfg`, with the output projection when it is untied."""
     layout = family.layout(cfg)
     if not cfg.tie_embeddings:
-        layout["lm_head"] = Tensor(LM_HEAD, (cfg.vocab_size, cfg.embed_dim), transpose=True)
+        layout["lm_head"] = Tensor(family.lm_head, (cfg.vocab_size, cfg.embed_dim), transpose=True)
     return layout

@@ -216,13 +216,23 @@ class Dense(nn.Module):
             gram.value = gram.value + rows().T @ rows()
 
 
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """cap x tanh(x / cap): x squashed smoothly into (-cap, cap) (Gemma 2); cap 0 = x."""
+    return cap * jnp.tanh(x / cap) if cap else x
+
+
+def gelu(config: ModelConfig, x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=config.gelu_approximate)
+
+
 def residual_init_std(config: ModelConfig) -> float:
     """GPT-2's scaled init of residual-branch outputs keeps the stream's variance flat."""
     return config.init_std / (2 * config.num_layers) ** 0.5
 
 
 class Mlp(nn.Module):
-    """Position-wise feed-forward: GELU (two matrices) or SwiGLU (three)."""
+    """Position-wise feed-forward: GELU (two matrices), or SwiGLU or GeGLU (three: an
+    activated gate times a linear "up" projection)."""
 
     config: ModelConfig
     lora_dropout: float = 0.0
@@ -233,10 +243,11 @@ class Mlp(nn.Module):
         up_shape, up_names = (cfg.embed_dim, cfg.mlp_dim), ("embed", "mlp")
         dense = functools.partial(Dense, cfg, lora_dropout=self.lora_dropout)
         up = lambda name: dense("bte,em->btm", up_shape, up_names, name=name)(x)
-        if cfg.mlp_activation == "swiglu":
-            hidden = nn.silu(up("wi_gate")) * up("wi_up")
+        if cfg.mlp_activation == "gelu":
+            hidden = gelu(cfg, up("wi"))
         else:
-            hidden = nn.gelu(up("wi"), approximate=True)
+            gate = nn.silu if cfg.mlp_activation == "swiglu" else functools.partial(gelu, cfg)
+            hidden = gate(up("wi_gate")) * up("wi_up")
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         return dense(
             "btm,me->bte",

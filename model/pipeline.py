@@ -133,7 +133,24 @@ def check(config, model_config, mesh_shape: dict) -> None:
             f"model.num_experts={model_config.num_experts} with mesh.stage={stages}: MoE layers "
             "are not pipelined yet; use mesh.stage=1 (experts shard over mesh.expert)."
         )
+    _check_layer_kinds(model_config, layers // blocks, stages)
     _check_microbatches(config, found.microbatches, mesh_shape)
+
+
+def _check_layer_kinds(model_config, per_stage: int, stages: int) -> None:
+    """Each stage numbers its layers from 0, so layers that differ by index must repeat
+    within a stage's block of layers."""
+    if not model_config.first_attn_norm:
+        raise UserError(
+            f"model.first_attn_norm=False with mesh.stage={stages}: layer 0's missing norm is "
+            "not pipelined; use mesh.stage=1."
+        )
+    pattern = model_config.attention_pattern
+    if model_config.sliding_window and per_stage % len(pattern):
+        raise UserError(
+            f"model.attention_pattern={pattern!r} must repeat whole within each stage's "
+            f"{per_stage} layers (mesh.stage={stages}); change mesh.stage or pipeline.repeats."
+        )
 
 
 def _check_microbatches(config, micro: int, mesh_shape: dict) -> None:

@@ -58,7 +58,18 @@ from jax import lax
 from model import pipeline
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import Mlp, make_norm, param_init, sinusoidal_embedding, weight
+from errors import UserError
+from model.layers import (
+    Dense,
+    Mlp,
+    gelu,
+    make_norm,
+    param_init,
+    sinusoidal_embedding,
+    soft_cap,
+    weight,
+    zeros_init,
+)
 from model.moe import STATS, MoeMlp
 from model.pipeline import Schedule
 
@@ -86,19 +97,26 @@ class Block(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         lora_dropout = 0.0 if self.deterministic else self.lora_dropout
         h = make_norm(cfg, "attn_norm")(x)
+        if not cfg.first_attn_norm:  # ModernBERT: layer 0's input is already normed
+            h = jnp.where(layer == 0, x.astype(h.dtype), h)
         h, cache = Attention(cfg, lora_dropout, name="attn")(
             h, positions, segment_ids, key_segment_ids, cache_index, cache, layer, prefix_mask
         )
-        x = x + dropout(h)
+        x = x + dropout(self._post_norm("post_attn_norm", h))
         x = nn.with_logical_constraint(x, ACTIVATION)
         h = make_norm(cfg, "mlp_norm")(x)
         if self.moe:
             mask = None if segment_ids is None else segment_ids != 0
-            x = x + dropout(MoeMlp(cfg, name="moe")(h, mask))
+            h = MoeMlp(cfg, name="moe")(h, mask)
         else:
-            x = x + dropout(Mlp(cfg, lora_dropout, name="mlp")(h))
+            h = Mlp(cfg, lora_dropout, name="mlp")(h)
+        x = x + dropout(self._post_norm("post_mlp_norm", h))
         x = nn.with_logical_constraint(x, ACTIVATION)
         return (x, cache), None
+
+    def _post_norm(self, name, h):
+        """model.post_norms: the sublayer's output normed before the residual add (Gemma)."""
+        return make_norm(self.config, name)(h) if self.config.post_norms else h
 
 
 class Group(nn.Module):
@@ -199,6 +217,8 @@ class Transformer(nn.Module):
             transposed=True,
         )
         x = jnp.take(embedding, tokens, axis=0)
+        if cfg.embed_scale:  # in the compute dtype, as Gemma
+            x = x * jnp.asarray(cfg.embed_dim**0.5, x.dtype)
         if cfg.position_embedding == "learned":
             pos_table = self.param(
                 "pos_embed",
@@ -209,6 +229,8 @@ class Transformer(nn.Module):
             x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.dtype)
         elif cfg.position_embedding == "sinusoidal":
             x = x + sinusoidal_embedding(positions, cfg.embed_dim).astype(cfg.dtype)
+        if cfg.embed_norm:
+            x = make_norm(cfg, "embed_norm")(x)
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
         x = nn.with_logical_constraint(x, ACTIVATION)
 
@@ -238,6 +260,9 @@ class Transformer(nn.Module):
             x = self._pipelined(x, (positions, segment_ids, prefix_mask), deterministic)
 
         x = make_norm(cfg, "final_norm")(x)
+        if cfg.prediction_head:  # BERT's masked-LM transform
+            dense = Dense(cfg, "bte,ef->btf", (cfg.embed_dim,) * 2, ("embed", "mlp"), name="head")
+            x = make_norm(cfg, "head_norm")(gelu(cfg, dense(x)))
         if cfg.tie_embeddings:
             output = embedding.T
         else:
@@ -251,8 +276,20 @@ class Transformer(nn.Module):
                 quantized=cfg.quantize_embeddings,
             )
         if return_hidden:
+            if cfg.prediction_head or cfg.final_logit_softcap:
+                raise UserError(
+                    "model.prediction_head and model.final_logit_softcap change the logits "
+                    "after the output projection, which the chunked loss (model.loss_chunk_size "
+                    "> 0) and distillation do not apply; set model.loss_chunk_size=0."
+                )
             return x, output
         logits = jnp.einsum("bte,ev->btv", x, output, preferred_element_type=jnp.float32)
+        if cfg.prediction_head:
+            bias = self.param(
+                "output_bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.param_dtype
+            )
+            logits = logits + bias.astype(jnp.float32)
+        logits = soft_cap(logits, cfg.final_logit_softcap)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits

@@ -1,0 +1,189 @@
+"""The Hugging Face families whose layers alternate global and sliding-window attention:
+ModernBERT (a bidirectional masked LM) and Gemma 2 (a causal LM). Tables as in
+model/hf_layout.py, plus each family's reading and writing of its per-layer attention
+types, windows and RoPE bases, which are no plain renames.
+
+HF writes a window in its own terms: Gemma 2's `sliding_window` w keeps the w latest
+keys (0 <= i - j < w, meshlm's sliding_window = w); ModernBERT's `local_attention` a keeps
+|i - j| <= a // 2 (meshlm's sliding_window = a // 2 + 1, as meshlm keeps |i - j| < window).
+"""
+
+from model.config import ModelConfig
+from model.hf_layout import LLAMA_NAMES, LLAMA_STYLE, Family, Tensor, _linear
+
+LAYER_TYPES = {"full_attention": "G", "sliding_attention": "L"}
+
+
+def attention_pattern(layer_types: list) -> str:
+    """HF's per-layer types as meshlm's attention_pattern: the shortest that, repeated over
+    the layers, gives them (GLL for ModernBERT's GLLG)."""
+    letters = "".join(LAYER_TYPES[t] for t in layer_types)
+    repeated = lambda unit: (unit * len(letters))[: len(letters)]
+    return next(letters[:n] for n in range(1, len(letters) + 1) if repeated(letters[:n]) == letters)
+
+
+def layer_types(config: ModelConfig) -> list:
+    """meshlm's attention_pattern over the model's layers, as HF's layer_types."""
+    names = {letter: name for name, letter in LAYER_TYPES.items()}
+    pattern = config.attention_pattern
+    return [names[pattern[i % len(pattern)]] for i in range(config.num_layers)]
+
+
+def _modernbert_layout(cfg: ModelConfig) -> dict:
+    e, m, layer = cfg.embed_dim, cfg.mlp_dim, "model.layers.{i}."
+    qkv = (3 * cfg.num_heads * cfg.head_dim, e)
+    linear = lambda key, shape, **kw: Tensor(layer + key, shape, transpose=True, **kw)
+    return {
+        "token_embed": Tensor("model.embeddings.tok_embeddings.weight", (cfg.vocab_size, e)),
+        "embed_norm/scale": Tensor("model.embeddings.norm.weight", (e,)),
+        # Layer 0 has no attention norm: the embeddings' norm comes right before it.
+        "layers/attn_norm/scale": Tensor(layer + "attn_norm.weight", (e,), from_layer=1),
+        "layers/attn/query/kernel": linear("attn.Wqkv.weight", qkv, part=(0, 3)),
+        "layers/attn/key/kernel": linear("attn.Wqkv.weight", qkv, part=(1, 3)),
+        "layers/attn/value/kernel": linear("attn.Wqkv.weight", qkv, part=(2, 3)),
+        "layers/attn/out/kernel": linear("attn.Wo.weight", (e, e)),
+        "layers/mlp_norm/scale": Tensor(layer + "mlp_norm.weight", (e,)),
+        # Wi's first half of rows is the activated branch, the second the linear one.
+        "layers/mlp/wi_gate/kernel": linear("mlp.Wi.weight", (2 * m, e), part=(0, 2)),
+        "layers/mlp/wi_up/kernel": linear("mlp.Wi.weight", (2 * m, e), part=(1, 2)),
+        "layers/mlp/wo/kernel": linear("mlp.Wo.weight", (e, m)),
+        "final_norm/scale": Tensor("model.final_norm.weight", (e,)),
+        "head/kernel": Tensor("head.dense.weight", (e, e), transpose=True),
+        "head_norm/scale": Tensor("head.norm.weight", (e,)),
+        "output_bias": Tensor("decoder.bias", (cfg.vocab_size,)),
+    }
+
+
+def _modernbert_read(c) -> dict:
+    every = getattr(c, "global_attn_every_n_layers", None) or 3
+    types = getattr(c, "layer_types", None) or [
+        "sliding_attention" if i % every else "full_attention"
+        for i in range(c.num_hidden_layers)
+    ]
+    thetas = {"full_attention": getattr(c, "global_rope_theta", None) or 160000.0,
+              "sliding_attention": getattr(c, "local_rope_theta", None) or 10000.0}
+    for kind, rope in (getattr(c, "rope_parameters", None) or {}).items():
+        thetas[kind] = rope.get("rope_theta", thetas[kind])  # its type: checked in model/hf.py
+    return dict(
+        attention_pattern=attention_pattern(types),
+        sliding_window=(getattr(c, "local_attention", None) or 128) // 2 + 1,
+        rope_theta=float(thetas["full_attention"]),
+        local_rope_theta=float(thetas["sliding_attention"]),
+    )
+
+
+def _modernbert_write(config: ModelConfig) -> dict:
+    thetas = {"full_attention": config.rope_theta, "sliding_attention": config.local_rope_theta}
+    return dict(
+        layer_types=layer_types(config),
+        local_attention=2 * (config.sliding_window - 1),
+        rope_parameters={k: {"rope_type": "default", "rope_theta": v} for k, v in thetas.items()},
+        global_rope_theta=config.rope_theta,
+        local_rope_theta=config.local_rope_theta,
+    )
+
+
+MODERNBERT = Family(
+    model_type="modernbert",
+    architecture="ModernBertForMaskedLM",
+    style=dict(
+        position_embedding="rope",
+        norm="layernorm",
+        mlp_activation="geglu",
+        gelu_approximate=False,
+        use_bias=False,
+        embed_norm=True,
+        first_attn_norm=False,
+        prediction_head=True,
+        tie_embeddings=True,
+        attention_mask="bidirectional",
+    ),
+    names=dict(
+        vocab_size=("vocab_size", None),
+        num_layers=("num_hidden_layers", None),
+        embed_dim=("hidden_size", None),
+        num_heads=("num_attention_heads", None),
+        mlp_dim=("intermediate_size", None),
+        max_seq_len=("max_position_embeddings", None),
+        norm_eps=("norm_eps", 1e-5),
+        init_std=("initializer_range", 0.02),
+    ),
+    implemented={
+        "hidden_activation": ("gelu",),  # exact (erf) GELU, as the head's
+        "classifier_activation": ("gelu",),
+        "norm_bias": (False,),
+        "attention_bias": (False,),
+        "mlp_bias": (False,),
+        "classifier_bias": (False,),
+        "decoder_bias": (True,),
+        "tie_word_embeddings": (True,),
+    },
+    layout=_modernbert_layout,
+    lm_head="decoder.weight",
+    read=_modernbert_read,
+    write=_modernbert_write,
+)
+
+
+def _gemma2_layout(cfg: ModelConfig) -> dict:
+    e, m, h, kv, d = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    norm = lambda key: Tensor(f"model.{key}.weight", (e,), offset=1.0)  # HF stores scale - 1
+    return {
+        "token_embed": Tensor("model.embed_tokens.weight", (cfg.vocab_size, e)),
+        "layers/attn_norm/scale": norm("layers.{i}.input_layernorm"),
+        "layers/post_attn_norm/scale": norm("layers.{i}.post_attention_layernorm"),
+        "layers/mlp_norm/scale": norm("layers.{i}.pre_feedforward_layernorm"),
+        "layers/post_mlp_norm/scale": norm("layers.{i}.post_feedforward_layernorm"),
+        "layers/attn/query/kernel": _linear("self_attn.q_proj.weight", (h * d, e)),
+        "layers/attn/key/kernel": _linear("self_attn.k_proj.weight", (kv * d, e)),
+        "layers/attn/value/kernel": _linear("self_attn.v_proj.weight", (kv * d, e)),
+        "layers/attn/out/kernel": _linear("self_attn.o_proj.weight", (e, h * d)),
+        "layers/mlp/wi_gate/kernel": _linear("mlp.gate_proj.weight", (m, e)),
+        "layers/mlp/wi_up/kernel": _linear("mlp.up_proj.weight", (m, e)),
+        "layers/mlp/wo/kernel": _linear("mlp.down_proj.weight", (e, m)),
+        "final_norm/scale": norm("norm"),
+    }
+
+
+def _gemma2_read(c) -> dict:
+    types = getattr(c, "layer_types", None) or [
+        "sliding_attention" if i % 2 == 0 else "full_attention"
+        for i in range(c.num_hidden_layers)
+    ]
+    return dict(attention_pattern=attention_pattern(types), sliding_window=c.sliding_window)
+
+
+def _gemma2_write(config: ModelConfig) -> dict:
+    return dict(layer_types=layer_types(config), sliding_window=config.sliding_window)
+
+
+GEMMA2 = Family(
+    model_type="gemma2",
+    architecture="Gemma2ForCausalLM",
+    style=dict(
+        LLAMA_STYLE,
+        mlp_activation="geglu",
+        gelu_approximate=True,
+        qk_norm=False,
+        embed_scale=True,
+        post_norms=True,
+    ),
+    names=dict(
+        LLAMA_NAMES,
+        mlp_dim=("intermediate_size", None),
+        tie_embeddings=("tie_word_embeddings", True),
+        query_pre_attn_scalar=("query_pre_attn_scalar", 256.0),
+        attn_logit_softcap=("attn_logit_softcapping", 0.0),  # null: no soft-capping
+        final_logit_softcap=("final_logit_softcapping", 0.0),
+    ),
+    implemented={
+        "hidden_activation": ("gelu_pytorch_tanh",),
+        "attention_bias": (False,),
+        "use_bidirectional_attention": (False, None),
+    },
+    layout=_gemma2_layout,
+    read=_gemma2_read,
+    write=_gemma2_write,
+)
+
+WINDOWED_FAMILIES = {f.model_type: f for f in (MODERNBERT, GEMMA2)}

@@ -1,0 +1,202 @@
+"""ModernBERT and Gemma 2: local/global attention layers and the block features they need
+(embedding norm and scale, post-norms, GeGLU, soft-capping, the masked-LM head) give the
+Hugging Face logits, both ways, and decode with a KV cache as transformers generates."""
+
+import types
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+)
+
+from errors import UserError
+from model import Transformer
+from model.config import ModelConfig
+from model.hf import config_from_hf, from_hf, params_from_hf, to_hf
+from model.sampler import Sampler
+from tests.helpers import assert_greedy_matches_hf
+
+VOCAB, LENGTH, TOLERANCE = 128, 24, 1e-4
+
+
+SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def modernbert(**kw):
+    return ModernBertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,  # global, local, local, global
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        local_attention=8,  # keys at |i - j| <= 4 in the local layers
+        cls_token_id=1,
+        sep_token_id=2,
+        attn_implementation="eager",
+        **SPECIAL_IDS,
+        **kw,
+    )
+
+
+def gemma2(**kw):
+    defaults = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,  # local, global, local, global
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=5,
+        query_pre_attn_scalar=24,  # not head_dim, so the scale shows
+        attn_logit_softcapping=2.0,  # small caps, so they bite
+        final_logit_softcapping=3.0,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        **SPECIAL_IDS,
+    )
+    return Gemma2Config(**{**defaults, **kw})
+
+
+def random_model(hf_config, seed=0):
+    """Every parameter random at a scale where each one moves the logits: matrices with std
+    fan_in ** -0.5, vectors (norm scales, biases) N(0, 0.5)."""
+    torch.manual_seed(seed)
+    cls = ModernBertForMaskedLM if hf_config.model_type == "modernbert" else Gemma2ForCausalLM
+    model = cls(hf_config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            std = 0.5 if param.ndim == 1 else param.shape[-1] ** -0.5
+            param.copy_(std * torch.randn_like(param))
+    return model
+
+
+def both_logits(model, config, params, lengths=(LENGTH, LENGTH - 7)):
+    """(ours, theirs, valid) for rows of these lengths (the rest padding, segment 0)."""
+    tokens = np.random.default_rng(0).integers(3, VOCAB, size=(len(lengths), LENGTH))
+    valid = np.arange(LENGTH)[None] < np.array(lengths)[:, None]
+    tokens = np.where(valid, tokens, 0)
+    ours = Transformer(config).apply({"params": params}, tokens, valid.astype(np.int32))
+    with torch.no_grad():
+        theirs = model(
+            torch.as_tensor(tokens), attention_mask=torch.as_tensor(valid.astype(np.int64))
+        ).logits.numpy()
+    assert theirs.std(axis=-1).mean() > 0.3  # not degenerate
+    return np.asarray(ours), theirs, valid
+
+
+@pytest.mark.parametrize("make", [modernbert, gemma2])
+def test_logits_match_hf_with_padding(make):
+    model = random_model(make())
+    config, params = from_hf(model, dtype="float32")
+    ours, theirs, valid = both_logits(model, config, params)
+    np.testing.assert_array_less(np.abs(ours - theirs)[valid].max(), TOLERANCE)
+
+
+def test_config_mapping():
+    m = config_from_hf(modernbert(global_attn_every_n_layers=2))
+    assert (m.attention_pattern, m.sliding_window, m.rope_theta, m.local_rope_theta) == (
+        "GL", 5, 160000.0, 10000.0
+    )
+    assert (m.attention_mask, m.mlp_activation, m.gelu_approximate, m.prediction_head) == (
+        "bidirectional", "geglu", False, True
+    )
+    g = config_from_hf(gemma2())
+    assert (g.attention_pattern, g.sliding_window, g.query_pre_attn_scalar) == ("LG", 5, 24)
+    assert (g.attn_logit_softcap, g.final_logit_softcap, g.embed_scale, g.post_norms) == (
+        2.0, 3.0, True, True
+    )
+    assert config_from_hf(gemma2(final_logit_softcapping=None)).final_logit_softcap == 0.0
+
+
+def test_config_json_of_transformers_4_is_read():
+    """The Hub's config.json files predate layer_types and per-type rope_parameters."""
+    def old_style(hf_config, **keys):
+        values = {k: v for k, v in hf_config.to_dict().items()}
+        del values["layer_types"], values["rope_parameters"]
+        return types.SimpleNamespace(**values, **keys)
+
+    m = config_from_hf(old_style(
+        modernbert(), global_attn_every_n_layers=3, global_rope_theta=8e4, local_rope_theta=5e3
+    ))
+    assert (m.attention_pattern, m.rope_theta, m.local_rope_theta) == ("GLL", 8e4, 5e3)
+    g = config_from_hf(old_style(gemma2(), rope_theta=500.0))
+    assert (g.attention_pattern, g.rope_theta) == ("LG", 500.0)
+
+
+@pytest.mark.parametrize("make", [modernbert, gemma2])
+def test_export_loads_into_transformers_and_round_trips(make):
+    """meshlm -> HF config.json dict + state dict -> the HF class gives our logits; and back
+    to meshlm bit for bit."""
+    model = random_model(make())
+    config, params = from_hf(model, dtype="float32")
+    hf_config, state = to_hf(config, params, **SPECIAL_IDS, cls_token_id=1, sep_token_id=2)
+    rebuilt_config = type(model.config)(**hf_config, attn_implementation="eager")
+    rebuilt = type(model)(rebuilt_config).eval()
+    missing, unexpected = rebuilt.load_state_dict(
+        {k: torch.as_tensor(v) for k, v in state.items()}, strict=False
+    )
+    assert not unexpected and set(missing) <= {"lm_head.weight", "decoder.weight"}  # tied
+    ours, theirs, valid = both_logits(rebuilt, config, params)
+    np.testing.assert_array_less(np.abs(ours - theirs)[valid].max(), TOLERANCE)
+    back = params_from_hf(state, config_from_hf(rebuilt_config, dtype="float32"))
+    jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
+
+
+def test_gemma2_greedy_decoding_equals_transformers_generate():
+    """Sliding windows, soft-capping and the scaled embedding in the KV-cache path: prompts
+    and generations longer than the window."""
+    hf_model = random_model(gemma2())
+    config, params = from_hf(hf_model, dtype="float32")
+    mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    sampler = Sampler(config, params, mesh, devices=jax.devices()[:1])
+    prompts = [[5, 9, 40, 7, 11, 60, 61, 62], [12, 3]]
+    assert_greedy_matches_hf(sampler, hf_model, prompts, eos=2, max_new_tokens=10)
+
+
+def test_blockwise_attention_equals_xla_for_local_layers_and_caps():
+    """The local-window mask and the soft-capped scores (and their gradient) in flash-style
+    tiles smaller than the window, against the dense reference."""
+    hf_config = gemma2()
+    config = config_from_hf(hf_config, dtype="float32", attention_block_size=4)
+    params = params_from_hf(random_model(hf_config).state_dict(), config)
+    tokens = np.random.default_rng(1).integers(3, VOCAB, size=(2, 19))
+
+    def loss_and_grads(implementation):
+        model = Transformer(config.__class__(**{
+            **config.__dict__, "attention_implementation": implementation
+        }))
+        loss = lambda p: model.apply({"params": p}, tokens).std()
+        return jax.value_and_grad(loss)(params)
+
+    (xla, xla_grads), (block, block_grads) = map(loss_and_grads, ["xla", "blockwise"])
+    np.testing.assert_allclose(block, xla, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), block_grads, xla_grads)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(sliding_window=4), "local layers"),
+        (dict(attention_pattern="LG"), "need a window"),
+        (dict(attention_pattern="GX", sliding_window=4), "string of G"),
+    ],
+)
+def test_bad_local_attention_configs_are_refused(fields, message):
+    with pytest.raises(UserError, match=message):
+        ModelConfig(**fields)
+
+
+def test_the_chunked_loss_refuses_logits_it_cannot_make():
+    config = config_from_hf(gemma2(), dtype="float32")
+    params = params_from_hf(random_model(gemma2()).state_dict(), config)
+    with pytest.raises(UserError, match="loss_chunk_size=0"):
+        Transformer(config).apply({"params": params}, np.ones((1, 4), int), return_hidden=True)
