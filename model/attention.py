@@ -51,22 +51,9 @@ class Attention(nn.Module):
         bidirectional prefix; the other masks ignore it.
         """
         cfg = self.config
-        e, d = cfg.embed_dim, cfg.head_dim
-
-        def project(name, heads, head_names):
-            return Dense(
-                cfg,
-                "bte,ehd->bthd",
-                (e, heads, d),
-                ("embed", head_names, "head_dim"),
-                bias_rank=2,
-                lora_dropout=self.lora_dropout,
-                name=name,
-            )(x)
-
-        query = project("query", cfg.num_heads, "heads")
-        key = project("key", cfg.num_kv_heads, "kv_heads")
-        value = project("value", cfg.num_kv_heads, "kv_heads")
+        query, key, value = (
+            project(cfg, x, name, self.lora_dropout) for name in ("query", "key", "value")
+        )
         if cfg.qk_norm:
             query, key = _head_norm(cfg, "query_norm")(query), _head_norm(cfg, "key_norm")(key)
         local = _is_local(cfg, layer)
@@ -128,17 +115,82 @@ class Attention(nn.Module):
                 prefix_mask,
                 key_prefix,
             )
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        out = Dense(
-            cfg,
-            "bthd,hde->bte",
-            (cfg.num_heads, d, e),
-            ("heads", "head_dim", "embed"),
-            init_std=residual_init_std(cfg),
-            lora_dropout=self.lora_dropout,
-            name="out",
-        )(out)
-        return out, cache
+        return project_out(cfg, out, self.lora_dropout), cache
+
+
+class CrossAttention(nn.Module):
+    """A decoder token's attention over the encoder's output (an encoder-decoder's decoder
+    blocks): every encoder token of its own segment, no positions (no RoPE), no window;
+    scores scaled and soft-capped as self-attention's.
+
+    With a KV cache the encoder's keys and values are computed once, by the call that passes
+    the encoder's output (the prefill), and written whole to the cache's "cross_key" and
+    "cross_value" [layers, batch, encoder length, kv_heads, head_dim]; later calls (encoded
+    None) read them.
+    """
+
+    config: ModelConfig
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, encoded, segment_ids, encoder_segment_ids, cache, layer):
+        cfg = self.config
+        query = project(cfg, x, "query", self.lora_dropout)
+        if encoded is not None:
+            key, value = (project(cfg, encoded, n, self.lora_dropout) for n in ("key", "value"))
+            if cache is not None:
+                cache = dict(cache)
+                for name, new in (("cross_key", key), ("cross_value", value)):
+                    write = new[None].astype(cache[name].dtype)
+                    cache[name] = lax.dynamic_update_index_in_dim(cache[name], write[0], layer, 0)
+        else:  # decoding after the prefill: the cached ones
+            key, value = (
+                lax.dynamic_index_in_dim(cache[n], layer, 0, False).astype(cfg.dtype)
+                for n in ("cross_key", "cross_value")
+            )
+        out = attend(
+            query,
+            key,
+            value,
+            segment_ids,
+            encoder_segment_ids,
+            implementation=cfg.attention_implementation,
+            block_size=cfg.attention_block_size,
+            mask_kind="bidirectional",
+            scale=(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5,
+            logit_cap=cfg.attn_logit_softcap,
+        )
+        return project_out(cfg, out, self.lora_dropout), cache
+
+
+def project(config: ModelConfig, x, name: str, lora_dropout: float):
+    """The query, key or value projection `name` of x [b, t, embed] -> [b, t, heads, d]."""
+    heads, head_names = (
+        (config.num_heads, "heads") if name == "query" else (config.num_kv_heads, "kv_heads")
+    )
+    return Dense(
+        config,
+        "bte,ehd->bthd",
+        (config.embed_dim, heads, config.head_dim),
+        ("embed", head_names, "head_dim"),
+        bias_rank=2,
+        lora_dropout=lora_dropout,
+        name=name,
+    )(x)
+
+
+def project_out(config: ModelConfig, out, lora_dropout: float):
+    """The heads' outputs [b, t, heads, d] back to the residual stream [b, t, embed]."""
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    return Dense(
+        config,
+        "bthd,hde->bte",
+        (config.num_heads, config.head_dim, config.embed_dim),
+        ("heads", "head_dim", "embed"),
+        init_std=residual_init_std(config),
+        lora_dropout=lora_dropout,
+        name="out",
+    )(out)
 
 
 def _is_local(config: ModelConfig, layer):

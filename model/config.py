@@ -165,6 +165,16 @@ class ModelConfig:
     low_rank_targets: str = field(
         "query,key,value,out,mlp", "text", "kernels low_rank_ratio factorizes (comma-separated)"
     )
+    encoder_layers: int = field(
+        0,
+        "[0, inf)",
+        "> 0: an encoder-decoder: an encoder of this many bidirectional blocks (its own token "
+        "embedding, the decoder's other fields) and num_layers decoder blocks with "
+        "cross-attention; 0 = decoder-only",
+    )
+    encoder_sliding_window: int = field(
+        0, "[0, inf)", "the encoder's local layers' window; 0 = sliding_window"
+    )
     num_experts: int = field(
         0, "[0, inf)", "routed experts of the MoE layers (model/moe.py); 0 = dense MLPs"
     )
@@ -232,6 +242,8 @@ class ModelConfig:
         if self.position_embedding == "rope":
             require(head_dim % 2 == 0, "head_dim", "rotary embeddings need an even head size.")
         object.__setattr__(self, "num_kv_heads", num_kv_heads)
+        if self.encoder_layers and not self.encoder_sliding_window:
+            object.__setattr__(self, "encoder_sliding_window", self.sliding_window)
         object.__setattr__(self, "head_dim", head_dim)
         unknown = set(self.low_rank_target_names) - set(LOW_RANK_TARGETS)
         require(
@@ -258,6 +270,11 @@ class ModelConfig:
             )
 
         self._check_local_attention(require)
+        require(
+            not self.encoder_layers or not self.num_experts,
+            "encoder_layers",
+            "an encoder-decoder with MoE layers is not supported; set model.num_experts=0.",
+        )
         self._check_moe(require)
         if self.num_experts and not self.moe_mlp_dim:
             object.__setattr__(self, "moe_mlp_dim", self.mlp_dim)
@@ -303,6 +320,18 @@ class ModelConfig:
             "num_experts",
             "MoE models cannot be quantized or factorized (model.quantization, "
             "model.low_rank_ratio); compress a dense model.",
+        )
+
+    def encoder(self) -> "ModelConfig":
+        """The encoder's view of an encoder-decoder's config: its depth, bidirectional
+        attention, its window; a stack of the same blocks without cross-attention."""
+        return dataclasses.replace(
+            self,
+            num_layers=self.encoder_layers,
+            encoder_layers=0,
+            attention_mask="bidirectional",
+            sliding_window=self.encoder_sliding_window,
+            encoder_sliding_window=0,
         )
 
     @property

@@ -36,15 +36,22 @@ CACHE_LOGICAL_AXES = {
     "value_scale": ("layers",) + CACHE_SCALE_AXES,
     "segment_ids": ("batch", "length"),
     "index": (),
+    "cross_key": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "cross_value": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "cross_segment_ids": ("batch", "length"),
 }
 
 
 KV_CACHE_DTYPES = ("model", "int8")
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, kv_cache_dtype="model") -> dict:
+def init_cache(
+    config: ModelConfig, batch: int, length: int, kv_cache_dtype="model", encoder_length=0
+) -> dict:
     """An empty cache for `length` tokens: keys and values in the compute dtype ("model"),
-    or int8 beside float32 "key_scale"/"value_scale" ("int8")."""
+    or int8 beside float32 "key_scale"/"value_scale" ("int8"). An encoder-decoder's also
+    holds its cross-attention's keys and values over `encoder_length` encoder tokens (in
+    the compute dtype), which the prefill writes (model/attention.py CrossAttention)."""
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: one of {KV_CACHE_DTYPES}")
     shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
@@ -57,6 +64,10 @@ def init_cache(config: ModelConfig, batch: int, length: int, kv_cache_dtype="mod
     }
     if kv_cache_dtype == "int8":
         cache["key_scale"] = cache["value_scale"] = jnp.zeros(shape[:-1], jnp.float32)
+    if config.encoder_layers:
+        cross = (config.num_layers, batch, encoder_length, config.num_kv_heads, config.head_dim)
+        cache["cross_key"] = cache["cross_value"] = jnp.zeros(cross, config.dtype)
+        cache["cross_segment_ids"] = jnp.zeros((batch, encoder_length), jnp.int32)
     return {k: nn.with_logical_constraint(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
 
 

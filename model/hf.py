@@ -32,7 +32,7 @@ from errors import UserError
 from model.config import ModelConfig
 from model.hf_layout import DIFFERENT_MOE, IGNORED, Family, Tensor, tensor_layout
 from model.hf_layout import FAMILIES as BASE_FAMILIES
-from model.hf_layout_windowed import WINDOWED_FAMILIES
+from model.hf_layout_windowed import WINDOWED_FAMILIES, sub_config
 from model.transformer import Transformer
 
 
@@ -65,9 +65,11 @@ def _family_of_hf(hf_config) -> Family:
 def config_from_hf(hf_config, **overrides) -> ModelConfig:
     """The ModelConfig of an HF config (model/hf_layout.py's families); `overrides` set any
     other field."""
-    c, family = hf_config, _family_of_hf(hf_config)
+    family = _family_of_hf(hf_config)
     model_type = family.model_type
-    architectures = _field(c, "architectures", [family.architecture])
+    # The plain keys; an encoder-decoder's in its nested (decoder) config.
+    c = sub_config(hf_config, family.sub_config) if family.sub_config else hf_config
+    architectures = _field(hf_config, "architectures", [family.architecture])
     if family.architecture not in architectures:
         raise UserError(
             f"{model_type} config: architectures={architectures} is not supported by meshlm; "
@@ -113,7 +115,7 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
         theta = global_rope.get("rope_theta", _field(c, "rope_theta", family.rope_theta))
         fields["rope_theta"] = float(theta)
     if family.read:
-        fields.update(family.read(c))
+        fields.update(family.read(hf_config))
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -128,10 +130,13 @@ def family_of(config: ModelConfig) -> Family:
         ]
         if family.moe != (config.num_experts > 0):
             differ.append(f"model.num_experts={config.num_experts}")
+        if bool(family.sub_config) != (config.encoder_layers > 0):
+            differ.append(f"model.encoder_layers={config.encoder_layers}")
         if not differ:
             return family
         needs = ", ".join(f"{k}={v!r}" for k, v in family.style.items())
         needs += ", num_experts > 0" if family.moe else ", num_experts=0"
+        needs += ", encoder_layers > 0" if family.sub_config else ", encoder_layers=0"
         mismatches.append(
             f"{family.architecture} needs {needs} (this model has {', '.join(differ)})"
         )
@@ -148,7 +153,8 @@ def config_to_hf(config: ModelConfig, **extra) -> dict:
     attention in GPT-2): it is read back and compared.
     """
     family = family_of(config)
-    hf = {"architectures": [family.architecture], "model_type": family.model_type}
+    top = {"architectures": [family.architecture], "model_type": family.model_type}
+    hf = {} if family.sub_config else top  # the plain keys' config
     hf.update({key: implemented[0] for key, implemented in family.implemented.items()})
     hf.update({theirs: getattr(config, ours) for ours, (theirs, _) in family.names.items()})
     for ours, (theirs, values) in family.choices.items():
@@ -158,7 +164,10 @@ def config_to_hf(config: ModelConfig, **extra) -> dict:
         hf["rope_theta"] = config.rope_theta
         hf["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if family.write:
-        hf.update(family.write(config))
+        (top if family.sub_config else hf).update(family.write(config, hf))
+    if family.sub_config:
+        top[family.sub_config] = hf
+        hf = top
     hf["dtype"] = config.param_dtype
     hf.update(extra)
     back = config_from_hf(types.SimpleNamespace(**hf))
@@ -259,10 +268,10 @@ class _PerExpert(Mapping):
         return sum(1 for _ in self)
 
 
-def _layer_indices(key: str, config: ModelConfig) -> list[tuple[int, ...]]:
-    """The (layer,) or (layer, expert) slices of a stacked parameter that `key` names."""
-    layers = range(config.num_layers)
-    if "{j}" in key:
+def _layer_indices(tensor: Tensor, config: ModelConfig) -> list[tuple[int, ...]]:
+    """The (layer,) or (layer, expert) slices of a stacked parameter that `tensor` names."""
+    layers = range(config.encoder_layers if tensor.encoder else config.num_layers)
+    if "{j}" in tensor.key:
         return list(itertools.product(layers, range(config.num_experts)))
     return [(i,) for i in layers]
 
@@ -325,7 +334,7 @@ def params_from_hf(state_dict, config: ModelConfig) -> dict:
         spec = expected[path]
         if "{i}" in tensor.key:
             flat[path] = np.empty(spec.shape, spec.dtype)
-            for index in _layer_indices(tensor.key, config):
+            for index in _layer_indices(tensor, config):
                 if index[0] < tensor.from_layer:  # HF has no such tensor there: unused ones
                     flat[path][index] = 1.0
                     continue
@@ -358,7 +367,7 @@ def hf_tensors(params, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     for path, tensor in tensor_layout(family_of(config), config).items():
         value = np.asarray(flat[path])
         per_layer = "{i}" in tensor.key
-        for index in _layer_indices(tensor.key, config) if per_layer else [()]:
+        for index in _layer_indices(tensor, config) if per_layer else [()]:
             if per_layer and index[0] < tensor.from_layer:
                 continue
             array = _to_hf_layout(value[index], tensor)

@@ -20,6 +20,7 @@ export cannot disagree. A `Family` gives:
   read, write  the family's own config conversions, where a key is no plain rename
                (per-layer attention types, per-type RoPE bases): HF config -> fields,
                ModelConfig -> HF keys
+  sub_config   an encoder-decoder's nested config that holds the plain keys
 
 Parameter paths are those of model/transformer.py. A key with "{i}" is per layer;
 meshlm stacks the layers on a leading axis. One with "{j}" is also per expert: HF
@@ -46,6 +47,7 @@ class Tensor(NamedTuple):
     part: tuple[int, int] | None = None
     offset: float = 0.0  # meshlm = HF + offset (Gemma's RMSNorm stores scale - 1)
     from_layer: int = 0  # HF has it from this layer on; meshlm's earlier layers hold ones
+    encoder: bool = False  # "{i}" counts an encoder-decoder's encoder layers
 
 
 class Fused(NamedTuple):
@@ -72,7 +74,10 @@ class Family:
     rope_theta: float = 10000.0  # when the config has none
     lm_head: str = "lm_head.weight"  # the output projection (tied ones are listed too)
     read: Callable | None = None  # (HF config) -> dict of ModelConfig fields
-    write: Callable | None = None  # (ModelConfig) -> dict of HF config keys
+    write: Callable | None = None  # (ModelConfig, the HF keys so far) -> more HF keys
+    # The nested config the names, implemented keys and RoPE are read from and written to
+    # (T5Gemma's "decoder"); `write`'s keys then go on the top level.
+    sub_config: str = ""
 
 
 def _gpt2_layout(cfg: ModelConfig) -> dict:

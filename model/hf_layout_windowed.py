@@ -1,5 +1,6 @@
 """The Hugging Face families whose layers alternate global and sliding-window attention:
-ModernBERT (a bidirectional masked LM) and Gemma 2 (a causal LM). Tables as in
+ModernBERT (a bidirectional masked LM), Gemma 2 (a causal LM) and T5Gemma (an
+encoder-decoder of two Gemma 2 stacks). Tables as in
 model/hf_layout.py, plus each family's reading and writing of its per-layer attention
 types, windows and RoPE bases, which are no plain renames.
 
@@ -8,8 +9,11 @@ keys (0 <= i - j < w, meshlm's sliding_window = w); ModernBERT's `local_attentio
 |i - j| <= a // 2 (meshlm's sliding_window = a // 2 + 1, as meshlm keeps |i - j| < window).
 """
 
+import types
+
+from errors import UserError
 from model.config import ModelConfig
-from model.hf_layout import LLAMA_NAMES, LLAMA_STYLE, Family, Tensor, _linear
+from model.hf_layout import LLAMA_NAMES, LLAMA_STYLE, Family, Tensor
 
 LAYER_TYPES = {"full_attention": "G", "sliding_attention": "L"}
 
@@ -72,7 +76,7 @@ def _modernbert_read(c) -> dict:
     )
 
 
-def _modernbert_write(config: ModelConfig) -> dict:
+def _modernbert_write(config: ModelConfig, hf=None) -> dict:
     thetas = {"full_attention": config.rope_theta, "sliding_attention": config.local_rope_theta}
     return dict(
         layer_types=layer_types(config),
@@ -125,24 +129,37 @@ MODERNBERT = Family(
 )
 
 
-def _gemma2_layout(cfg: ModelConfig) -> dict:
+GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def _gemma_stack(cfg: ModelConfig, hf: str, ours: str = "", attn_norms=GEMMA2_NORMS,
+                 encoder=False) -> dict:
+    """A Gemma 2 style stack: embeddings, layers (four (1 + w) RMSNorms each), final norm;
+    `hf` and `ours` prefix the HF and meshlm names, `attn_norms` are HF's pre and post
+    attention norms' names."""
     e, m, h, kv, d = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    norm = lambda key: Tensor(f"model.{key}.weight", (e,), offset=1.0)  # HF stores scale - 1
+    layer = hf + "layers.{i}."
+    norm = lambda key: Tensor(key + ".weight", (e,), offset=1.0, encoder=encoder)  # scale - 1
+    linear = lambda key, shape: Tensor(layer + key, shape, transpose=True, encoder=encoder)
     return {
-        "token_embed": Tensor("model.embed_tokens.weight", (cfg.vocab_size, e)),
-        "layers/attn_norm/scale": norm("layers.{i}.input_layernorm"),
-        "layers/post_attn_norm/scale": norm("layers.{i}.post_attention_layernorm"),
-        "layers/mlp_norm/scale": norm("layers.{i}.pre_feedforward_layernorm"),
-        "layers/post_mlp_norm/scale": norm("layers.{i}.post_feedforward_layernorm"),
-        "layers/attn/query/kernel": _linear("self_attn.q_proj.weight", (h * d, e)),
-        "layers/attn/key/kernel": _linear("self_attn.k_proj.weight", (kv * d, e)),
-        "layers/attn/value/kernel": _linear("self_attn.v_proj.weight", (kv * d, e)),
-        "layers/attn/out/kernel": _linear("self_attn.o_proj.weight", (e, h * d)),
-        "layers/mlp/wi_gate/kernel": _linear("mlp.gate_proj.weight", (m, e)),
-        "layers/mlp/wi_up/kernel": _linear("mlp.up_proj.weight", (m, e)),
-        "layers/mlp/wo/kernel": _linear("mlp.down_proj.weight", (e, m)),
-        "final_norm/scale": norm("norm"),
+        ours + "token_embed": Tensor(hf + "embed_tokens.weight", (cfg.vocab_size, e)),
+        ours + "layers/attn_norm/scale": norm(layer + attn_norms[0]),
+        ours + "layers/post_attn_norm/scale": norm(layer + attn_norms[1]),
+        ours + "layers/mlp_norm/scale": norm(layer + "pre_feedforward_layernorm"),
+        ours + "layers/post_mlp_norm/scale": norm(layer + "post_feedforward_layernorm"),
+        ours + "layers/attn/query/kernel": linear("self_attn.q_proj.weight", (h * d, e)),
+        ours + "layers/attn/key/kernel": linear("self_attn.k_proj.weight", (kv * d, e)),
+        ours + "layers/attn/value/kernel": linear("self_attn.v_proj.weight", (kv * d, e)),
+        ours + "layers/attn/out/kernel": linear("self_attn.o_proj.weight", (e, h * d)),
+        ours + "layers/mlp/wi_gate/kernel": linear("mlp.gate_proj.weight", (m, e)),
+        ours + "layers/mlp/wi_up/kernel": linear("mlp.up_proj.weight", (m, e)),
+        ours + "layers/mlp/wo/kernel": linear("mlp.down_proj.weight", (e, m)),
+        ours + "final_norm/scale": norm(hf + "norm"),
     }
+
+
+def _gemma2_layout(cfg: ModelConfig) -> dict:
+    return _gemma_stack(cfg, "model.")
 
 
 def _gemma2_read(c) -> dict:
@@ -153,7 +170,7 @@ def _gemma2_read(c) -> dict:
     return dict(attention_pattern=attention_pattern(types), sliding_window=c.sliding_window)
 
 
-def _gemma2_write(config: ModelConfig) -> dict:
+def _gemma2_write(config: ModelConfig, hf=None) -> dict:
     return dict(layer_types=layer_types(config), sliding_window=config.sliding_window)
 
 
@@ -186,4 +203,95 @@ GEMMA2 = Family(
     write=_gemma2_write,
 )
 
-WINDOWED_FAMILIES = {f.model_type: f for f in (MODERNBERT, GEMMA2)}
+def _t5gemma_layout(cfg: ModelConfig) -> dict:
+    """T5Gemma: a Gemma 2 stack as encoder, another as decoder, whose layers gain
+    cross-attention (no RoPE) between self-attention and the MLP, each sublayer pre- and
+    post-normed."""
+    e, h, kv, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self_norms = ("pre_self_attn_layernorm", "post_self_attn_layernorm")
+    enc = _gemma_stack(cfg, "model.encoder.", "encoder/", self_norms, encoder=True)
+    dec = _gemma_stack(cfg, "model.decoder.", "", self_norms)
+    layer = "model.decoder.layers.{i}."
+    cross = lambda key, shape: Tensor(layer + "cross_attn." + key, shape, transpose=True)
+    norm = lambda key: Tensor(layer + key + ".weight", (e,), offset=1.0)
+    return {
+        **enc,
+        **dec,
+        "layers/cross_norm/scale": norm("pre_cross_attn_layernorm"),
+        "layers/post_cross_norm/scale": norm("post_cross_attn_layernorm"),
+        "layers/cross_attn/query/kernel": cross("q_proj.weight", (h * d, e)),
+        "layers/cross_attn/key/kernel": cross("k_proj.weight", (kv * d, e)),
+        "layers/cross_attn/value/kernel": cross("v_proj.weight", (kv * d, e)),
+        "layers/cross_attn/out/kernel": cross("o_proj.weight", (e, h * d)),
+    }
+
+
+# The fields an encoder-decoder's encoder shares with its decoder in meshlm (T5Gemma's may
+# differ: refused).
+SHARED_MODULE_KEYS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+    "rms_norm_eps", "hidden_activation", "max_position_embeddings", "vocab_size",
+)
+
+
+def sub_config(c, name: str):
+    """A nested config (an object, or a dict when read from config.json) read by attribute."""
+    sub = getattr(c, name, None)
+    if sub is None:
+        raise UserError(f"{c.model_type} config has no {name!r} section.")
+    return types.SimpleNamespace(**sub) if isinstance(sub, dict) else sub
+
+
+def _t5gemma_read(c) -> dict:
+    encoder, decoder = (sub_config(c, name) for name in ("encoder", "decoder"))
+    differ = [
+        f"{key} {getattr(encoder, key, None)!r} vs {getattr(decoder, key, None)!r}"
+        for key in SHARED_MODULE_KEYS
+        if getattr(encoder, key, None) != getattr(decoder, key, None)
+    ]
+    if differ:
+        raise UserError(
+            "t5gemma config: meshlm's encoder shares the decoder's sizes and settings, but "
+            f"encoder and decoder differ in {', '.join(differ)} (unbalanced T5Gemma models, "
+            "e.g. 9B-2B, are not supported)."
+        )
+    encoder_fields = _gemma2_read(encoder)
+    if encoder_fields["attention_pattern"] != _gemma2_read(decoder)["attention_pattern"]:
+        raise UserError("t5gemma config: encoder and decoder layer types must follow one pattern.")
+    return dict(
+        _gemma2_read(decoder),
+        encoder_layers=encoder.num_hidden_layers,
+        # HF's encoder window keeps |i - j| <= w: meshlm's < w + 1.
+        encoder_sliding_window=encoder.sliding_window + 1,
+        vocab_size=getattr(c, "vocab_size", None) or decoder.vocab_size,
+        tie_embeddings=getattr(c, "tie_word_embeddings", True),
+    )
+
+
+def _t5gemma_write(config: ModelConfig, decoder: dict) -> dict:
+    decoder.update(_gemma2_write(config), is_decoder=True)
+    encoder = _gemma2_write(config.encoder())
+    encoder["sliding_window"] -= 1
+    return dict(
+        encoder=dict(decoder, **encoder, num_hidden_layers=config.encoder_layers, is_decoder=False),
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=config.tie_embeddings,
+        is_encoder_decoder=True,
+    )
+
+
+T5GEMMA = Family(
+    model_type="t5gemma",
+    architecture="T5GemmaForConditionalGeneration",
+    style=GEMMA2.style,
+    names={k: v for k, v in GEMMA2.names.items() if k != "tie_embeddings"},
+    implemented=GEMMA2.implemented,
+    layout=_t5gemma_layout,
+    lm_head="lm_head.out_proj.weight",
+    read=_t5gemma_read,
+    write=_t5gemma_write,
+    sub_config="decoder",
+)
+
+WINDOWED_FAMILIES = {f.model_type: f for f in (MODERNBERT, GEMMA2, T5GEMMA)}

@@ -140,6 +140,11 @@ def check(config, model_config, mesh_shape: dict) -> None:
 def _check_layer_kinds(model_config, per_stage: int, stages: int) -> None:
     """Each stage numbers its layers from 0, so layers that differ by index must repeat
     within a stage's block of layers."""
+    if model_config.encoder_layers:
+        raise UserError(
+            f"model.encoder_layers={model_config.encoder_layers} with mesh.stage={stages}: "
+            "encoder-decoders are not pipelined; use mesh.stage=1."
+        )
     if not model_config.first_attn_norm:
         raise UserError(
             f"model.first_attn_norm=False with mesh.stage={stages}: layer 0's missing norm is "

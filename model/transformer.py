@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from model import pipeline
-from model.attention import Attention
+from model.attention import Attention, CrossAttention
 from model.config import ModelConfig
 from errors import UserError
 from model.layers import (
@@ -90,8 +90,11 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, carry, layer, positions, segment_ids, key_segment_ids, cache_index, prefix_mask
+        self, carry, layer, positions, segment_ids, key_segment_ids, cache_index, prefix_mask,
+        encoder,
     ):
+        """`encoder`: an encoder-decoder's decoder block's (encoder output or None after a
+        prefill, encoder segment ids) for its cross-attention; None in any other block."""
         cfg = self.config
         x, cache = carry
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
@@ -104,6 +107,14 @@ class Block(nn.Module):
         )
         x = x + dropout(self._post_norm("post_attn_norm", h))
         x = nn.with_logical_constraint(x, ACTIVATION)
+        if encoder is not None:
+            h = make_norm(cfg, "cross_norm")(x)
+            encoded, encoder_segment_ids = encoder
+            h, cache = CrossAttention(cfg, lora_dropout, name="cross_attn")(
+                h, encoded, segment_ids, encoder_segment_ids, cache, layer
+            )
+            x = x + dropout(self._post_norm("post_cross_norm", h))
+            x = nn.with_logical_constraint(x, ACTIVATION)
         h = make_norm(cfg, "mlp_norm")(x)
         if self.moe:
             mask = None if segment_ids is None else segment_ids != 0
@@ -156,7 +167,7 @@ def _stack(cfg: ModelConfig, length: int, layer_axis: str):
             "intermediates": 0,
         },
         split_rngs={"params": True, "dropout": True},
-        in_axes=(0,) + (nn.broadcast,) * 5,
+        in_axes=(0,) + (nn.broadcast,) * 6,
         length=length,
         unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: layer_axis},
@@ -168,6 +179,68 @@ def _remat(block_cls, policy_name: str):
         return block_cls
     policy = None if policy_name == "full" else getattr(jax.checkpoint_policies, policy_name)
     return nn.remat(block_cls, policy=policy, prevent_cse=False)  # scan already prevents CSE.
+
+
+def _positions(tokens, positions):
+    """Positions, 0, 1, ... along each row when not given."""
+    if positions is not None:
+        return positions
+    batch, length = tokens.shape
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+def _embed(module, cfg: ModelConfig, tokens, positions, deterministic):
+    """(the tokens' embeddings, position-encoded and normed as configured; the token
+    embedding table [vocab, embed], which a tied output projection reuses)."""
+    embedding = weight(
+        module,
+        "token_embed",
+        (cfg.vocab_size, cfg.embed_dim),
+        ("vocab", "embed"),
+        1,
+        param_init(cfg, ("vocab", "embed")),
+        quantized=cfg.quantize_embeddings,
+        transposed=True,
+    )
+    x = jnp.take(embedding, tokens, axis=0)
+    if cfg.embed_scale:  # in the compute dtype, as Gemma
+        x = x * jnp.asarray(cfg.embed_dim**0.5, x.dtype)
+    if cfg.position_embedding == "learned":
+        pos_table = module.param(
+            "pos_embed",
+            param_init(cfg, ("length", "embed")),
+            (cfg.max_seq_len, cfg.embed_dim),
+            cfg.param_dtype,
+        )
+        x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.dtype)
+    elif cfg.position_embedding == "sinusoidal":
+        x = x + sinusoidal_embedding(positions, cfg.embed_dim).astype(cfg.dtype)
+    if cfg.embed_norm:
+        x = make_norm(cfg, "embed_norm")(x)
+    x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+    return nn.with_logical_constraint(x, ACTIVATION), embedding
+
+
+class Encoder(nn.Module):
+    """An encoder-decoder's encoder: its own token embedding, the scanned blocks (no
+    cross-attention) with bidirectional attention, a final norm. `config` is the model
+    config's `encoder()` view."""
+
+    config: ModelConfig
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids, positions, deterministic):
+        cfg = self.config
+        x, _ = _embed(self, cfg, tokens, positions, deterministic)
+        layers = _stack(cfg, cfg.num_layers, "layers")(
+            cfg, deterministic, self.lora_dropout, name="layers"
+        )
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, _), _ = layers(
+            (x, None), layer_ids, positions, segment_ids, segment_ids, 0, None, None
+        )
+        return make_norm(cfg, "final_norm")(x)
 
 
 class Transformer(nn.Module):
@@ -200,39 +273,16 @@ class Transformer(nn.Module):
         cache: dict | None = None,
         return_hidden: bool = False,
         prefix_mask: jax.Array | None = None,
+        encoder_tokens: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
+        encoder_positions: jax.Array | None = None,
     ):
         cfg = self.config
-        batch, length = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-
-        embedding = weight(
-            self,
-            "token_embed",
-            (cfg.vocab_size, cfg.embed_dim),
-            ("vocab", "embed"),
-            1,
-            param_init(cfg, ("vocab", "embed")),
-            quantized=cfg.quantize_embeddings,
-            transposed=True,
+        positions = _positions(tokens, positions)
+        x, embedding = _embed(self, cfg, tokens, positions, deterministic)
+        encoder = self._encode(
+            tokens, cache, encoder_tokens, encoder_segment_ids, encoder_positions, deterministic
         )
-        x = jnp.take(embedding, tokens, axis=0)
-        if cfg.embed_scale:  # in the compute dtype, as Gemma
-            x = x * jnp.asarray(cfg.embed_dim**0.5, x.dtype)
-        if cfg.position_embedding == "learned":
-            pos_table = self.param(
-                "pos_embed",
-                param_init(cfg, ("length", "embed")),
-                (cfg.max_seq_len, cfg.embed_dim),
-                cfg.param_dtype,
-            )
-            x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.dtype)
-        elif cfg.position_embedding == "sinusoidal":
-            x = x + sinusoidal_embedding(positions, cfg.embed_dim).astype(cfg.dtype)
-        if cfg.embed_norm:
-            x = make_norm(cfg, "embed_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-        x = nn.with_logical_constraint(x, ACTIVATION)
 
         if cache is None:
             kv, key_segment_ids, cache_index = None, segment_ids, 0
@@ -254,7 +304,7 @@ class Transformer(nn.Module):
             layer_ids = jnp.arange(scan_length, dtype=jnp.int32)
             (x, kv), _ = layers(
                 (x, kv), layer_ids, positions, segment_ids, key_segment_ids, cache_index,
-                prefix_mask,
+                prefix_mask, encoder,
             )
         else:
             x = self._pipelined(x, (positions, segment_ids, prefix_mask), deterministic)
@@ -293,8 +343,34 @@ class Transformer(nn.Module):
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        cache = dict(kv, segment_ids=key_segment_ids, index=cache_index + length)
+        cache = dict(kv, segment_ids=key_segment_ids, index=cache_index + tokens.shape[1])
+        if encoder is not None:
+            cache["cross_segment_ids"] = encoder[1]
         return logits, cache
+
+    def _encode(self, tokens, cache, encoder_tokens, segment_ids, positions, deterministic):
+        """An encoder-decoder's (encoder output, its segment ids) for the decoder's
+        cross-attention; (None, the cached segment ids) when decoding after a prefill; None
+        for a decoder-only model. At init the decoder's tokens stand in when none are given."""
+        cfg = self.config
+        if not cfg.encoder_layers:
+            return None
+        if encoder_tokens is None and self.is_initializing():
+            encoder_tokens = tokens
+        if encoder_tokens is None:
+            if cache is None or "cross_segment_ids" not in cache:
+                raise UserError(
+                    f"model.encoder_layers={cfg.encoder_layers}: an encoder-decoder needs the "
+                    "encoder's tokens (batch field encoder_inputs), or a cache they were "
+                    "prefilled into."
+                )
+            return None, cache["cross_segment_ids"]
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(encoder_tokens)
+        encoded = Encoder(cfg.encoder(), self.lora_dropout, name="encoder")(
+            encoder_tokens, segment_ids, _positions(encoder_tokens, positions), deterministic
+        )
+        return encoded, segment_ids.astype(jnp.int32)
 
     def _pipelined(self, x, extras, deterministic):
         """The layers as the stages of `self.pipeline` (model/pipeline.py), each stage the
@@ -312,7 +388,7 @@ class Transformer(nn.Module):
             positions, segment_ids, prefix_mask = extras
             (x, _), _ = stack.apply(
                 weights, (x, None), layer_ids, positions, segment_ids, segment_ids, 0,
-                prefix_mask, rngs={} if rng is None else {"dropout": rng},
+                prefix_mask, None, rngs={} if rng is None else {"dropout": rng},
             )
             return x
 
@@ -328,7 +404,7 @@ class Transformer(nn.Module):
         """Logical axis names of the layers' weights after their layer axis: the params' from
         an abstract init of one stage; LoRA adapters (small) replicated."""
         positions, segment_ids, prefix_mask = extras
-        args = (x, None), layer_ids, positions, segment_ids, segment_ids, 0, prefix_mask
+        args = (x, None), layer_ids, positions, segment_ids, segment_ids, 0, prefix_mask, None
         boxed = jax.eval_shape(lambda: stack.init(jax.random.key(0), *args))
         names = {"params": jax.tree.map(
             lambda spec: tuple(spec)[1:], nn.get_partition_spec(boxed["params"]),

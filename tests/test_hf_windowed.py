@@ -67,11 +67,14 @@ def gemma2(**kw):
 
 
 def random_model(hf_config, seed=0):
-    """Every parameter random at a scale where each one moves the logits: matrices with std
-    fan_in ** -0.5, vectors (norm scales, biases) N(0, 0.5)."""
-    torch.manual_seed(seed)
     cls = ModernBertForMaskedLM if hf_config.model_type == "modernbert" else Gemma2ForCausalLM
-    model = cls(hf_config).eval()
+    return random_weights(cls(hf_config).eval(), seed)
+
+
+def random_weights(model, seed=0):
+    """`model` with every parameter random at a scale where each one moves the logits:
+    matrices with std fan_in ** -0.5, vectors (norm scales, biases) N(0, 0.5)."""
+    torch.manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             std = 0.5 if param.ndim == 1 else param.shape[-1] ** -0.5
