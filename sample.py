@@ -85,7 +85,11 @@ def main(argv):
             [tokenizer.encode(t) for t in texts], sampling.max_new_tokens, FLAGS.truncate_prompt
         )
         completions = sampler.generate(
-            prompts, sampling, tokenizer.eos_id, num_ids=tokenizer.vocab_size
+            prompts,
+            sampling,
+            tokenizer.eos_id,
+            num_ids=tokenizer.vocab_size,
+            start_id=tokenizer.bos_id,  # an encoder-decoder's decoder starts there
         )
     except UserError as error:
         raise SystemExit(f"error: {error}") from None

@@ -84,7 +84,12 @@ class Evaluator:
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start : start + self.batch_size]
             new_tokens = self.sampler.generate(
-                chunk, sampling, eos, params=params, num_ids=self.tokenizer.vocab_size
+                chunk,
+                sampling,
+                eos,
+                params=params,
+                num_ids=self.tokenizer.vocab_size,
+                start_id=self.tokenizer.bos_id,
             )
             for new in new_tokens:
                 texts.append(self.tokenizer.decode([t for t in new if t != eos]))

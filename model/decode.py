@@ -128,6 +128,7 @@ def generate(
     pad_id: int = 0,
     num_ids: int = 0,
     kv_cache_dtype: str = "model",
+    start_id: int = 0,
 ):
     """(new tokens [batch, max_new_tokens], number generated per row [batch]).
 
@@ -136,6 +137,8 @@ def generate(
     Ids from `num_ids` on (0 = none) are never sampled: a vocabulary padded past the
     tokenizer's for speed has ids no tokenizer can decode.
     The cache holds keys and values as `kv_cache_dtype` ("model" or "int8", see init_cache).
+    An encoder-decoder (model.encoder_layers > 0) encodes the prompts once, in the prefill,
+    and decodes from `start_id` (the decoder's start token; T5Gemma's is bos).
     Traceable: jit it, with the sampling arguments and kv_cache_dtype static.
     """
     batch, prompt_len = tokens.shape
@@ -143,14 +146,22 @@ def generate(
     index = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]
     segment_ids = (index >= pad).astype(jnp.int32)
     positions = jnp.maximum(index - pad, 0)
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens, kv_cache_dtype)
+    encoder, cache_len = {}, prompt_len + max_new_tokens
+    if model.config.encoder_layers:  # the prompt is the encoder's; the decoder starts afresh
+        encoder = dict(
+            encoder_tokens=tokens, encoder_segment_ids=segment_ids, encoder_positions=positions
+        )
+        tokens = jnp.full((batch, 1), start_id, jnp.int32)
+        segment_ids, positions = jnp.ones_like(tokens), jnp.zeros_like(tokens)
+        lengths, cache_len = jnp.ones_like(lengths), 1 + max_new_tokens
+    cache = init_cache(model.config, batch, cache_len, kv_cache_dtype, encoder_length=prompt_len)
     variables = {"params": params}
     sample = lambda logits, step: sample_next(
         logits[:, -1, : num_ids or None], jax.random.fold_in(rng, step), temperature, top_k, top_p
     )
 
     logits, cache = model.apply(
-        variables, tokens, segment_ids, positions, cache=cache, prefix_mask=segment_ids
+        variables, tokens, segment_ids, positions, cache=cache, prefix_mask=segment_ids, **encoder
     )
     first = sample(logits, 0)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)

@@ -92,13 +92,16 @@ class Sampler:
         self._compiled = {}
 
     def check_room(self, prompts: list[list[int]], max_new_tokens: int, truncate: bool):
-        """The prompts, cut from the left when `truncate`, that leave room for the new tokens."""
+        """The prompts, cut from the left when `truncate`, that leave room for the new tokens
+        (an encoder-decoder's prompts go to the encoder: the whole max_seq_len is theirs)."""
         room = self.model_config.max_seq_len - max_new_tokens
         if room < 1:
             raise UserError(
                 f"--max_new_tokens={max_new_tokens}: the model's max_seq_len is "
                 f"{self.model_config.max_seq_len}; ask for fewer new tokens."
             )
+        if self.model_config.encoder_layers:
+            room = self.model_config.max_seq_len
         for number, prompt in enumerate(prompts, 1):
             if not prompt:
                 raise UserError(f"prompt {number} is empty: give at least one token of text.")
@@ -119,18 +122,27 @@ class Sampler:
         pad_id: int = 0,
         params=None,
         num_ids: int = 0,
+        start_id: int | None = None,
     ) -> list[list[int]]:
         """The new tokens of each prompt (up to and including eos); `params` (placed like
         self.params, e.g. a training run's current ones) default to self.params. Give the
-        tokenizer's vocabulary size as `num_ids` so that no padding id is sampled."""
+        tokenizer's vocabulary size as `num_ids` so that no padding id is sampled, and an
+        encoder-decoder's decoder start token (the tokenizer's bos) as `start_id`."""
+        if self.model_config.encoder_layers and start_id is None:
+            raise UserError(
+                "an encoder-decoder decodes from a start token: this tokenizer has no bos; "
+                "give one (data.tokenizer with a bos piece)."
+            )
         rows = -(-len(prompts) // self.batch_multiple) * self.batch_multiple
         filler = [prompts[0]] * (rows - len(prompts))  # fills the data-parallel shards
         width = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
         tokens, lengths = left_pad(prompts + filler, pad_id, width)
         # The seed is data; every other sampling field is compiled into the function.
-        key = (tokens.shape, dataclasses.replace(sampling, seed=0), eos_id, pad_id, num_ids)
+        key = (
+            tokens.shape, dataclasses.replace(sampling, seed=0), eos_id, pad_id, num_ids, start_id
+        )
         if key not in self._compiled:
-            self._compiled[key] = self._jit(sampling, eos_id, pad_id, num_ids)
+            self._compiled[key] = self._jit(sampling, eos_id, pad_id, num_ids, start_id or 0)
         with activate(self.mesh, self.rules):
             out, num_new = self._compiled[key](
                 self.params if params is None else params,
@@ -141,7 +153,7 @@ class Sampler:
         out, num_new = np.asarray(out), np.asarray(num_new)
         return [out[row, : num_new[row]].tolist() for row in range(len(prompts))]
 
-    def _jit(self, sampling: SamplingConfig, eos_id: int, pad_id: int, num_ids: int):
+    def _jit(self, sampling: SamplingConfig, eos_id: int, pad_id: int, num_ids: int, start_id):
         def run(params, tokens, lengths, rng):
             return generate(
                 self.model,
@@ -157,6 +169,7 @@ class Sampler:
                 pad_id=pad_id,
                 num_ids=num_ids,
                 kv_cache_dtype=sampling.kv_cache_dtype,
+                start_id=start_id,
             )
 
         params_shardings = jax.tree.map(lambda a: a.sharding, self.abstract_params)

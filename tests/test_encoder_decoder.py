@@ -16,7 +16,7 @@ from model import Transformer
 from model.config import ModelConfig
 from model.decode import init_cache
 from model.hf import config_from_hf, from_hf, params_from_hf, to_hf
-from model.sampler import abstract_params
+from model.sampler import Sampler, SamplingConfig, abstract_params
 from sharding.mesh import make_mesh
 from sharding.rules import activate, logical_rules
 from tests.test_hf_windowed import random_weights
@@ -183,3 +183,25 @@ def test_an_encoder_decoder_needs_encoder_tokens():
     params = params_from_hf(hf_model().state_dict(), config)
     with pytest.raises(UserError, match="encoder_inputs"):
         Transformer(config).apply({"params": params}, np.ones((1, 4), int))
+
+
+def test_greedy_generation_equals_transformers_generate():
+    """sample.py's path (Sampler): the prompt is encoded once and decoding starts from bos,
+    as T5Gemma's generate does; the Sampler pads the batch to its buckets, so the encoder
+    sees left padding."""
+    hf = hf_model()
+    config, params = from_hf(hf, dtype="float32")
+    mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    sampler = Sampler(config, params, mesh, devices=jax.devices()[:1])
+    prompts = [[5, 9, 40, 7, 11, 60, 61, 62, 70], [12, 3]]
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    ours = sampler.generate(prompts, sampling, eos_id=EOS, pad_id=PAD, start_id=BOS)
+    for prompt, new in zip(prompts, ours):
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=int),
+                do_sample=False, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD,
+            )
+        assert out[0, 0] == BOS and new == out[0, 1:].tolist()
+    with pytest.raises(UserError, match="no bos"):
+        sampler.generate(prompts, sampling, eos_id=EOS)
