@@ -26,7 +26,7 @@ BOS, EOS, PAD = 2, 1, 0
 
 
 def t5gemma(encoder_layers=3, decoder_layers=2, **kw):
-    module = dict(
+    defaults = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=96,
@@ -38,8 +38,8 @@ def t5gemma(encoder_layers=3, decoder_layers=2, **kw):
         attn_logit_softcapping=2.0,
         final_logit_softcapping=3.0,
         max_position_embeddings=64,
-        **kw,
     )
+    module = {**defaults, **kw}
     return T5GemmaConfig(
         encoder=T5GemmaModuleConfig(**module, num_hidden_layers=encoder_layers),
         decoder=T5GemmaModuleConfig(**module, num_hidden_layers=decoder_layers),
@@ -190,12 +190,15 @@ def test_greedy_generation_equals_transformers_generate():
     as T5Gemma's generate does; the Sampler pads the batch to its buckets, so the encoder
     sees left padding."""
     hf = hf_model()
+    with torch.no_grad():  # else the scaled start token's own logit wins every step
+        hf.model.decoder.embed_tokens.weight.mul_(0.3)
     config, params = from_hf(hf, dtype="float32")
     mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     sampler = Sampler(config, params, mesh, devices=jax.devices()[:1])
     prompts = [[5, 9, 40, 7, 11, 60, 61, 62, 70], [12, 3]]
     sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
     ours = sampler.generate(prompts, sampling, eos_id=EOS, pad_id=PAD, start_id=BOS)
+    assert len(set(ours[0])) > 2 and ours[0] != ours[1]  # the output depends on the prompt
     for prompt, new in zip(prompts, ours):
         with torch.no_grad():
             out = hf.generate(

@@ -20,7 +20,7 @@ from errors import UserError
 from model import Transformer
 from model.config import ModelConfig
 from model.hf import config_from_hf, from_hf, params_from_hf, to_hf
-from model.sampler import Sampler
+from model.sampler import Sampler, SamplingConfig
 from tests.helpers import assert_greedy_matches_hf
 
 VOCAB, LENGTH, TOLERANCE = 128, 24, 1e-4
@@ -158,11 +158,15 @@ def test_gemma2_greedy_decoding_equals_transformers_generate():
     """Sliding windows, soft-capping and the scaled embedding in the KV-cache path: prompts
     and generations longer than the window."""
     hf_model = random_model(gemma2())
+    with torch.no_grad():  # else the scaled embedding of the last token wins every step
+        hf_model.model.embed_tokens.weight.mul_(0.2)
     config, params = from_hf(hf_model, dtype="float32")
     mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     sampler = Sampler(config, params, mesh, devices=jax.devices()[:1])
     prompts = [[5, 9, 40, 7, 11, 60, 61, 62], [12, 3]]
     assert_greedy_matches_hf(sampler, hf_model, prompts, eos=2, max_new_tokens=10)
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    assert all(len(set(new)) > 3 for new in sampler.generate(prompts, greedy, eos_id=2))
 
 
 def test_blockwise_attention_equals_xla_for_local_layers_and_caps():
