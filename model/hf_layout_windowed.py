@@ -1,6 +1,6 @@
 """The Hugging Face families whose layers alternate global and sliding-window attention:
-ModernBERT (a bidirectional masked LM), Gemma 2 (a causal LM) and T5Gemma (an
-encoder-decoder of two Gemma 2 stacks). Tables as in
+ModernBERT (a bidirectional masked LM), Gemma 2 and Gemma 3 (causal LMs; Gemma 3's text
+model only) and T5Gemma (an encoder-decoder of two Gemma 2 stacks). Tables as in
 model/hf_layout.py, plus each family's reading and writing of its per-layer attention
 types, windows and RoPE bases, which are no plain renames.
 
@@ -76,12 +76,17 @@ def _modernbert_read(c) -> dict:
     )
 
 
-def _modernbert_write(config: ModelConfig, hf=None) -> dict:
+def _rope_per_type(config: ModelConfig) -> dict:
+    """transformers 5's rope_parameters for global and local layers of their own bases."""
     thetas = {"full_attention": config.rope_theta, "sliding_attention": config.local_rope_theta}
+    return {k: {"rope_type": "default", "rope_theta": v} for k, v in thetas.items()}
+
+
+def _modernbert_write(config: ModelConfig, hf=None) -> dict:
     return dict(
         layer_types=layer_types(config),
         local_attention=2 * (config.sliding_window - 1),
-        rope_parameters={k: {"rope_type": "default", "rope_theta": v} for k, v in thetas.items()},
+        rope_parameters=_rope_per_type(config),
         global_rope_theta=config.rope_theta,
         local_rope_theta=config.local_rope_theta,
     )
@@ -203,6 +208,51 @@ GEMMA2 = Family(
     write=_gemma2_write,
 )
 
+def _gemma3_layout(cfg: ModelConfig) -> dict:
+    attn = "model.layers.{i}.self_attn."
+    norm = lambda key: Tensor(attn + key, (cfg.head_dim,), offset=1.0)
+    return {
+        **_gemma_stack(cfg, "model."),
+        "layers/attn/query_norm/scale": norm("q_norm.weight"),
+        "layers/attn/key_norm/scale": norm("k_norm.weight"),
+    }
+
+
+def _gemma3_read(c) -> dict:
+    every = getattr(c, "sliding_window_pattern", None) or 6
+    types = getattr(c, "layer_types", None) or [
+        "full_attention" if (i + 1) % every == 0 else "sliding_attention"
+        for i in range(c.num_hidden_layers)
+    ]
+    rope = getattr(c, "rope_parameters", None) or {}
+    local = rope.get("sliding_attention", {}).get("rope_theta")
+    return dict(
+        attention_pattern=attention_pattern(types),
+        sliding_window=c.sliding_window,
+        local_rope_theta=float(local or getattr(c, "rope_local_base_freq", None) or 10000.0),
+    )
+
+
+def _gemma3_write(config: ModelConfig, hf=None) -> dict:
+    return dict(_gemma2_write(config), rope_parameters=_rope_per_type(config))
+
+
+# Gemma 2 with (1 + w) q/k norms, local layers of their own RoPE base, usually no final
+# soft-cap; transformers' Gemma 3 reads attn_logit_softcapping but never applies it, so
+# neither does meshlm.
+GEMMA3 = Family(
+    model_type="gemma3_text",
+    architecture="Gemma3ForCausalLM",
+    style=dict(GEMMA2.style, qk_norm=True),
+    names={k: v for k, v in GEMMA2.names.items() if k != "attn_logit_softcap"},
+    implemented=GEMMA2.implemented,
+    layout=_gemma3_layout,
+    rope_theta=1e6,
+    read=_gemma3_read,
+    write=_gemma3_write,
+)
+
+
 def _t5gemma_layout(cfg: ModelConfig) -> dict:
     """T5Gemma: a Gemma 2 stack as encoder, another as decoder, whose layers gain
     cross-attention (no RoPE) between self-attention and the MLP, each sublayer pre- and
@@ -294,4 +344,4 @@ T5GEMMA = Family(
     sub_config="decoder",
 )
 
-WINDOWED_FAMILIES = {f.model_type: f for f in (MODERNBERT, GEMMA2, T5GEMMA)}
+WINDOWED_FAMILIES = {f.model_type: f for f in (MODERNBERT, GEMMA2, GEMMA3, T5GEMMA)}

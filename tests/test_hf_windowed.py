@@ -12,6 +12,8 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     ModernBertConfig,
     ModernBertForMaskedLM,
 )
@@ -46,7 +48,7 @@ def modernbert(**kw):
     )
 
 
-def gemma2(**kw):
+def gemma2(config_class=Gemma2Config, **kw):
     defaults = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -63,12 +65,24 @@ def gemma2(**kw):
         attn_implementation="eager",
         **SPECIAL_IDS,
     )
-    return Gemma2Config(**{**defaults, **kw})
+    return config_class(**{**defaults, **kw})
+
+
+def gemma3(**kw):
+    """Gemma 2's shapes with Gemma 3's q/k norms, 5 local layers per global one and local
+    layers of their own RoPE base (its attention ignores gemma2()'s attn_logit_softcapping)."""
+    return gemma2(Gemma3TextConfig, num_hidden_layers=6, **kw)
+
+
+CLASSES = {
+    "modernbert": ModernBertForMaskedLM,
+    "gemma2": Gemma2ForCausalLM,
+    "gemma3_text": Gemma3ForCausalLM,
+}
 
 
 def random_model(hf_config, seed=0):
-    cls = ModernBertForMaskedLM if hf_config.model_type == "modernbert" else Gemma2ForCausalLM
-    return random_weights(cls(hf_config).eval(), seed)
+    return random_weights(CLASSES[hf_config.model_type](hf_config).eval(), seed)
 
 
 def random_weights(model, seed=0):
@@ -96,7 +110,7 @@ def both_logits(model, config, params, lengths=(LENGTH, LENGTH - 7)):
     return np.asarray(ours), theirs, valid
 
 
-@pytest.mark.parametrize("make", [modernbert, gemma2])
+@pytest.mark.parametrize("make", [modernbert, gemma2, gemma3])
 def test_logits_match_hf_with_padding(make):
     model = random_model(make())
     config, params = from_hf(model, dtype="float32")
@@ -118,6 +132,10 @@ def test_config_mapping():
         2.0, 3.0, True, True
     )
     assert config_from_hf(gemma2(final_logit_softcapping=None)).final_logit_softcap == 0.0
+    g3 = config_from_hf(gemma3())
+    assert (g3.attention_pattern, g3.qk_norm, g3.rope_theta, g3.local_rope_theta) == (
+        "LLLLLG", True, 1e6, 1e4
+    )
 
 
 def test_config_json_of_transformers_4_is_read():
@@ -135,7 +153,7 @@ def test_config_json_of_transformers_4_is_read():
     assert (g.attention_pattern, g.rope_theta) == ("LG", 500.0)
 
 
-@pytest.mark.parametrize("make", [modernbert, gemma2])
+@pytest.mark.parametrize("make", [modernbert, gemma2, gemma3])
 def test_export_loads_into_transformers_and_round_trips(make):
     """meshlm -> HF config.json dict + state dict -> the HF class gives our logits; and back
     to meshlm bit for bit."""
