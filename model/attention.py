@@ -14,6 +14,8 @@ prefix LM's prompt is its prefix, bidirectional within the call that writes it (
 prefill), and a bidirectional model (masked LM) cannot decode.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ from errors import UserError
 from model.attention_ops import attend, attention_mask
 from model.blockwise_attention import Scores
 from model.config import ModelConfig
-from model.layers import Dense, apply_rope, ones_init, residual_init_std
+from model.layers import Dense, apply_rope, make_norm, residual_init_std
 from model.quantize import quantize
 
 # One layer's cached keys or values. Heads before length: a decode step's scores are then
@@ -203,15 +205,9 @@ def _is_local(config: ModelConfig, layer):
 
 
 def _head_norm(config: ModelConfig, name: str) -> nn.Module:
-    """RMSNorm over each head's vector (one head_dim scale shared by the heads; statistics in
-    float32), as Qwen3 normalises queries and keys before RoPE."""
-    return nn.RMSNorm(
-        epsilon=config.norm_eps,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        scale_init=ones_init(("head_dim",)),
-        name=name,
-    )
+    """RMSNorm over each head's vector (one head_dim scale shared by the heads), as Qwen3
+    and Gemma 3 normalise queries and keys before RoPE."""
+    return make_norm(dataclasses.replace(config, norm="rmsnorm"), name, "head_dim")
 
 
 def quantize_cache(x):

@@ -63,6 +63,9 @@ class ModelConfig:
     rope_theta: float = field(10000.0, "(0, inf)", "RoPE base wavelength")
     norm: str = field("layernorm", NORMS, "pre-norm type")
     norm_eps: float = field(1e-5, "(0, 1)", "epsilon of the norms")
+    norm_plus_one: bool = field(
+        False, bool, "RMSNorm scales stored as w and applied as (1 + w), w initialised to 0 (Gemma)"
+    )
     mlp_activation: str = field(
         "gelu",
         MLP_ACTIVATIONS,
@@ -269,6 +272,11 @@ class ModelConfig:
                 f"({', '.join(f'{k}={v}' for k, v in sizes.items())}); give a divisor.",
             )
 
+        require(
+            self.norm == "rmsnorm" or not self.norm_plus_one,
+            "norm_plus_one",
+            "the (1 + w) form is Gemma's RMSNorm; set model.norm=rmsnorm.",
+        )
         self._check_local_attention(require)
         require(
             not self.encoder_layers or not self.num_experts,

@@ -197,7 +197,7 @@ def _from_hf_layout(array: np.ndarray, tensor: Tensor, shape: tuple) -> np.ndarr
     if tensor.part is not None:
         k, width = tensor.part[0], array.shape[-1] // tensor.part[1]
         array = array[..., k * width : (k + 1) * width]
-    return (array + np.float32(tensor.offset) if tensor.offset else array).reshape(shape)
+    return array.reshape(shape)
 
 
 def _to_hf_layout(array: np.ndarray, tensor: Tensor) -> np.ndarray:
@@ -205,7 +205,7 @@ def _to_hf_layout(array: np.ndarray, tensor: Tensor) -> np.ndarray:
     shape = tensor.shape[::-1] if tensor.transpose else tensor.shape  # the output axis last
     if tensor.part is not None:
         shape = shape[:-1] + (shape[-1] // tensor.part[1],)
-    array = array.reshape(shape) - np.asarray(tensor.offset, array.dtype)
+    array = array.reshape(shape)
     return array.T if tensor.transpose else array
 
 
@@ -379,7 +379,7 @@ def hf_tensors(params, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
             parts[tensor.part[0]] = array
             if len(parts) == tensor.part[1]:
                 parts = [parts[k] for k in sorted(parts)]
-                yield key, np.concatenate(parts, axis=_part_axis(tensor))
+                yield key, np.ascontiguousarray(np.concatenate(parts, axis=_part_axis(tensor)))
                 del packed[key]
 
 

@@ -45,7 +45,6 @@ class Tensor(NamedTuple):
     # (k, n): the k-th of n equal slices of the output axis (the last of a GPT-2 Conv1D, the
     # first of a transposed nn.Linear)
     part: tuple[int, int] | None = None
-    offset: float = 0.0  # meshlm = HF + offset (Gemma's RMSNorm stores scale - 1)
     from_layer: int = 0  # HF has it from this layer on; meshlm's earlier layers hold ones
     encoder: bool = False  # "{i}" counts an encoder-decoder's encoder layers
 

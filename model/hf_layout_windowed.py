@@ -139,12 +139,13 @@ GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 def _gemma_stack(cfg: ModelConfig, hf: str, ours: str = "", attn_norms=GEMMA2_NORMS,
                  encoder=False) -> dict:
-    """A Gemma 2 style stack: embeddings, layers (four (1 + w) RMSNorms each), final norm;
+    """A Gemma 2 style stack: embeddings, layers (four RMSNorms each, (1 + w): meshlm's
+    model.norm_plus_one, so the weights load as they are), final norm;
     `hf` and `ours` prefix the HF and meshlm names, `attn_norms` are HF's pre and post
     attention norms' names."""
     e, m, h, kv, d = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     layer = hf + "layers.{i}."
-    norm = lambda key: Tensor(key + ".weight", (e,), offset=1.0, encoder=encoder)  # scale - 1
+    norm = lambda key: Tensor(key + ".weight", (e,), encoder=encoder)
     linear = lambda key, shape: Tensor(layer + key, shape, transpose=True, encoder=encoder)
     return {
         ours + "token_embed": Tensor(hf + "embed_tokens.weight", (cfg.vocab_size, e)),
@@ -189,6 +190,7 @@ GEMMA2 = Family(
         qk_norm=False,
         embed_scale=True,
         post_norms=True,
+        norm_plus_one=True,
     ),
     names=dict(
         LLAMA_NAMES,
@@ -210,7 +212,7 @@ GEMMA2 = Family(
 
 def _gemma3_layout(cfg: ModelConfig) -> dict:
     attn = "model.layers.{i}.self_attn."
-    norm = lambda key: Tensor(attn + key, (cfg.head_dim,), offset=1.0)
+    norm = lambda key: Tensor(attn + key, (cfg.head_dim,))
     return {
         **_gemma_stack(cfg, "model."),
         "layers/attn/query_norm/scale": norm("q_norm.weight"),
@@ -263,7 +265,7 @@ def _t5gemma_layout(cfg: ModelConfig) -> dict:
     dec = _gemma_stack(cfg, "model.decoder.", "", self_norms)
     layer = "model.decoder.layers.{i}."
     cross = lambda key, shape: Tensor(layer + "cross_attn." + key, shape, transpose=True)
-    norm = lambda key: Tensor(layer + key + ".weight", (e,), offset=1.0)
+    norm = lambda key: Tensor(layer + key + ".weight", (e,))
     return {
         **enc,
         **dec,

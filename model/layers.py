@@ -29,18 +29,37 @@ def ones_init(names):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
 
 
-def make_norm(config: ModelConfig, name: str) -> nn.Module:
-    """Pre-norm layer: LayerNorm (GPT-2) or RMSNorm (Llama); statistics in float32."""
+def make_norm(config: ModelConfig, name: str, axis: str = "embed") -> nn.Module:
+    """A norm over the last axis (logically named `axis`): LayerNorm (GPT-2) or RMSNorm
+    (Llama; Gemma's (1 + w) form with model.norm_plus_one); statistics in float32."""
+    if config.norm == "rmsnorm" and config.norm_plus_one:
+        return PlusOneRMSNorm(config, axis, name=name)
     common = dict(
         epsilon=config.norm_eps,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         name=name,
-        scale_init=ones_init(("embed",)),
+        scale_init=ones_init((axis,)),
     )
     if config.norm == "rmsnorm":
         return nn.RMSNorm(**common)
-    return nn.LayerNorm(use_bias=config.use_bias, bias_init=zeros_init(("embed",)), **common)
+    return nn.LayerNorm(use_bias=config.use_bias, bias_init=zeros_init((axis,)), **common)
+
+
+class PlusOneRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + scale), in float32, the scale initialised to 0, so
+    its checkpoints' norm weights load as they are."""
+
+    config: ModelConfig
+    axis: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        scale = self.param("scale", zeros_init((self.axis,)), (x.shape[-1],), cfg.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + cfg.norm_eps)
+        return (y * (1.0 + scale.astype(jnp.float32))).astype(cfg.dtype)
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:

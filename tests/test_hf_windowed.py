@@ -2,6 +2,7 @@
 (embedding norm and scale, post-norms, GeGLU, soft-capping, the masked-LM head) give the
 Hugging Face logits, both ways, and decode with a KV cache as transformers generates."""
 
+import json
 import types
 
 import jax
@@ -225,3 +226,25 @@ def test_the_chunked_loss_refuses_logits_it_cannot_make():
     params = params_from_hf(random_model(gemma2()).state_dict(), config)
     with pytest.raises(UserError, match="loss_chunk_size=0"):
         Transformer(config).apply({"params": params}, np.ones((1, 4), int), return_hidden=True)
+
+
+@pytest.mark.parametrize("family", ["modernbert", "t5gemma"])
+def test_files_round_trip_through_a_workdir(tmp_path, family):
+    """tools/import_hf then tools/export_hf give back the saved files bit for bit: packed
+    nn.Linear weights (ModernBERT's Wqkv, Wi) and a nested config.json (T5Gemma's); the
+    workdir trains by the model's own objective."""
+    from tests.test_encoder_decoder import hf_model as t5gemma_model
+    from tests.test_hf_interop import save_hf, tensors
+    from tools import export_hf, import_hf
+
+    model = random_model(modernbert()) if family == "modernbert" else t5gemma_model()
+    hf_dir = save_hf(model, tmp_path / "hf")
+    import_hf.main([hf_dir, f"--workdir={tmp_path / 'w'}"])
+    export_hf.export_hf(str(tmp_path / "w"), str(tmp_path / "out"), 2**30)
+    original, exported = tensors(hf_dir), tensors(tmp_path / "out")
+    assert sorted(exported) == sorted(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    with open(tmp_path / "w" / "config.json") as f:
+        objective = json.load(f)["train"]["objective"]
+    assert objective == {"modernbert": "mlm", "t5gemma": "span_corruption"}[family]

@@ -81,6 +81,14 @@ class SafetensorsFiles(Mapping):
         return len(self._files)
 
 
+def objective_of(model_config) -> str:
+    """The objective a continued training run starts with: what the model was made for (a
+    masked LM's, an encoder-decoder's), next-token prediction otherwise."""
+    if model_config.encoder_layers:
+        return "span_corruption"
+    return "mlm" if model_config.attention_mask == "bidirectional" else "clm"
+
+
 def read_json(path: str, what: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{os.path.dirname(path)!r} has no {os.path.basename(path)} ({what}).")
@@ -172,6 +180,7 @@ def import_hf(hf_dir: str, workdir: str, dtype: str, param_dtype: str) -> str:
     config = get_base_config()
     config.model.update(dataclasses.asdict(model_config))
     config.data.seq_len = min(config.data.seq_len, model_config.max_seq_len)
+    config.train.objective = objective_of(model_config)
     validate_config(config, num_devices=1)
     files = weight_files(hf_dir)
     tokenizer_path, tokenizer_config = find_tokenizer(hf_dir, hf_config, model_config.vocab_size)
