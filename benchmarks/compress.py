@@ -170,7 +170,7 @@ def main(argv):
     batches = [
         {k: np.asarray(v) for k, v in b.items()}
         for b in eval_batches(data, run.config.train.global_batch_size,
-                              run.model_config.vocab_size, FLAGS.eval_batches)
+                              run.model_config, FLAGS.eval_batches)
     ]
     dense_ppl, dense_argmax = score(dense_sampler, batches, "model")
     print(f"dense: {FLAGS.workdir} step {run.step}, {run.model_config.num_layers} layers x "

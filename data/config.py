@@ -80,7 +80,16 @@ class DataConfig:
         "sentencepiece .model ('' = data/assets/stdlib_bpe8k.model), or an imported model's "
         "tokenizer.json",
     )
-    seq_len: int = field(256, "[1, inf)", "tokens per training sequence")
+    seq_len: int = field(
+        256, "[1, inf)", "tokens per training sequence (an encoder-decoder's: the decoder's)"
+    )
+    encoder_seq_len: int = field(
+        0,
+        "[0, inf)",
+        "encoder-decoder models (model.encoder_layers > 0): the encoder's tokens per row, "
+        "beside data.seq_len the decoder's; 0 = data.seq_len. Span corruption reads the raw "
+        "windows whose corrupted inputs fit this and whose targets fit data.seq_len",
+    )
     pack_documents: bool = field(
         True, bool, "segment ids + per-document positions: attention never crosses documents"
     )
@@ -138,6 +147,12 @@ def default_data_config() -> ml_collections.ConfigDict:
 def validate(cfg) -> DataConfig:
     """Checks `config.data` (every field, before tf.data sees any of it)."""
     return from_values(DataConfig, cfg, "data")
+
+
+def encoder_length(data, encoder_layers: int) -> int:
+    """The encoder's row length of a model with `encoder_layers`: 0 for a decoder-only one
+    (its batches have no encoder fields), else data.encoder_seq_len or data.seq_len."""
+    return (data.encoder_seq_len or data.seq_len) if encoder_layers else 0
 
 
 def split_field(cfg, split: str) -> str:

@@ -25,6 +25,19 @@ position), never a stateful generator.
                    tokens per span, so the pipeline reads shorter windows (raw_seq_len, as
                    T5's random_spans_helper sizes its inputs): nothing is ever cut, and the
                    rest of a row is padding. Needs attention_mask=prefix.
+                   With model.encoder_layers > 0 it is T5's own form: each row's raw
+                   window (its documents back to back, each ending in eos) is one example,
+                   as in T5's pretraining: the encoder reads it with each noise span
+                   replaced by its sentinel, then eos (data.encoder_seq_len tokens); the
+                   decoder's targets are "<extra_id_0> span 0 <extra_id_1> span 1 ... eos"
+                   and its inputs the targets shifted right behind the tokenizer's bos id
+                   (the start token), weights 1 on every target (data.seq_len tokens). One
+                   example per row, segment id 1 on both sides: the encoder attends across
+                   the window's documents, as T5's does. The window is the longest whose
+                   corruption always fits both lengths (raw_seq_len): nothing is ever cut.
+                   Needs model.attention_mask=causal (the decoder's; the encoder is
+                   bidirectional). The only objective of an encoder-decoder. The span
+                   sampler and both forms' rows are data/spans.py's.
 
 Mask and sentinel ids are tokenizer pieces: `<mask>` and `<extra_id_0>`, ... (T5's names),
 reserved by `python -m data.tokenizer --extra_ids=N`, or an imported tokenizer.json's own
@@ -34,13 +47,14 @@ mask_token and <extra_id_k> tokens.
 import dataclasses
 import numpy as np
 
-from data import packing
+from data import packing, spans
 from data.shuffle import hash_ints
+from data.spans import corrupt_rows, max_spans
 from errors import UserError
 
 OBJECTIVES = ("clm", "mlm", "prefix_lm", "span_corruption")
 EVAL_SEED = 0  # evaluation batches are the same at every evaluation of every run
-_SELECT, _KIND, _RANDOM, _PREFIX, _SPANS = range(5)  # hash domains
+_SELECT, _KIND, _RANDOM, _PREFIX = range(4)  # hash domains (data/spans.py's is 4)
 _UNIT = 2.0**-64
 
 
@@ -62,11 +76,15 @@ class Objective:
     mask_id: int | None = None
     sentinel_ids: tuple = ()
     text_ids: tuple = (0, 1)  # [low, high): the ids a random replacement draws from
+    encoder_seq_len: int = 0  # > 0: an encoder-decoder's encoder row length
+    start_id: int | None = None  # an encoder-decoder's decoder start token (bos)
+    eos_id: int | None = None  # appended to an encoder-decoder's inputs and targets
 
 
-def from_config(train, seq_len: int, tokenizer, seed: int) -> Objective:
+def from_config(train, seq_len: int, tokenizer, seed: int, encoder_seq_len: int = 0) -> Objective:
     """The Objective of `train` (config.train) with `tokenizer`'s reserved ids; UserError when
-    the tokenizer lacks the ids the objective needs."""
+    the tokenizer lacks the ids the objective needs. `encoder_seq_len` > 0: the batches of an
+    encoder-decoder (data/config.encoder_length)."""
     objective = Objective(
         name=train.objective,
         seed=seed,
@@ -81,6 +99,9 @@ def from_config(train, seq_len: int, tokenizer, seed: int) -> Objective:
         mask_id=tokenizer.mask_id,
         sentinel_ids=tuple(tokenizer.sentinel_ids),
         text_ids=(tokenizer.first_text_id, tokenizer.vocab_size),
+        encoder_seq_len=encoder_seq_len,
+        start_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
     )
     check_vocabulary(objective, tokenizer.path)
     return objective
@@ -88,13 +109,22 @@ def from_config(train, seq_len: int, tokenizer, seed: int) -> Objective:
 
 def check_vocabulary(objective: Objective, tokenizer_path: str) -> None:
     """UserError unless the vocabulary has the mask or sentinel ids the objective uses."""
+    if objective.encoder_seq_len and objective.start_id is None:
+        raise UserError(
+            f"train.objective={objective.name} for an encoder-decoder starts the decoder with "
+            f"the bos id; data.tokenizer {tokenizer_path!r} has none: give a tokenizer with a "
+            "bos_token (`python -m data.tokenizer` makes one)."
+        )
     if objective.name == "mlm":
         needed, have = 1, int(objective.mask_id is not None)
         what = "a <mask> id (a mask_token)"
     elif objective.name == "span_corruption":
         needed = max_spans(objective, raw_seq_len(objective) + 1)
         have = len(objective.sentinel_ids)
-        what = f"{needed} sentinel ids <extra_id_0>... (for data.seq_len={objective.seq_len})"
+        lengths = f"data.seq_len={objective.seq_len}"
+        if objective.encoder_seq_len:
+            lengths += f", encoder length {objective.encoder_seq_len}"
+        what = f"{needed} sentinel ids <extra_id_0>... (for {lengths})"
     else:
         return
     if have < needed:
@@ -108,21 +138,17 @@ def check_vocabulary(objective: Objective, tokenizer_path: str) -> None:
 def raw_seq_len(objective: Objective) -> int:
     """The seq_len of the windows the pipeline reads: data.seq_len, or for span_corruption
     the longest raw window W (W - 1 returned) whose corrupted rows always fit seq_len + 1
-    tokens, W + 2 * max_spans(W) <= seq_len + 1 (T5's random_spans_helper, for one row)."""
+    tokens, W + 2 * max_spans(W) <= seq_len + 1 (T5's random_spans_helper, for one row);
+    for an encoder-decoder's, spans.encoder_decoder_window's."""
     width = objective.seq_len + 1
     if objective.name != "span_corruption":
         return objective.seq_len
+    if objective.encoder_seq_len:
+        return spans.encoder_decoder_window(objective) - 1
     length = width
     while length > 2 and length + 2 * max_spans(objective, length) > width:
         length -= 1
     return length - 1
-
-
-def max_spans(objective: Objective, length: int) -> int:
-    """Noise spans of a document of `length` tokens: floor(length * density / mean span).
-    The floor makes the spans of a row's documents sum to at most those of the whole row,
-    so sizing by the row's length is enough."""
-    return int(length * objective.noise_density / objective.mean_span_length)
 
 
 def apply(objective: Objective, batch: dict, index: int, first_row: int) -> dict:
@@ -131,6 +157,8 @@ def apply(objective: Objective, batch: dict, index: int, first_row: int) -> dict
         return batch
     rows = first_row + np.arange(batch["inputs"].shape[0])
     transform = {"mlm": mlm, "prefix_lm": prefix_lm, "span_corruption": span_corruption}
+    if objective.encoder_seq_len:
+        transform["span_corruption"] = encoder_decoder_span_corruption
     return transform[objective.name](objective, batch, index, rows)
 
 
@@ -203,25 +231,8 @@ def span_corruption(objective: Objective, batch: dict, index: int, rows: np.ndar
     )
 
 
-def corrupt_rows(objective: Objective, tokens, doc_ids, index: int, rows: np.ndarray):
-    """Windows [B, W] -> (tokens, document ids, prefix) [B, seq_len + 1]: each document
-    corrupted (`corrupt`) into its inputs (the prefix) then its targets, in the row's order;
-    the rest of a row is padding."""
-    width = objective.seq_len + 1
-    out_tokens = np.zeros((len(rows), width), np.int32)
-    out_docs = np.full((len(rows), width), packing.PAD_DOC, np.int64)
-    prefix = np.zeros((len(rows), width), bool)
-    for r, row in enumerate(rows.tolist()):
-        rng = np.random.default_rng(int(hash_ints(objective.seed, _SPANS, index, row)))
-        at = 0
-        for doc, (start, end) in enumerate(_runs(doc_ids[r])):
-            inputs, targets = corrupt(objective, tokens[r, start:end], rng)
-            stop = at + len(inputs) + len(targets)
-            out_tokens[r, at:stop] = np.concatenate([inputs, targets])
-            out_docs[r, at:stop] = doc
-            prefix[r, at : at + len(inputs)] = True
-            at = stop
-    return out_tokens, out_docs, prefix
+def encoder_decoder_span_corruption(objective: Objective, batch, index: int, rows) -> dict:
+    return spans.encoder_decoder_rows(objective, *_windows(batch), index, rows)
 
 
 def _windows(batch: dict):
@@ -237,47 +248,19 @@ def _windows(batch: dict):
     return tokens, np.where(docs > 0, docs, packing.PAD_DOC)
 
 
-def _runs(doc_ids: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) of each document (run of one id, not padding) of a row."""
-    edges = np.flatnonzero(np.diff(doc_ids)) + 1
-    bounds = zip(np.concatenate([[0], edges]).tolist(), np.append(edges, len(doc_ids)).tolist())
-    return [(s, e) for s, e in bounds if doc_ids[s] != packing.PAD_DOC]
-
-
-def corrupt(objective: Objective, tokens: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-    """T5's span corruption of one document: (inputs with sentinels, targets with
-    sentinels). Spans alternate non-noise, noise, ... (T5's random_spans_noise_mask), so
-    a document ends in noise; its noise spans and non-noise spans have random positive
-    lengths. A document too short for one span (max_spans = 0) is all input, no target."""
-    length = len(tokens)
-    spans = min(max_spans(objective, length), length // 2)
-    if spans == 0:
-        return tokens, tokens[:0]
-    noise = int(np.clip(round(length * objective.noise_density), spans, length - spans))
-    noise_lengths = _segment(noise, spans, rng)
-    kept_lengths = _segment(length - noise, spans, rng)
-    pieces = np.split(tokens, np.cumsum(np.stack([kept_lengths, noise_lengths], 1).ravel())[:-1])
-    sentinels = [np.array([s], tokens.dtype) for s in objective.sentinel_ids[:spans]]
-    inputs = [p for kept, s in zip(pieces[0::2], sentinels) for p in (kept, s)]
-    targets = [p for s, span in zip(sentinels, pieces[1::2]) for p in (s, span)]
-    return np.concatenate(inputs), np.concatenate(targets)
-
-
-def _segment(items: int, segments: int, rng) -> np.ndarray:
-    """`items` cut into `segments` random positive lengths (T5's _random_segmentation)."""
-    cuts = np.sort(rng.choice(items - 1, segments - 1, replace=False)) + 1
-    return np.diff(np.concatenate([[0], cuts, [items]]))
-
-
 ATTENTION = {"clm": "causal", "mlm": "bidirectional", "prefix_lm": "prefix"}
 
 
-def check_config(config, attention_mask: str) -> None:
+def check_config(config, model_config) -> None:
     """The refusals of an objective that need other sections (training/config.py calls it
-    before compiling); the vocabulary is checked when the pipeline opens the tokenizer."""
+    before compiling, with the checked ModelConfig); the vocabulary is checked when the
+    pipeline opens the tokenizer."""
     train = config.train
     name = train.objective
-    wanted = ATTENTION.get(name, "prefix")
+    _check_encoder_decoder(config, model_config)
+    # An encoder-decoder's decoder writes the spans left to right; its encoder is bidirectional.
+    wanted = "causal" if model_config.encoder_layers else ATTENTION.get(name, "prefix")
+    attention_mask = model_config.attention_mask
     if attention_mask != wanted:
         why = {
             "causal": "next-token prediction must not see the tokens it predicts",
@@ -303,4 +286,27 @@ def check_config(config, attention_mask: str) -> None:
         raise UserError(
             f"train.objective={name} with distill.teacher: the teacher's predictions are "
             "next-token ones; distill with train.objective=clm."
+        )
+
+
+def _check_encoder_decoder(config, model_config) -> None:
+    """An encoder-decoder learns by span corruption, with an encoder length the model can
+    read; a decoder-only model has no encoder length."""
+    layers, name = model_config.encoder_layers, config.train.objective
+    length = config.data.encoder_seq_len
+    if layers and name != "span_corruption":
+        raise UserError(
+            f"train.objective={name} with model.encoder_layers={layers}: an encoder-decoder "
+            "learns by span_corruption (the encoder reads the corrupted text, the decoder writes "
+            "its spans); set train.objective=span_corruption, or model.encoder_layers=0."
+        )
+    if not layers and length:
+        raise UserError(
+            f"data.encoder_seq_len={length} with model.encoder_layers=0: only an "
+            "encoder-decoder has an encoder; set data.encoder_seq_len=0."
+        )
+    if length > model_config.max_seq_len:
+        raise UserError(
+            f"data.encoder_seq_len={length} is longer than "
+            f"model.max_seq_len={model_config.max_seq_len}."
         )

@@ -58,11 +58,13 @@ def make_train_iterator(
     process_count: int = 1,
     model_vocab_size: int | None = None,
     train_config=None,
+    encoder_seq_len: int = 0,
 ):
     """This process's endless stream of train batches, each array [global_batch_size // process_count, seq_len].
-    `train_config` (config.train) gives the objective (None: clm)."""
+    `train_config` (config.train) gives the objective (None: clm); `encoder_seq_len` > 0 makes
+    an encoder-decoder's batches (data/config.encoder_length), with encoder fields."""
     tokenizer = _check(data_config, global_batch_size, process_count, model_vocab_size)
-    objective = _objective(train_config, data_config, tokenizer, seed)
+    objective = _objective(train_config, data_config, tokenizer, seed, encoder_seq_len)
     if objective is not None:
         first_row = process_index * (global_batch_size // process_count)
         inner = make_train_iterator(
@@ -124,16 +126,20 @@ def make_eval_batches(
     process_count: int = 1,
     model_vocab_size: int | None = None,
     train_config=None,
+    encoder_seq_len: int = 0,
 ):
     """This process's rows of the finite eval batches; the last batch is padded with weight 0.
-    `train_config` (config.train) gives the objective (None: clm)."""
+    `train_config` (config.train) gives the objective (None: clm); `encoder_seq_len` as
+    make_train_iterator's."""
     tokenizer = _check(data_config, global_batch_size, process_count, model_vocab_size)
     kwargs = dict(
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,
     )
-    objective = _objective(train_config, data_config, tokenizer, objectives.EVAL_SEED)
+    objective = _objective(
+        train_config, data_config, tokenizer, objectives.EVAL_SEED, encoder_seq_len
+    )
     if objective is not None:
         data_config = _reading(data_config, objective)
     first_row = process_index * (global_batch_size // process_count)
@@ -167,17 +173,20 @@ def _source_splits(data_config, tokenizer, split: str) -> dict:
     return splits
 
 
-def _objective(train_config, data_config, tokenizer, seed: int):
+def _objective(train_config, data_config, tokenizer, seed: int, encoder_seq_len: int):
     """The run's objective, None for clm (batches as read); refuses a vocabulary without
     the ids it needs."""
     if train_config is None or train_config.get("objective", "clm") == "clm":  # older runs: clm
         return None
-    return objectives.from_config(train_config, data_config.seq_len, tokenizer, seed)
+    return objectives.from_config(
+        train_config, data_config.seq_len, tokenizer, seed, encoder_seq_len
+    )
 
 
 def _reading(data_config, objective):
-    """The data config the windows are read with: span_corruption reads shorter windows,
-    which its sentinels lengthen to data.seq_len (objectives.raw_seq_len)."""
+    """The data config the windows are read with: span_corruption reads the windows whose
+    corruption fits data.seq_len (and an encoder-decoder's encoder length) exactly
+    (objectives.raw_seq_len)."""
     cfg = data_config.copy_and_resolve_references()
     cfg.seq_len = objectives.raw_seq_len(objective)
     return cfg

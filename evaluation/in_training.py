@@ -29,8 +29,8 @@ class TrainingTasks:
         self._text = None
         if cfg.text_files:
             data = text_data_config(config.data, text_files=cfg.text_files)
-            vocab_size = trainer.model_config.vocab_size
-            self._text = eval_batches(data, batch_size, vocab_size, train=config.train)
+            model = trainer.model_config
+            self._text = eval_batches(data, batch_size, model, train=config.train)
         self._examples = []
         if cfg.sft_file:
             skip = config.data.get("skip_bad_lines", False)

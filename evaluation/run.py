@@ -73,7 +73,7 @@ def evaluate_workdir(
         start = time.perf_counter()
         try:
             batches = eval_batches(
-                data, batch_size, sampler.model_config.vocab_size, max_batches, config.train
+                data, batch_size, sampler.model_config, max_batches, config.train
             )
         except UserError as error:
             raise UserError(f"--tfds={tfds}: {error}" if tfds else str(error)) from None

@@ -6,6 +6,7 @@ training's evaluation. Other sources use data.pipeline=stream, which tokenizes o
 the evaluation split and writes no token cache.
 """
 
+from data.config import encoder_length
 from data.pipeline import make_eval_batches
 from data.sources import expand_globs
 from errors import UserError
@@ -36,14 +37,19 @@ def text_data_config(
 
 
 def eval_batches(
-    data_config, batch_size: int, vocab_size: int, max_batches: int | None = None, train=None
+    data_config, batch_size: int, model_config, max_batches: int | None = None, train=None
 ):
-    """The finite evaluation batches of `data_config` under the objective of `train` (a run's
-    config.train; None = clm); `max_batches` (0 = all) replaces data.eval_max_batches when
-    given."""
+    """The finite evaluation batches of `data_config` for the model of `model_config` (its
+    vocabulary; an encoder-decoder's gain the encoder fields) under the objective of `train`
+    (a run's config.train; None = clm); `max_batches` (0 = all) replaces
+    data.eval_max_batches when given."""
     data = data_config.copy_and_resolve_references()
     if max_batches is not None:
         data.eval_max_batches = max_batches
     return make_eval_batches(
-        data, global_batch_size=batch_size, model_vocab_size=vocab_size, train_config=train
+        data,
+        global_batch_size=batch_size,
+        model_vocab_size=model_config.vocab_size,
+        train_config=train,
+        encoder_seq_len=encoder_length(data, model_config.encoder_layers),
     )

@@ -95,8 +95,9 @@ class TrainConfig:
         "what the model learns (data/objectives.py): clm (next token; model.attention_mask="
         "causal), mlm (masked tokens; bidirectional), prefix_lm (the rest of each document "
         "after a bidirectional prefix; prefix) or span_corruption (T5's denoising as a prefix "
-        "LM; prefix); mlm and span_corruption need a tokenizer with reserved ids (`python -m "
-        "data.tokenizer --extra_ids=100`)",
+        "LM; prefix; with model.encoder_layers > 0 T5's encoder-decoder form, the only "
+        "objective of an encoder-decoder; causal); mlm and span_corruption need a tokenizer "
+        "with reserved ids (`python -m data.tokenizer --extra_ids=100`)",
     )
     mlm_mask_rate: float = field(0.15, "(0, 1)", "mlm: share of the tokens masked (BERT 0.15)")
     mlm_mask_token: float = field(
@@ -263,7 +264,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
             "LoRA adapts full kernels; fine-tune a factorized run without LoRA (lora.rank=0)."
         )
     _check_moe(config, model_config, mesh_shape["expert"])
-    objectives.check_config(config, model_config.attention_mask)
+    objectives.check_config(config, model_config)
     distill.check(config, model_config)
     pipeline.check(config, model_config, mesh_shape)
     loss_scale.from_config(config, model_config)  # refuses what it cannot scale

@@ -126,6 +126,7 @@ def train(config, workdir: str, hold: list | None = None) -> dict:
         process_count=trainer.feed_count,
         model_vocab_size=trainer.model_config.vocab_size,
         train_config=train_cfg,  # its objective transforms the batches (data/objectives.py)
+        encoder_seq_len=trainer.encoder_seq_len,  # an encoder-decoder's batches: encoder fields
     )
     train_iter = make_train_iterator(config.data, seed=config.seed, **data_kwargs)
     eval_stream = make_eval_batches(config.data, **data_kwargs)

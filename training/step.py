@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from data.batch import BATCH_FIELDS
+from data.batch import fields
 from model import moe
 from model.lora import is_lora_tree, scaled, trainable, with_trainable
 from model.pipeline import split_microbatches
@@ -32,10 +32,15 @@ def _apply(model, params, batch, rng, adapters, return_hidden):
     `adapters` is a LoRA run's "lora" collection (model/lora.scaled); dropout only with `rng`."""
     variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
     mutable = [moe.STATS] if model.config.num_experts else False
-    # Only a prefix-attention model reads the prefix mask: any other compiles as it did.
-    prefix = {}
+    # Only a prefix-attention model reads the prefix mask, only an encoder-decoder the
+    # encoder's fields: any other compiles as it did.
+    extra = {}
     if model.config.attention_mask == "prefix":
-        prefix["prefix_mask"] = batch["prefix_mask"]
+        extra["prefix_mask"] = batch["prefix_mask"]
+    if model.config.encoder_layers:
+        extra["encoder_tokens"] = batch["encoder_inputs"]
+        extra["encoder_segment_ids"] = batch["encoder_segment_ids"]
+        extra["encoder_positions"] = batch["encoder_positions"]
     out = model.apply(
         variables,
         batch["inputs"],
@@ -45,9 +50,15 @@ def _apply(model, params, batch, rng, adapters, return_hidden):
         rngs={} if rng is None else {"dropout": rng},
         return_hidden=return_hidden,
         mutable=mutable,
-        **prefix,
+        **extra,
     )
     return (out[0], moe.collect(out[1][moe.STATS])) if mutable else (out, {})
+
+
+def _batch_shardings(model, mesh, rules) -> dict:
+    """Every field of the model's batches (data/batch.py) split over the batch axis."""
+    encoder = model.config.encoder_layers > 0
+    return {key: batch_sharding(mesh, rules) for key in fields(encoder)}
 
 
 def _ce_sums(hidden, output, batch, z_loss_weight, chunk_size):
@@ -243,7 +254,7 @@ def make_train_step(
             metrics["skipped_steps"] = new_state.loss_scale.skipped_steps
         return new_state, metrics
 
-    in_shardings = (state_shardings, {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS})
+    in_shardings = (state_shardings, _batch_shardings(model, mesh, rules))
     if teacher is not None:
         in_shardings += (jax.tree.map(lambda a: a.sharding, teacher.abstract_params),)
     jitted = jax.jit(
@@ -275,9 +286,10 @@ def make_eval_step(model, mesh, rules, params_shardings):
         correct_sum = jnp.sum(hits * batch["weights"].astype(jnp.float32))
         return {"ce_sum": ce_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
 
-    batch_shardings = {key: batch_sharding(mesh, rules) for key in BATCH_FIELDS}
     jitted = jax.jit(
-        step, in_shardings=(params_shardings, batch_shardings), out_shardings=replicated(mesh)
+        step,
+        in_shardings=(params_shardings, _batch_shardings(model, mesh, rules)),
+        out_shardings=replicated(mesh),
     )
 
     def eval_step(params, batch):

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from data.batch import batch_spec
+from data.config import encoder_length
 from model import Transformer
 from model import pipeline
 from model.flops import count_params, train_flops_per_token
@@ -72,6 +73,8 @@ class Trainer:
         self.rules = logical_rules(config.sharding_rules)
         self.tx, self.schedule = make_optimizer(config.optimizer, config.train.num_steps)
         self.seq_len = config.data.seq_len
+        # An encoder-decoder's encoder row length; 0: decoder-only, no encoder fields.
+        self.encoder_seq_len = encoder_length(config.data, self.model_config.encoder_layers)
         self.lora = LoraConfig(**config.lora) if config.lora.rank else None
         self.model = Transformer(
             self.model_config,
@@ -164,7 +167,12 @@ class Trainer:
 
     def abstract_batch(self) -> dict:
         """The global batch's shapes, dtypes and sharding (data/batch.py)."""
-        return batch_spec(self.config.train.global_batch_size, self.seq_len, self.batch_sharding)
+        return batch_spec(
+            self.config.train.global_batch_size,
+            self.seq_len,
+            self.batch_sharding,
+            self.encoder_seq_len,
+        )
 
     def to_global(self, local_batch: dict) -> dict:
         """This process's numpy rows -> global arrays sharded over the mesh. Every process

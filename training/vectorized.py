@@ -26,6 +26,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from data.config import encoder_length
 from data.pipeline import make_eval_batches, make_train_iterator
 from errors import UserError
 from model import Transformer
@@ -273,6 +274,7 @@ def run(base_config, workdir: str, named: dict) -> None:
         process_count=jax.process_count(),
         model_vocab_size=sweep.model.config.vocab_size,
         train_config=train_cfg,  # its objective transforms the batches (data/objectives.py)
+        encoder_seq_len=encoder_length(config.data, sweep.model.config.encoder_layers),
     )
     streams = {  # one stream per seed: a trial sees the batches it would see alone
         seed: make_train_iterator(config.data, seed=seed, **data_kwargs)
