@@ -17,8 +17,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow must never take an accelerator.
 # Token caches the tests prepare go to a directory of this session, not the user's ~/.cache.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="meshlm-tests-")
-atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+# pytest-xdist's workers inherit the controller's environment and share its directory: a
+# token cache takes seconds to prepare, once per run rather than once per worker (two
+# processes preparing one at the same time is safe: data/prepare.py). Its maker removes it.
+if "PYTEST_XDIST_WORKER" not in os.environ or "MESHLM_TESTS_CACHE" not in os.environ:
+    os.environ["MESHLM_TESTS_CACHE"] = tempfile.mkdtemp(prefix="meshlm-tests-")
+    atexit.register(shutil.rmtree, os.environ["MESHLM_TESTS_CACHE"], ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = os.environ["MESHLM_TESTS_CACHE"]
 
 # Make the repository root importable (model/, sharding/, data/, ...).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,9 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402, F401 -- reads its environment now, before the cache setting below
 
 # The processes the tests start (train.py runs, the CLIs, multi-process runs, notebook
-# kernels) keep their XLA compiles in one directory of this test process (each
-# pytest-xdist worker has its own) and reuse each other's: many compile the same small train step, and a cached compile costs a fraction
-# of a new one. This process imported JAX above, so it compiles as a user's would.
+# kernels) keep their XLA compiles in one directory of this test run (shared by the
+# pytest-xdist workers, as the token caches are) and reuse each other's: many compile the same
+# small train step, and a cached compile costs a fraction of a new one. This process imported
+# JAX above, so it compiles as a user's would.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
     os.environ["XDG_CACHE_HOME"], "jax-compilation-cache"
 )

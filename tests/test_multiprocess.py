@@ -33,9 +33,15 @@ from tools.launch_local import free_port, process_commands, process_env
 from training import distributed, loop
 
 
+# Added to the XLA_FLAGS of the processes started here: they compile unoptimized, as this
+# process does (conftest.py), where launch_local's environment would optimize every compile.
+UNOPTIMIZED = " --xla_backend_optimization_level=0"
+
+
 def start_processes(workdir, num_processes=2, extra_env=None, **overrides):
     """train.py on `num_processes` local processes; `extra_env[i]` adds to process i's env."""
     env = process_env(devices_per_process=4)
+    env["XLA_FLAGS"] += UNOPTIMIZED
     extra_env = extra_env or {}
     flags = [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
     commands = process_commands(
@@ -71,8 +77,13 @@ SHORT = {"train.num_steps": 6, "checkpoint.every_steps": 3, "train.eval_every": 
 
 # Loaded by Python at start-up from PYTHONPATH: every mesh is built from the devices in a
 # permuted order (reversed, then odd positions first: each process's devices interleave
-# with the other's and are out of order), as a TPU or GPU topology may order them.
-PERMUTED_MESH = """
+# with the other's and are out of order), as a TPU or GPU topology may order them. XLA_FLAGS,
+# which launch_local.py sets, get UNOPTIMIZED before any compile.
+PERMUTED_MESH = f"""
+import os
+
+os.environ["XLA_FLAGS"] += "{UNOPTIMIZED}"
+
 import jax
 
 _make_mesh = jax.make_mesh

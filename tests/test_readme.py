@@ -6,7 +6,8 @@ block runs as one bash script (cwd: the repository) after two rewrites: paths un
 the flags of its row in SHRINK (fewer steps, a smaller model). A command without
 a row fails the test, so a new README command cannot go untested. Blocks that
 share a /tmp/ path run in README order in one chain (training before sampling);
-chains run two at a time, sharing one XLA compilation cache.
+chains run two at a time, the longest first (the other thread runs the rest meanwhile),
+sharing one XLA compilation cache.
 """
 
 import concurrent.futures
@@ -166,8 +167,11 @@ def test_every_readme_command_has_a_shrink_rule(tmp_path):
 def test_readme_commands_run(tmp_path):
     tmp = str(tmp_path)
     write_inputs(tmp)
+    longest_first = sorted(
+        chains(runnable_blocks()), key=lambda c: sum(len(commands(b)) for _, b in c), reverse=True
+    )
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        failures = sum(pool.map(lambda c: run_chain(c, tmp), chains(runnable_blocks())), [])
+        failures = sum(pool.map(lambda c: run_chain(c, tmp), longest_first), [])
     assert not failures, "\n\n".join(failures)
 
 
