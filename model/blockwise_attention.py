@@ -7,7 +7,10 @@ only the output and the per-query log-sum-exp and recomputes each tile in the
 backward pass (FlashAttention-2's scheme). With the causal mask, key blocks
 wholly in a query block's future are skipped, in both passes, which halves the
 work; bidirectional and prefix masks visit every tile (a prefix token may see any
-later prefix token), so they do the full work in the same linear memory. Runs on
+later prefix token), so they do the full work in the same linear memory. A local
+layer's sliding window and soft-capped scores (`Scores`, Gemma 2) apply within each
+tile, forward and backward; tiles wholly outside the window are still visited (the
+window is per layer, traced through the layer scan). Runs on
 any backend (it is what --dry_run measures on CPU).
 
 Lengths need not be multiples of the block: inputs are padded, the padding with

@@ -1,23 +1,42 @@
-"""The decoder-only transformer.
+"""The transformer: decoder-only, or (model.encoder_layers > 0) an encoder-decoder.
 
-    tokens -> token embedding (+ learned or sinusoidal positions)
-           -> num_layers x Block (pre-norm attention, pre-norm MLP, residuals),
-              stacked with nn.scan so compile time does not grow with depth
-           -> final norm -> logits (float32), tied or untied output projection
+    tokens -> token embedding (x sqrt(width) with embed_scale; + learned or sinusoidal
+              positions; a norm with embed_norm)
+           -> num_layers x Block (pre-norm attention, [pre-norm cross-attention over the
+              encoder's output], pre-norm MLP; each sublayer's output normed again with
+              post_norms; residuals), stacked with nn.scan so compile time does not grow
+              with depth; local layers (attention_pattern) see a sliding window
+           -> final norm [-> prediction head] -> logits (float32), tied or untied output
+              projection [+ output bias] [soft-capped]
+
+An encoder-decoder's encoder (`Encoder`) is the same embedding, scanned blocks (no
+cross-attention, bidirectional) and final norm, with its own token embedding, over
+the batch's encoder tokens; its output is each decoder block's cross-attention input.
 
 Parameter paths (stable; the Hugging Face converters and later LoRA address them):
 
     token_embed                         [vocab, embed]
     pos_embed                           [max_seq_len, embed]      learned positions only
+    embed_norm/{scale,bias}             [embed]                   embed_norm only
     layers/attn_norm/{scale,bias}       [layers, embed]           bias: LayerNorm + use_bias
     layers/attn/{query,key,value}/kernel  [layers, embed, heads|kv_heads, head_dim]
     layers/attn/{query,key,value}/bias    [layers, heads|kv_heads, head_dim]
+    layers/attn/{query,key}_norm/scale  [layers, head_dim]        qk_norm only
     layers/attn/out/kernel              [layers, heads, head_dim, embed]   (+ bias [layers, embed])
+    layers/post_attn_norm/scale         [layers, embed]           post_norms only
+    layers/cross_norm, layers/post_cross_norm, layers/cross_attn/...   an encoder-decoder's
+                                        decoder: as attn_norm, post_attn_norm and attn
     layers/mlp_norm/{scale,bias}        [layers, embed]
     layers/mlp/wi/kernel                [layers, embed, mlp]      gelu
-    layers/mlp/{wi_gate,wi_up}/kernel   [layers, embed, mlp]      swiglu
+    layers/mlp/{wi_gate,wi_up}/kernel   [layers, embed, mlp]      swiglu, geglu
     layers/mlp/wo/kernel                [layers, mlp, embed]      (+ biases when use_bias)
+    layers/post_mlp_norm/scale          [layers, embed]           post_norms only
     final_norm/{scale,bias}             [embed]
+    head/kernel, head_norm/scale        [embed, embed], [embed]   prediction_head only
+    output_bias                         [vocab]                   prediction_head only
+    lm_head                             [embed, vocab]            untied embeddings only
+    encoder/...                         an encoder-decoder's encoder: token_embed,
+                                        layers/... [encoder_layers, ...], final_norm
 
 Mixture of experts (model.num_experts > 0, model/moe.py) replaces `layers/mlp` by:
 
@@ -31,7 +50,6 @@ With model.moe_every = n > 1 the scan runs over num_layers / n groups of n layer
 `layers/block_{j}/...` for j < n - 1 are dense layers (the paths above without the
 `layers/` prefix, e.g. `layers/block_0/mlp/wo/kernel` [groups, mlp, embed]) and
 `layers/block_{n-1}/moe/...` the group's MoE layer; layer index = group * n + j.
-    lm_head                             [embed, vocab]            untied embeddings only
 
 Compressed runs (compress.py, docs/COMPRESSION.md) change the kernels' leaves: with
 model.quantization each quantized `kernel` (`token_embed`, `lm_head`) is int8/int4
@@ -45,6 +63,10 @@ Decoding passes a KV cache (model/decode.py makes one):
 
 (an int8 cache adds "key_scale", "value_scale": [layers, batch, kv_heads, cache_len]).
 
+(an encoder-decoder's adds "cross_key", "cross_value": [layers, batch, encoder_len,
+kv_heads, head_dim] and "cross_segment_ids" [batch, encoder_len], written by the call
+that passes the encoder's tokens, read by the later ones.)
+
 The new tokens are written at `index`; the call returns `(logits, cache)` with the
 index advanced past them. The cache rides in the layer scan's carry, and each
 layer writes its own slice in place.
@@ -56,12 +78,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from model import pipeline
-from model.attention import Attention, CrossAttention
-from model.config import ModelConfig
 from errors import UserError
+from model.config import ModelConfig
+from model.block import ACTIVATION, scan_body, stack
 from model.layers import (
     Dense,
-    Mlp,
     gelu,
     make_norm,
     param_init,
@@ -70,116 +91,7 @@ from model.layers import (
     weight,
     zeros_init,
 )
-from model.moe import STATS, MoeMlp
 from model.pipeline import Schedule
-
-ACTIVATION = ("batch", "length", "embed")
-
-
-class Block(nn.Module):
-    """One pre-norm transformer layer; shaped as a scan body: (carry, xs) -> (carry, ys).
-
-    The carry is (activations, KV cache or None): the whole cache rides in the carry so
-    each layer updates its slice in place; xs is the layer's index into it.
-    """
-
-    config: ModelConfig
-    deterministic: bool = True
-    lora_dropout: float = 0.0
-    moe: bool = False  # routed experts (model/moe.py) instead of the dense MLP
-
-    @nn.compact
-    def __call__(
-        self, carry, layer, positions, segment_ids, key_segment_ids, cache_index, prefix_mask,
-        encoder,
-    ):
-        """`encoder`: an encoder-decoder's decoder block's (encoder output or None after a
-        prefill, encoder segment ids) for its cross-attention; None in any other block."""
-        cfg = self.config
-        x, cache = carry
-        dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-        lora_dropout = 0.0 if self.deterministic else self.lora_dropout
-        h = make_norm(cfg, "attn_norm")(x)
-        if not cfg.first_attn_norm:  # ModernBERT: layer 0's input is already normed
-            h = jnp.where(layer == 0, x.astype(h.dtype), h)
-        h, cache = Attention(cfg, lora_dropout, name="attn")(
-            h, positions, segment_ids, key_segment_ids, cache_index, cache, layer, prefix_mask
-        )
-        x = x + dropout(self._post_norm("post_attn_norm", h))
-        x = nn.with_logical_constraint(x, ACTIVATION)
-        if encoder is not None:
-            h = make_norm(cfg, "cross_norm")(x)
-            encoded, encoder_segment_ids = encoder
-            h, cache = CrossAttention(cfg, lora_dropout, name="cross_attn")(
-                h, encoded, segment_ids, encoder_segment_ids, cache, layer
-            )
-            x = x + dropout(self._post_norm("post_cross_norm", h))
-            x = nn.with_logical_constraint(x, ACTIVATION)
-        h = make_norm(cfg, "mlp_norm")(x)
-        if self.moe:
-            mask = None if segment_ids is None else segment_ids != 0
-            h = MoeMlp(cfg, name="moe")(h, mask)
-        else:
-            h = Mlp(cfg, lora_dropout, name="mlp")(h)
-        x = x + dropout(self._post_norm("post_mlp_norm", h))
-        x = nn.with_logical_constraint(x, ACTIVATION)
-        return (x, cache), None
-
-    def _post_norm(self, name, h):
-        """model.post_norms: the sublayer's output normed before the residual add (Gemma)."""
-        return make_norm(self.config, name)(h) if self.config.post_norms else h
-
-
-class Group(nn.Module):
-    """model.moe_every = n > 1: n-1 dense blocks then one MoE block, as one scan body."""
-
-    config: ModelConfig
-    deterministic: bool = True
-    lora_dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, carry, group, *inputs):
-        """`inputs`: Block's arguments after the layer index (positions, segment ids, ...)."""
-        cfg, n = self.config, self.config.moe_every
-        block = _remat(Block, cfg.remat_policy)
-        for j in range(n):
-            carry, _ = block(
-                cfg, self.deterministic, self.lora_dropout, moe=j == n - 1, name=f"block_{j}"
-            )(carry, group * n + j, *inputs)
-        return carry, None
-
-
-def _scan_body(cfg: ModelConfig):
-    """(module, its keyword arguments, scan length): layers, or groups of moe_every layers."""
-    if cfg.num_experts and cfg.moe_every > 1:
-        return Group, {}, cfg.num_layers // cfg.moe_every
-    return _remat(Block, cfg.remat_policy), dict(moe=cfg.num_experts > 0), cfg.num_layers
-
-
-def _stack(cfg: ModelConfig, length: int, layer_axis: str):
-    """The scanned layers (`_scan_body`'s body `length` times), an nn.Module class whose
-    params have a leading layer axis named `layer_axis`."""
-    body, _, _ = _scan_body(cfg)
-    return nn.scan(
-        body,
-        variable_axes={
-            "params": 0, "lora": 0, "calibration": 0, "calibration_gram": 0, STATS: 0,
-            "intermediates": 0,
-        },
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(0,) + (nn.broadcast,) * 6,
-        length=length,
-        unroll=cfg.scan_unroll,
-        metadata_params={nn.PARTITION_NAME: layer_axis},
-    )
-
-
-def _remat(block_cls, policy_name: str):
-    if policy_name == "none":
-        return block_cls
-    policy = None if policy_name == "full" else getattr(jax.checkpoint_policies, policy_name)
-    return nn.remat(block_cls, policy=policy, prevent_cse=False)  # scan already prevents CSE.
-
 
 def _positions(tokens, positions):
     """Positions, 0, 1, ... along each row when not given."""
@@ -233,7 +145,7 @@ class Encoder(nn.Module):
     def __call__(self, tokens, segment_ids, positions, deterministic):
         cfg = self.config
         x, _ = _embed(self, cfg, tokens, positions, deterministic)
-        layers = _stack(cfg, cfg.num_layers, "layers")(
+        layers = stack(cfg, cfg.num_layers, "layers")(
             cfg, deterministic, self.lora_dropout, name="layers"
         )
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -294,10 +206,10 @@ class Transformer(nn.Module):
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
             )
             kv = {k: v for k, v in cache.items() if k not in ("segment_ids", "index")}
-        _, body_args, scan_length = _scan_body(cfg)
+        _, body_args, scan_length = scan_body(cfg)
         # A pipelined model's layer axis is stored split over the stage mesh axis.
         layer_axis = "layers" if self.pipeline is None else "stage"
-        layers = _stack(cfg, scan_length, layer_axis)(
+        layers = stack(cfg, scan_length, layer_axis)(
             cfg, deterministic, self.lora_dropout, name="layers", **body_args
         )
         if self.pipeline is None or cache is not None or self.is_initializing():
@@ -377,16 +289,16 @@ class Transformer(nn.Module):
         same scanned Block (remat, attention, LoRA) over its own block of layers; `extras`:
         the rows' (positions, segment ids, prefix mask), each going with its microbatch."""
         cfg, schedule = self.config, self.pipeline
-        _, body_args, _ = _scan_body(cfg)
+        _, body_args, _ = scan_body(cfg)
         per_stage = cfg.num_layers // (schedule.stages * schedule.repeats)
-        stack = _stack(cfg, per_stage, "layers")(
+        stage = stack(cfg, per_stage, "layers")(
             cfg, deterministic, self.lora_dropout, parent=None, **body_args
         )
         layer_ids = jnp.arange(per_stage, dtype=jnp.int32)
 
         def stage_fn(weights, x, extras, rng):
             positions, segment_ids, prefix_mask = extras
-            (x, _), _ = stack.apply(
+            (x, _), _ = stage.apply(
                 weights, (x, None), layer_ids, positions, segment_ids, segment_ids, 0,
                 prefix_mask, None, rngs={} if rng is None else {"dropout": rng},
             )
@@ -394,18 +306,18 @@ class Transformer(nn.Module):
 
         collections = ("params", "lora")
         weights = {c: self.variables[c]["layers"] for c in collections if c in self.variables}
-        names = self._layer_names(stack, x, layer_ids, extras)
+        names = self._layer_names(stage, x, layer_ids, extras)
         weights = pipeline.stage_weights(weights, names, schedule)
         dropout = not deterministic and (cfg.dropout_rate > 0 or self.lora_dropout > 0)
         rng = self.make_rng("dropout") if dropout else None
         return pipeline.run(schedule, stage_fn, weights, x, extras, rng)
 
-    def _layer_names(self, stack, x, layer_ids, extras):
+    def _layer_names(self, stage, x, layer_ids, extras):
         """Logical axis names of the layers' weights after their layer axis: the params' from
         an abstract init of one stage; LoRA adapters (small) replicated."""
         positions, segment_ids, prefix_mask = extras
         args = (x, None), layer_ids, positions, segment_ids, segment_ids, 0, prefix_mask, None
-        boxed = jax.eval_shape(lambda: stack.init(jax.random.key(0), *args))
+        boxed = jax.eval_shape(lambda: stage.init(jax.random.key(0), *args))
         names = {"params": jax.tree.map(
             lambda spec: tuple(spec)[1:], nn.get_partition_spec(boxed["params"]),
             is_leaf=lambda n: isinstance(n, jax.sharding.PartitionSpec),
