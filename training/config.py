@@ -302,10 +302,15 @@ def describe(config, model_config: ModelConfig, num_params: int, num_devices: in
     microbatch = config.train.global_batch_size // config.train.num_microbatches
     bubble = pipeline.bubble_fraction(config, num_devices)
     bubble = f"  pipeline bubble={bubble:.1%}" if bubble else ""
+    layers = str(model_config.num_layers)
+    if model_config.encoder_layers:  # an encoder-decoder: its tokens/step are the decoder's
+        encoder_len = config.data.encoder_seq_len or config.data.seq_len
+        layers = f"{model_config.encoder_layers}+{layers} (encoder+decoder, {encoder_len}+"
+        layers += f"{config.data.seq_len} tokens/row)"
     return (
         f"params={num_params / 1e6:.2f}M  mesh({','.join(MESH_AXES)})=({mesh})  "
         f"tokens/step={tokens:,}  microbatch={microbatch}{bubble}"
         f"  steps={config.train.num_steps:,}  total tokens={tokens * config.train.num_steps:,}  "
-        f"warmup={config.optimizer.warmup_steps}  layers={model_config.num_layers} "
+        f"warmup={config.optimizer.warmup_steps}  layers={layers} "
         f"width={model_config.embed_dim} heads={model_config.num_heads}/{model_config.num_kv_heads}"
     )
