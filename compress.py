@@ -72,6 +72,14 @@ def check_request(args, source: ModelConfig) -> ModelConfig:
             f"--quantize: --workdir is already quantized (model.quantization="
             f"{source.quantization!r}); compress its float source instead."
         )
+    for field, value in (("encoder_layers", source.encoder_layers),
+                         ("prediction_head", source.prediction_head)):
+        if value:
+            raise UserError(
+                f"--workdir's model.{field}={value}: compression walks the decoder's layers "
+                "only, so this model's encoder or prediction head would be left out; compress "
+                "a decoder-only model without a prediction head."
+            )
     if args.calibration_batches < 1:
         raise UserError(f"--calibration_batches={args.calibration_batches}: must be >= 1.")
     target = source

@@ -53,6 +53,12 @@ class MeshLM(TemplateLM):
         super().__init__()
         step = None if step is None else int(step)
         self.sampler, run = load_sampler(workdir, parse_mesh(mesh), step=step)
+        if run.model_config.encoder_layers:
+            raise UserError(
+                f"{workdir}: an encoder-decoder (model.encoder_layers="
+                f"{run.model_config.encoder_layers}); the lm-eval adapter scores decoder-only "
+                "models, which read the context and continuation as one sequence."
+            )
         self._tokenizer = load_tokenizer(run.config.data.tokenizer)
         self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         vocab_size = self._tokenizer.vocab_size

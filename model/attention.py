@@ -17,12 +17,11 @@ prefill), and a bidirectional model (masked LM) cannot decode.
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from errors import UserError
-from model.attention_ops import attend, attention_mask
+from model.attention_ops import attend, attention_mask, grouped_attention
 from model.blockwise_attention import Scores
 from model.config import ModelConfig
 from model.layers import Dense, apply_rope, make_norm, residual_init_std
@@ -66,9 +65,7 @@ class Attention(nn.Module):
                 theta = jnp.where(local, cfg.local_rope_theta, cfg.rope_theta)
             query = apply_rope(query, positions, theta)
             key = apply_rope(key, positions, theta)
-        scores = Scores(
-            (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5, cfg.attn_logit_softcap
-        )
+        scores = Scores(cfg.attention_scale, cfg.attn_logit_softcap)
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
         if cache is None:
             key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
@@ -143,13 +140,16 @@ class CrossAttention(nn.Module):
             if cache is not None:
                 cache = dict(cache)
                 for name, new in (("cross_key", key), ("cross_value", value)):
-                    write = new[None].astype(cache[name].dtype)
-                    cache[name] = lax.dynamic_update_index_in_dim(cache[name], write[0], layer, 0)
+                    new = new.astype(cache[name].dtype)
+                    cache[name] = lax.dynamic_update_index_in_dim(cache[name], new, layer, 0)
         else:  # decoding after the prefill: the cached ones
             key, value = (
                 lax.dynamic_index_in_dim(cache[n], layer, 0, False).astype(cfg.dtype)
                 for n in ("cross_key", "cross_value")
             )
+        if segment_ids is not None:  # padding sees its row's first encoder token's segment,
+            # so no query row is fully masked (an unpadded encoder row has no segment 0)
+            segment_ids = jnp.where(segment_ids == 0, encoder_segment_ids[:, :1], segment_ids)
         out = attend(
             query,
             key,
@@ -159,7 +159,7 @@ class CrossAttention(nn.Module):
             implementation=cfg.attention_implementation,
             block_size=cfg.attention_block_size,
             mask_kind="bidirectional",
-            scale=(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5,
+            scale=cfg.attention_scale,
             logit_cap=cfg.attn_logit_softcap,
         )
         return project_out(cfg, out, self.lora_dropout), cache
@@ -251,18 +251,11 @@ def _attend_cache(
     """Attention of new tokens [b, t, heads, d] over the cache [b, kv_heads, s, d].
 
     The same rule as attention_ops.attend (from `cache_index`, same segment, `scores` and
-    `window` as there, `prefixes` the query and key prefix masks), written for the cache's
-    heads-major layout; query heads are grouped over KV heads.
+    `window` as there, `prefixes` the query and key prefix masks), over the cache's
+    heads-major layout.
     """
-    batch, length, heads, head_dim = query.shape
-    kv_heads = key.shape[1]
-    query = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    raw = jnp.einsum("btkgd,bksd->bkgts", query, key, preferred_element_type=jnp.float32)
     mask = attention_mask(
-        segment_ids, key_segment_ids, length, key.shape[2], cache_index, mask_kind, *prefixes,
-        window,
+        segment_ids, key_segment_ids, query.shape[1], key.shape[2], cache_index, mask_kind,
+        *prefixes, window,
     )
-    logits = jnp.where(mask[:, :, None], scores(raw), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, value)
-    return out.reshape(batch, length, heads, head_dim)
+    return grouped_attention(query, key, value, mask, scores, key_layout="bksd")

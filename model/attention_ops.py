@@ -133,7 +133,7 @@ def attend(
     if implementation == "splash" and training_shape:
         _require_backend("splash", "tpu", "a TPU")
         if mask_kind != "prefix" and window is None and not logit_cap:
-            return splash_attention(*args, block_size, mask_kind)
+            return splash_attention(*args, block_size, mask_kind, scale=scores.scale)
         logging.log_first_n(
             logging.WARNING,
             "splash attention has no per-row prefix mask, per-layer sliding window or "
@@ -155,7 +155,7 @@ def attend(
         return jax.nn.dot_product_attention(
             query, key, value, mask=mask, scale=scores.scale, implementation="xla"
         )
-    return _reference(query, key, value, mask, scores)
+    return grouped_attention(query, key, value, mask, scores)
 
 
 def _is_zero(offset) -> bool:
@@ -170,15 +170,19 @@ def _require_backend(implementation, backend, what):
         )
 
 
-def _reference(query, key, value, mask, scores: Scores):
-    """Dense attention with soft-capped scores (jax.nn's has no cap); GQA heads grouped."""
+def grouped_attention(query, key, value, mask, scores: Scores, key_layout: str = "bskd"):
+    """Dense attention of query [b, t, heads, d] over keys and values laid out as
+    `key_layout` ("bskd"; the KV cache's heads-major "bksd"), query heads grouped over the
+    KV heads, scores by `scores` (jax.nn's has no soft-cap), `mask` [b or 1, 1, t, s]."""
     batch, length, heads, head_dim = query.shape
-    kv_heads = key.shape[2]
+    kv_heads = key.shape[key_layout.index("k")]
     query = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    raw = jnp.einsum("btkgd,bskd->bkgts", query, key, preferred_element_type=jnp.float32)
+    raw = jnp.einsum(
+        f"btkgd,{key_layout}->bkgts", query, key, preferred_element_type=jnp.float32
+    )
     logits = jnp.where(mask[:, :, None], scores(raw), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, value)
+    out = jnp.einsum(f"bkgts,{key_layout}->btkgd", probs, value)
     return out.reshape(batch, length, heads, head_dim)
 
 

@@ -8,9 +8,9 @@ backward pass (FlashAttention-2's scheme). With the causal mask, key blocks
 wholly in a query block's future are skipped, in both passes, which halves the
 work; bidirectional and prefix masks visit every tile (a prefix token may see any
 later prefix token), so they do the full work in the same linear memory. A local
-layer's sliding window and soft-capped scores (`Scores`, Gemma 2) apply within each
-tile, forward and backward; tiles wholly outside the window are still visited (the
-window is per layer, traced through the layer scan). Runs on
+layer's sliding window (traced: per layer, through the layer scan) also skips the
+tiles wholly outside it, in both passes, so its work is linear in the window, and
+soft-capped scores (`Scores`, Gemma 2) apply within each tile. Runs on
 any backend (it is what --dry_run measures on CPU).
 
 Lengths need not be multiples of the block: inputs are padded, the padding with
@@ -158,19 +158,35 @@ def _scores_and_mask(q_blk, k_blk, mask, rule, i, j, block_q, block_k):
     return scores(s), allowed[:, None, None]
 
 
-def _key_blocks_end(kind, offset, i, block_q, block_k, num_k):
-    """One past the last key block that query block i can see (causal: none in its future)."""
-    if kind != "causal":
-        return num_k
-    last_query = offset + (i + 1) * block_q - 1
-    return jnp.clip(last_query // block_k + 1, 0, num_k)
+def _key_blocks(kind, window, offset, i, block_q, block_k, num_k):
+    """[start, end) of the key blocks query block i can see: causal, none in its future; a
+    local layer's window, none wholly farther than it."""
+    first = offset + i * block_q
+    last = first + block_q - 1
+    start, end = 0, num_k
+    if kind == "causal":
+        end = jnp.clip(last // block_k + 1, 0, num_k)
+    if window is not None:
+        near_start = jnp.clip((first - window + 1) // block_k, 0, num_k)
+        near_end = jnp.clip((last + window - 1) // block_k + 1, 0, num_k)
+        start = jnp.where(window > 0, near_start, start)
+        end = jnp.where(window > 0, jnp.minimum(end, near_end), end)
+    return start, end
 
 
-def _query_blocks_start(kind, offset, j, block_q, block_k, num_q):
-    """The first query block that can see key block j."""
-    if kind != "causal":
-        return 0
-    return jnp.clip((j * block_k - offset) // block_q, 0, num_q)
+def _query_blocks(kind, window, offset, j, block_q, block_k, num_q):
+    """[start, end) of the query blocks that can see key block j (`_key_blocks` inverted)."""
+    first = j * block_k - offset
+    last = first + block_k - 1
+    start, end = 0, num_q
+    if kind == "causal":
+        start = jnp.clip(first // block_q, 0, num_q)
+    if window is not None:
+        near_start = jnp.clip((first - window + 1) // block_q, 0, num_q)
+        near_end = jnp.clip((last + window - 1) // block_q + 1, 0, num_q)
+        start = jnp.where(window > 0, jnp.maximum(start, near_start), start)
+        end = jnp.where(window > 0, near_end, end)
+    return start, end
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -210,8 +226,8 @@ def _forward(q, k, v, mask, rule, block_q, block_k):
             jnp.full(stats_shape, -jnp.inf, jnp.float32),
             jnp.zeros(stats_shape, jnp.float32),
         )
-        end = _key_blocks_end(rule[0], mask.offset, i, block_q, block_k, num_k)
-        acc, m, denom = lax.fori_loop(0, end, key_block, init)
+        start, end = _key_blocks(rule[0], mask.window, mask.offset, i, block_q, block_k, num_k)
+        acc, m, denom = lax.fori_loop(start, end, key_block, init)
         seen = denom > 0  # padded query rows may see no key at all
         o_blk = acc / jnp.where(seen, denom, 1.0)[..., None]
         lse_blk = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), jnp.inf)
@@ -260,9 +276,9 @@ def _flash_bwd(rule, block_q, block_k, residuals, d_out):
             dk_blk += jnp.einsum("bkgqs,bkgqd->bksd", ds, q_blk, preferred_element_type=jnp.float32)
             return dq, dk_blk, dv_blk
 
-        start = _query_blocks_start(rule[0], mask.offset, j, block_q, block_k, num_q)
+        start, end = _query_blocks(rule[0], mask.window, mask.offset, j, block_q, block_k, num_q)
         zeros = jnp.zeros(k_blk.shape, jnp.float32)
-        dq, dk_blk, dv_blk = lax.fori_loop(start, num_q, query_block, (dq, zeros, zeros))
+        dq, dk_blk, dv_blk = lax.fori_loop(start, end, query_block, (dq, zeros, zeros))
         dk = lax.dynamic_update_slice_in_dim(dk, dk_blk, j * block_k, 2)
         dv = lax.dynamic_update_slice_in_dim(dv, dv_blk, j * block_k, 2)
         return dq, dk, dv

@@ -245,6 +245,8 @@ class ModelConfig:
         if self.position_embedding == "rope":
             require(head_dim % 2 == 0, "head_dim", "rotary embeddings need an even head size.")
         object.__setattr__(self, "num_kv_heads", num_kv_heads)
+        if not self.query_pre_attn_scalar:
+            object.__setattr__(self, "query_pre_attn_scalar", float(head_dim))
         if self.encoder_layers and not self.encoder_sliding_window:
             object.__setattr__(self, "encoder_sliding_window", self.sliding_window)
         object.__setattr__(self, "head_dim", head_dim)
@@ -288,6 +290,16 @@ class ModelConfig:
             object.__setattr__(self, "moe_mlp_dim", self.mlp_dim)
 
     def _check_local_attention(self, require):
+        require(
+            self.sliding_window or not self.local_rope_theta,
+            "local_rope_theta",
+            "is the RoPE base of local layers: give model.sliding_window and L layers too.",
+        )
+        require(
+            self.encoder_layers or not self.encoder_sliding_window,
+            "encoder_sliding_window",
+            "is an encoder-decoder's: set model.encoder_layers > 0, or leave it 0.",
+        )
         require(
             set(self.attention_pattern) <= {"G", "L"},
             "attention_pattern",
@@ -341,6 +353,11 @@ class ModelConfig:
             sliding_window=self.encoder_sliding_window,
             encoder_sliding_window=0,
         )
+
+    @property
+    def attention_scale(self) -> float:
+        """What q.k is multiplied by: query_pre_attn_scalar ** -0.5 (resolved: head_dim)."""
+        return self.query_pre_attn_scalar**-0.5
 
     @property
     def low_rank_target_names(self) -> tuple[str, ...]:

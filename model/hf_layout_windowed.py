@@ -26,6 +26,12 @@ def attention_pattern(layer_types: list) -> str:
     return next(letters[:n] for n in range(1, len(letters) + 1) if repeated(letters[:n]) == letters)
 
 
+def local_window(pattern: str, window: int) -> int:
+    """meshlm's sliding_window: the window when some layers are local, else 0 (HF configs
+    carry a window even when every layer is global)."""
+    return window if "L" in pattern else 0
+
+
 def layer_types(config: ModelConfig) -> list:
     """meshlm's attention_pattern over the model's layers, as HF's layer_types."""
     names = {letter: name for name, letter in LAYER_TYPES.items()}
@@ -68,17 +74,19 @@ def _modernbert_read(c) -> dict:
               "sliding_attention": getattr(c, "local_rope_theta", None) or 10000.0}
     for kind, rope in (getattr(c, "rope_parameters", None) or {}).items():
         thetas[kind] = rope.get("rope_theta", thetas[kind])  # its type: checked in model/hf.py
+    pattern = attention_pattern(types)
     return dict(
-        attention_pattern=attention_pattern(types),
-        sliding_window=(getattr(c, "local_attention", None) or 128) // 2 + 1,
+        attention_pattern=pattern,
+        sliding_window=local_window(pattern, (getattr(c, "local_attention", None) or 128) // 2 + 1),
         rope_theta=float(thetas["full_attention"]),
-        local_rope_theta=float(thetas["sliding_attention"]),
+        local_rope_theta=float(thetas["sliding_attention"]) if "L" in pattern else 0.0,
     )
 
 
 def _rope_per_type(config: ModelConfig) -> dict:
     """transformers 5's rope_parameters for global and local layers of their own bases."""
-    thetas = {"full_attention": config.rope_theta, "sliding_attention": config.local_rope_theta}
+    local = config.local_rope_theta or config.rope_theta  # no local layers: unused
+    thetas = {"full_attention": config.rope_theta, "sliding_attention": local}
     return {k: {"rope_type": "default", "rope_theta": v} for k, v in thetas.items()}
 
 
@@ -173,11 +181,20 @@ def _gemma2_read(c) -> dict:
         "sliding_attention" if i % 2 == 0 else "full_attention"
         for i in range(c.num_hidden_layers)
     ]
-    return dict(attention_pattern=attention_pattern(types), sliding_window=c.sliding_window)
+    pattern = attention_pattern(types)
+    return dict(attention_pattern=pattern, sliding_window=local_window(pattern, c.sliding_window))
 
 
 def _gemma2_write(config: ModelConfig, hf=None) -> dict:
-    return dict(layer_types=layer_types(config), sliding_window=config.sliding_window)
+    """Layer types and window; a soft-cap of 0 (none) as null, which transformers reads as
+    none (0 would cap every logit to 0)."""
+    caps = {"attn_logit_softcapping": config.attn_logit_softcap,
+            "final_logit_softcapping": config.final_logit_softcap}
+    return dict(
+        {key: cap or None for key, cap in caps.items()},
+        layer_types=layer_types(config),
+        sliding_window=config.sliding_window or 4096,  # HF's default; no layer reads it
+    )
 
 
 GEMMA2 = Family(
@@ -228,15 +245,19 @@ def _gemma3_read(c) -> dict:
     ]
     rope = getattr(c, "rope_parameters", None) or {}
     local = rope.get("sliding_attention", {}).get("rope_theta")
+    pattern = attention_pattern(types)
+    local = float(local or getattr(c, "rope_local_base_freq", None) or 10000.0)
     return dict(
-        attention_pattern=attention_pattern(types),
-        sliding_window=c.sliding_window,
-        local_rope_theta=float(local or getattr(c, "rope_local_base_freq", None) or 10000.0),
+        attention_pattern=pattern,
+        sliding_window=local_window(pattern, c.sliding_window),
+        local_rope_theta=local if "L" in pattern else 0.0,
     )
 
 
 def _gemma3_write(config: ModelConfig, hf=None) -> dict:
-    return dict(_gemma2_write(config), rope_parameters=_rope_per_type(config))
+    written = dict(_gemma2_write(config), rope_parameters=_rope_per_type(config))
+    del written["attn_logit_softcapping"]  # not Gemma 3's (see GEMMA3)
+    return written
 
 
 # Gemma 2 with (1 + w) q/k norms, local layers of their own RoPE base, usually no final
@@ -315,7 +336,8 @@ def _t5gemma_read(c) -> dict:
         _gemma2_read(decoder),
         encoder_layers=encoder.num_hidden_layers,
         # HF's encoder window keeps |i - j| <= w: meshlm's < w + 1.
-        encoder_sliding_window=encoder.sliding_window + 1,
+        encoder_sliding_window=local_window(encoder_fields["attention_pattern"],
+                                            encoder.sliding_window + 1),
         vocab_size=getattr(c, "vocab_size", None) or decoder.vocab_size,
         tie_embeddings=getattr(c, "tie_word_embeddings", True),
     )
@@ -324,7 +346,8 @@ def _t5gemma_read(c) -> dict:
 def _t5gemma_write(config: ModelConfig, decoder: dict) -> dict:
     decoder.update(_gemma2_write(config), is_decoder=True)
     encoder = _gemma2_write(config.encoder())
-    encoder["sliding_window"] -= 1
+    if config.encoder_sliding_window:
+        encoder["sliding_window"] = config.encoder_sliding_window - 1
     return dict(
         encoder=dict(decoder, **encoder, num_hidden_layers=config.encoder_layers, is_decoder=False),
         vocab_size=config.vocab_size,

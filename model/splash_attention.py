@@ -36,9 +36,10 @@ def splash_attention(
     block_size,
     mask_kind="causal",
     interpret=False,
+    scale=None,
 ):
     """[batch, length, heads, head_dim] output of causal or bidirectional (`mask_kind`),
-    segment-masked attention."""
+    segment-masked attention; q.k scaled by `scale` (None: head_dim ** -0.5)."""
     batch, length = query.shape[:2]
     block = min(block_size, length)
     if length % block:
@@ -49,7 +50,8 @@ def splash_attention(
     ones = jnp.ones((batch, length), jnp.int32)
     query_segment_ids = ones if query_segment_ids is None else query_segment_ids
     key_segment_ids = ones if key_segment_ids is None else key_segment_ids
-    query = query * (1.0 / jnp.sqrt(jnp.float32(query.shape[-1]))).astype(query.dtype)
+    scale = 1.0 / jnp.sqrt(jnp.float32(query.shape[-1])) if scale is None else scale
+    query = query * jnp.asarray(scale, jnp.float32).astype(query.dtype)  # the kernel does not
 
     def local(q, k, v, q_seg, k_seg):  # one device's rows and heads
         kernel = _kernel(q.shape[2], q.shape[1], block, mask_kind, interpret)

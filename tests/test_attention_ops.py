@@ -136,6 +136,14 @@ def test_splash_kernel_matches_the_reference_in_the_pallas_interpreter():
     assert_matches_reference(fn, query, key, value, segments, atol=5e-5)
 
 
+def test_splash_kernel_takes_the_models_score_scale():
+    """model.query_pre_attn_scalar's scale, not head_dim's, in the kernel too."""
+    query, key, value, segments = inputs(length=128, head_dim=64)
+    out = splash_attention(query, key, value, segments, segments, 128, interpret=True, scale=0.05)
+    expected = attend(query, key, value, segments, segments, scale=0.05)
+    np.testing.assert_allclose(out, expected, atol=5e-5)
+
+
 def test_splash_runs_per_shard_on_a_mesh():
     """Under a (data, fsdp, tensor) mesh the kernel runs in shard_map on batch and head shards."""
     query, key, value, segments = inputs(batch=4, length=128, head_dim=64)

@@ -169,6 +169,7 @@ REFUSALS = [  # (train.objective, model and data fields, message)
     ("span_corruption", {"model.attention_mask": "prefix"}, "attention_mask=causal"),
     ("span_corruption", {"data.encoder_seq_len": 64}, "longer than model.max_seq_len"),
     ("span_corruption", {"model.encoder_layers": 0}, "only an encoder-decoder"),
+    ("span_corruption", {"lora.rank": 4}, "fine-tune an encoder-decoder fully"),
 ]
 
 

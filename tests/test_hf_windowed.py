@@ -19,12 +19,14 @@ from transformers import (
     ModernBertForMaskedLM,
 )
 
+import compress
 from errors import UserError
 from model import Transformer
 from model.config import ModelConfig
 from model.hf import config_from_hf, from_hf, params_from_hf, to_hf
 from model.sampler import Sampler, SamplingConfig
 from tests.helpers import assert_greedy_matches_hf
+from training.optimizer import weight_decay_mask
 
 VOCAB, LENGTH, TOLERANCE = 128, 24, 1e-4
 
@@ -71,8 +73,10 @@ def gemma2(config_class=Gemma2Config, **kw):
 
 def gemma3(**kw):
     """Gemma 2's shapes with Gemma 3's q/k norms, 5 local layers per global one and local
-    layers of their own RoPE base (its attention ignores gemma2()'s attn_logit_softcapping)."""
-    return gemma2(Gemma3TextConfig, num_hidden_layers=6, **kw)
+    layers of their own RoPE base (its attention ignores gemma2()'s attn_logit_softcapping),
+    and its default: no final soft-cap."""
+    return gemma2(Gemma3TextConfig, **{"num_hidden_layers": 6, "final_logit_softcapping": None,
+                                       **kw})
 
 
 CLASSES = {
@@ -154,11 +158,22 @@ def test_config_json_of_transformers_4_is_read():
     assert (g.attention_pattern, g.rope_theta) == ("LG", 500.0)
 
 
-@pytest.mark.parametrize("make", [modernbert, gemma2, gemma3])
-def test_export_loads_into_transformers_and_round_trips(make):
+EXPORTED = {
+    "modernbert": modernbert,
+    "gemma2": gemma2,
+    "gemma3": gemma3,  # its default: no final soft-cap
+    "gemma2_no_caps": lambda: gemma2(attn_logit_softcapping=None, final_logit_softcapping=None),
+    "modernbert_all_global": lambda: modernbert(global_attn_every_n_layers=1),
+    "gemma3_all_global": lambda: gemma3(layer_types=["full_attention"] * 6),
+}
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_export_loads_into_transformers_and_round_trips(name):
     """meshlm -> HF config.json dict + state dict -> the HF class gives our logits; and back
-    to meshlm bit for bit."""
-    model = random_model(make())
+    to meshlm bit for bit. Models without caps or without local layers too: their caps and
+    windows must be written as HF reads "none"."""
+    model = random_model(EXPORTED[name]())
     config, params = from_hf(model, dtype="float32")
     hf_config, state = to_hf(config, params, **SPECIAL_IDS, cls_token_id=1, sep_token_id=2)
     rebuilt_config = type(model.config)(**hf_config, attn_implementation="eager")
@@ -188,10 +203,12 @@ def test_gemma2_greedy_decoding_equals_transformers_generate():
     assert all(len(set(new)) > 3 for new in sampler.generate(prompts, greedy, eos_id=2))
 
 
-def test_blockwise_attention_equals_xla_for_local_layers_and_caps():
-    """The local-window mask and the soft-capped scores (and their gradient) in flash-style
-    tiles smaller than the window, against the dense reference."""
-    hf_config = gemma2()
+@pytest.mark.parametrize("make", [gemma2, modernbert])
+def test_blockwise_attention_equals_xla_for_local_layers_and_caps(make):
+    """The local-window mask (causal and bidirectional, and the tiles it skips) and the
+    soft-capped scores (and their gradient) in flash-style tiles smaller than the window,
+    against the dense reference."""
+    hf_config = make()
     config = config_from_hf(hf_config, dtype="float32", attention_block_size=4)
     params = params_from_hf(random_model(hf_config).state_dict(), config)
     tokens = np.random.default_rng(1).integers(3, VOCAB, size=(2, 19))
@@ -219,6 +236,16 @@ def test_blockwise_attention_equals_xla_for_local_layers_and_caps():
 def test_bad_local_attention_configs_are_refused(fields, message):
     with pytest.raises(UserError, match=message):
         ModelConfig(**fields)
+
+
+def test_the_heads_bias_gets_no_weight_decay_and_compression_refuses_the_head():
+    config = config_from_hf(modernbert())
+    boxed = Transformer(config).init(jax.random.key(0), np.ones((1, 4), int))["params"]
+    decayed = weight_decay_mask(boxed, decay_embeddings=True)
+    assert not decayed["output_bias"] and decayed["head"]["kernel"]
+    args = types.SimpleNamespace(prune="", low_rank="", quantize="int8", sparsity=None, n_m="")
+    with pytest.raises(UserError, match="model.prediction_head=True"):
+        compress.check_request(args, config)
 
 
 def test_the_chunked_loss_refuses_logits_it_cannot_make():

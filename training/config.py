@@ -9,7 +9,7 @@ import dataclasses
 
 from config_schema import check_fields, field, from_values
 from data import mixture, objectives
-from data.config import DataConfig
+from data.config import DataConfig, encoder_length
 from errors import UserError
 from evaluation.config import EvalConfig
 from model.config import ModelConfig
@@ -263,6 +263,12 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> ModelCo
             f"lora.rank={lora_rank} with model.low_rank_ratio={model_config.low_rank_ratio}: "
             "LoRA adapts full kernels; fine-tune a factorized run without LoRA (lora.rank=0)."
         )
+    if lora_rank and model_config.encoder_layers:
+        raise UserError(
+            f"lora.rank={lora_rank} with model.encoder_layers={model_config.encoder_layers}: "
+            "LoRA adapts the decoder's self-attention and MLP only, not the encoder or the "
+            "cross-attention; fine-tune an encoder-decoder fully (lora.rank=0)."
+        )
     _check_moe(config, model_config, mesh_shape["expert"])
     objectives.check_config(config, model_config)
     distill.check(config, model_config)
@@ -304,7 +310,7 @@ def describe(config, model_config: ModelConfig, num_params: int, num_devices: in
     bubble = f"  pipeline bubble={bubble:.1%}" if bubble else ""
     layers = str(model_config.num_layers)
     if model_config.encoder_layers:  # an encoder-decoder: its tokens/step are the decoder's
-        encoder_len = config.data.encoder_seq_len or config.data.seq_len
+        encoder_len = encoder_length(config.data, model_config.encoder_layers)
         layers = f"{model_config.encoder_layers}+{layers} (encoder+decoder, {encoder_len}+"
         layers += f"{config.data.seq_len} tokens/row)"
     return (

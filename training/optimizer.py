@@ -39,7 +39,7 @@ from optax.transforms import MaskedNode
 
 from errors import UserError
 
-NO_DECAY_LEAVES = ("scale", "bias")
+NO_DECAY_LEAVES = ("scale", "bias", "output_bias")
 EMBEDDINGS = ("token_embed", "pos_embed")
 ADAMW_UNDER_MUON = EMBEDDINGS + ("lm_head",)
 STACK_AXES = ("layers", "experts")  # leading axes of stacked kernels: one matrix each
