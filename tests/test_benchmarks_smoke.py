@@ -12,7 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_accelerator_benchmark_cpu_smoke(tmp_path):
     output = tmp_path / "accelerator.json"
-    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as one GPU
+    # One CPU device, as one GPU; compiled unoptimized, as the tests compile (conftest.py).
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     done = subprocess.run(
         [
             sys.executable,
@@ -40,3 +41,23 @@ def test_accelerator_benchmark_cpu_smoke(tmp_path):
     assert [(r["weights"], r["kv_cache"]) for r in rows] == [("none", "model"), ("int8", "int8")]
     assert all(r["decode_tokens_per_s"] > 0 for r in rows)
     assert "llama_1b:xla" in done.stdout and "int8 weights, int8 KV" in done.stdout
+
+
+def test_encoder_decoder_benchmark_cpu_smoke():
+    """benchmarks/encoder_decoder.py's real train steps at tiny widths: one row per model,
+    both reading the same enc_len + dec_len tokens per row."""
+    tiny = "vocab_size=64 embed_dim=32 num_heads=2 mlp_dim=64 scan_unroll=1".split()
+    done = subprocess.run(
+        [sys.executable, "benchmarks/encoder_decoder.py", "--enc_len=12", "--dec_len=4",
+         "--batch=2", "--steps=1", "--warmup=0", "--encoder_layers=1", "--decoder_layers=1",
+         "--decoder_only_layers=2", *(f"--config.model.{field}" for field in tiny)],
+        cwd=REPO, env=dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0"),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(r["model"], r["enc_len"], r["dec_len"]) for r in rows] == [
+        ("encoder-decoder", 12, 4), ("decoder-only", 0, 16)]
+    assert rows[0]["params"] > rows[1]["params"]  # its own embedding and cross-attention
+    assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert "| encoder-decoder | 1 enc + 1 dec |" in done.stdout
