@@ -39,7 +39,7 @@ def packed_rows(batch, length, seed):
     return segments, prefix
 
 
-def numpy_mask(kind, segments, prefix):
+def numpy_mask(kind, segments, prefix, window=0):
     """The rule of model/attention_ops.py, one (row, query, key) at a time."""
     batch, length = segments.shape
     mask = np.zeros((batch, 1, length, length), bool)
@@ -49,16 +49,18 @@ def numpy_mask(kind, segments, prefix):
             "bidirectional": True,
             "prefix": j <= i or (prefix[r, i] and prefix[r, j]),
         }[kind]
-        mask[r, 0, i, j] = segments[r, i] == segments[r, j] and sees
+        near = window <= 0 or abs(i - j) < window
+        mask[r, 0, i, j] = segments[r, i] == segments[r, j] and sees and near
     return mask
 
 
+@pytest.mark.parametrize("window", [0, 3])  # 0: a global layer; 3: a local layer's window
 @pytest.mark.parametrize("kind", KINDS)
-def test_masks_match_a_numpy_construction(kind):
+def test_masks_match_a_numpy_construction(kind, window):
     segments, prefix = packed_rows(batch=3, length=24, seed=1)
     assert (segments == 0).any() and prefix.any() and (~prefix & (segments > 0)).any()
-    mask = attention_mask(segments, segments, 24, 24, 0, kind, prefix, prefix)
-    np.testing.assert_array_equal(mask, numpy_mask(kind, segments, prefix))
+    mask = attention_mask(segments, segments, 24, 24, 0, kind, prefix, prefix, jnp.int32(window))
+    np.testing.assert_array_equal(mask, numpy_mask(kind, segments, prefix, window))
 
 
 def test_prefix_without_a_prefix_mask_and_causal_with_one_are_causal():
