@@ -171,7 +171,8 @@ def test_sharded_equals_unsharded():
     single = apply(params)
     mesh_config = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2))
     mesh, rules = make_mesh(mesh_config), logical_rules()
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_params(Transformer(config), mesh, rules))
+    abstract = abstract_params(Transformer(config), mesh, rules)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
     with activate(mesh, rules):
         sharded = jax.jit(apply)(jax.device_put(params, shardings))
     assert len(jax.tree.leaves(shardings)[0].device_set) == 8
