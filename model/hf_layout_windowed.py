@@ -26,9 +26,9 @@ def attention_pattern(layer_types: list) -> str:
     return next(letters[:n] for n in range(1, len(letters) + 1) if repeated(letters[:n]) == letters)
 
 
-def local_window(pattern: str, window: int) -> int:
-    """meshlm's sliding_window: the window when some layers are local, else 0 (HF configs
-    carry a window even when every layer is global)."""
+def local_window(pattern: str, window):
+    """A local layers' setting (sliding_window, local_rope_theta) when some layers are
+    local, else 0: HF configs carry them even when every layer is global."""
     return window if "L" in pattern else 0
 
 
@@ -79,7 +79,7 @@ def _modernbert_read(c) -> dict:
         attention_pattern=pattern,
         sliding_window=local_window(pattern, (getattr(c, "local_attention", None) or 128) // 2 + 1),
         rope_theta=float(thetas["full_attention"]),
-        local_rope_theta=float(thetas["sliding_attention"]) if "L" in pattern else 0.0,
+        local_rope_theta=local_window(pattern, float(thetas["sliding_attention"])),
     )
 
 
@@ -245,12 +245,12 @@ def _gemma3_read(c) -> dict:
     ]
     rope = getattr(c, "rope_parameters", None) or {}
     local = rope.get("sliding_attention", {}).get("rope_theta")
-    pattern = attention_pattern(types)
     local = float(local or getattr(c, "rope_local_base_freq", None) or 10000.0)
+    pattern = attention_pattern(types)
     return dict(
         attention_pattern=pattern,
         sliding_window=local_window(pattern, c.sliding_window),
-        local_rope_theta=local if "L" in pattern else 0.0,
+        local_rope_theta=local_window(pattern, local),
     )
 
 
