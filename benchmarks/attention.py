@@ -9,7 +9,9 @@ grouped-query heads, on the first device; one row per (length, implementation,
 mask, window). The prefix mask's prefix is the first half of each packed document;
 a window > 0 is a local layer's sliding window (attend(..., window=)). Prints the
 median time over --steps after one warm-up call and XLA's temporaries for the
-compiled function, as a Markdown table, then one JSON line per row.
+compiled function, as a Markdown table, then one JSON line per row. The implementation
+`jax.nn` (benchmark only) is jax.nn.dot_product_attention's XLA path on the same mask,
+for comparison with meshlm's own `xla` einsums.
 """
 
 import itertools
@@ -28,7 +30,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine_info import describe as describe_machine  # noqa: E402
-from model.attention_ops import attend  # noqa: E402
+from model.attention_ops import attend, attention_mask  # noqa: E402
 
 flags.DEFINE_list("lengths", ["1024", "4096"], "Sequence lengths.")
 flags.DEFINE_list("implementations", ["xla", "blockwise"], "attention implementations.")
@@ -65,10 +67,14 @@ def measure(implementation: str, length: int, mask: str, window: int) -> dict:
     prefixes = (prefix, prefix) if mask == "prefix" else (None, None)
 
     def loss(q, k, v):
-        out = attend(
-            q, k, v, segments, segments, 0, implementation, FLAGS.block_size, mask, *prefixes,
-            window=window or None,
-        )
+        if implementation == "jax.nn":
+            rule = attention_mask(segments, segments, length, length, 0, mask, *prefixes, window)
+            out = jax.nn.dot_product_attention(q, k, v, mask=rule, implementation="xla")
+        else:
+            out = attend(
+                q, k, v, segments, segments, 0, implementation, FLAGS.block_size, mask,
+                *prefixes, window=window or None,
+            )
         return jnp.sum(out.astype(jnp.float32) * w)
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()

@@ -27,7 +27,8 @@ is ever fully masked and no NaN can appear.
 Implementations (`model.attention_implementation`; memory per layer for b
 sequences of t tokens, h heads):
 
-    xla        the reference: dense [b, h, t, t] float32 scores and mask. Any backend.
+    xla        the reference: dense [b, h, t, t] float32 scores and mask, in einsums
+               (grouped_attention). Any backend.
     blockwise  flash-style tiles in plain JAX (model/blockwise_attention.py): memory
                linear in t for forward and backward. Any backend, any shape.
     cudnn      NVIDIA's fused kernel through jax.nn.dot_product_attention (GPU, bf16/f16).
@@ -151,10 +152,6 @@ def attend(
         *prefixes,
         window,
     )
-    if not logit_cap:
-        return jax.nn.dot_product_attention(
-            query, key, value, mask=mask, scale=scores.scale, implementation="xla"
-        )
     return grouped_attention(query, key, value, mask, scores)
 
 
@@ -173,16 +170,21 @@ def _require_backend(implementation, backend, what):
 def grouped_attention(query, key, value, mask, scores: Scores, key_layout: str = "bskd"):
     """Dense attention of query [b, t, heads, d] over keys and values laid out as
     `key_layout` ("bskd"; the KV cache's heads-major "bksd"), query heads grouped over the
-    KV heads, scores by `scores` (jax.nn's has no soft-cap), `mask` [b or 1, 1, t, s]."""
+    KV heads, scores by `scores`, `mask` [b or 1, 1, t, s]: the xla implementation.
+
+    Without grouping (heads == kv_heads) the einsums have no group axis: XLA:CPU runs
+    that 4-D form's forward and backward ~1.5x faster than a group axis of size 1, or
+    than jax.nn.dot_product_attention (benchmarks/attention.py --implementations=xla)."""
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[key_layout.index("k")]
-    query = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    g = "g" if heads > kv_heads else ""
+    query = query.reshape(batch, length, kv_heads, *([heads // kv_heads] if g else []), head_dim)
     raw = jnp.einsum(
-        f"btkgd,{key_layout}->bkgts", query, key, preferred_element_type=jnp.float32
+        f"btk{g}d,{key_layout}->bk{g}ts", query, key, preferred_element_type=jnp.float32
     )
-    logits = jnp.where(mask[:, :, None], scores(raw), jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, :, None] if g else mask, scores(raw), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    out = jnp.einsum(f"bkgts,{key_layout}->btkgd", probs, value)
+    out = jnp.einsum(f"bk{g}ts,{key_layout}->btk{g}d", probs, value)
     return out.reshape(batch, length, heads, head_dim)
 
 

@@ -15,7 +15,7 @@ from jax.sharding import AxisType
 
 from errors import UserError
 from model import ModelConfig, Transformer
-from model.attention_ops import attend
+from model.attention_ops import attend, attention_mask
 from model.splash_attention import splash_attention
 from sharding import activate, logical_rules
 from tests.helpers import LLAMA_STYLE, TINY_MODEL
@@ -50,6 +50,16 @@ def assert_matches_reference(fn, query, key, value, segments, atol=2e-5):
     np.testing.assert_allclose(out, expected, atol=atol)
     for name, got, want in zip("qkv", grads, expected_grads):
         np.testing.assert_allclose(got, want, atol=atol, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_the_reference_matches_jax_nn_dot_product_attention(kv_heads):
+    """meshlm's reference (its own einsums, with or without a group axis) against JAX's
+    library attention on the same mask: MHA, GQA and MQA, packed rows with padding."""
+    query, key, value, segments = inputs(kv_heads=kv_heads)
+    mask = attention_mask(segments, segments, query.shape[1], key.shape[1])
+    library = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)
+    assert_matches_reference(library, query, key, value, segments)
 
 
 @pytest.mark.parametrize(
