@@ -1,6 +1,6 @@
 """meshlm vs a PyTorch reference GPT (nanoGPT's architecture), side by side on this machine.
 
-    python benchmarks/vs_pytorch.py [--shapes=baby,default,gpt2_small] [--steps=30]
+    python benchmarks/vs_pytorch.py [--shapes=baby,default,gpt2_small] [--steps=30] [--breakdown]
     python benchmarks/vs_pytorch.py --whole_run [--seeds=0,1,2] [--num_steps=2000]
 
 Step mode times, in one process, meshlm's jitted train step (training.trainer.Trainer, one
@@ -36,6 +36,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
@@ -44,6 +45,7 @@ from benchmarks.torch_gpt import GPT, learning_rate, torch_optimizer, torch_step
 flags.DEFINE_list("shapes", ["baby", "default", "gpt2_small"], "Step mode: shapes to time.")
 flags.DEFINE_integer("steps", 30, "Step mode: timed steps per side (gpt2_small: a fifth).")
 flags.DEFINE_integer("warmup", 3, "Step mode: untimed steps per side after compilation.")
+flags.DEFINE_bool("breakdown", False, "Step mode: also time forward, forward + backward.")
 flags.DEFINE_bool("whole_run", False, "Time the baby-GPT recipe launch to exit, both sides.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Whole run: seeds, each run on both sides.")
 flags.DEFINE_integer("num_steps", 2000, "Whole run: training steps.")
@@ -107,6 +109,7 @@ def meshlm_config(shape: str, extra: dict | None = None):
 
 def time_shape(shape: str) -> dict:
     import jax
+    import jax.numpy as jnp
 
     from data import batch as data_batch
     from training.trainer import Trainer
@@ -126,32 +129,21 @@ def time_shape(shape: str) -> dict:
     opt = config.optimizer
     lr = opt.learning_rate
 
-    def meshlm_steps(n):
+    def meshlm_step():
         nonlocal state
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            float(metrics["loss"])
-            times.append(time.perf_counter() - start)
-        return times
+        state, metrics = compiled(state, batch)
+        float(metrics["loss"])
 
-    def torch_steps(n):
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            torch_step(model, optimizer, inputs, targets, lr, opt.grad_clip_norm)
-            times.append(time.perf_counter() - start)
-        return times
-
-    meshlm_steps(FLAGS.warmup), torch_steps(FLAGS.warmup)
+    calls = {
+        "meshlm": meshlm_step,
+        "torch": lambda: torch_step(model, optimizer, inputs, targets, lr, opt.grad_clip_norm),
+    }
+    if FLAGS.breakdown:
+        calls.update(breakdown_calls(trainer, jax.tree.map(jnp.copy, state.params), batch,
+                                     model, inputs, targets))
     steps = max(FLAGS.steps // (5 if shape == "gpt2_small" else 1), 2)
-    block = max(1, min(5, steps // 4))
-    mesh_times, torch_times = [], []
-    for _ in range(-(-steps // block)):  # alternating blocks: a load change hits both sides
-        mesh_times += meshlm_steps(block)
-        torch_times += torch_steps(block)
-    mesh_ms, torch_ms = 1e3 * statistics.median(mesh_times), 1e3 * statistics.median(torch_times)
+    seconds = alternate(calls, steps)
+    mesh_ms, torch_ms = 1e3 * seconds.pop("meshlm"), 1e3 * seconds.pop("torch")
     return dict(
         shape=shape,
         layers=m.num_layers,
@@ -162,12 +154,62 @@ def time_shape(shape: str) -> dict:
         seq_len=t,
         params=trainer.num_params,
         torch_params=sum(p.numel() for p in model.parameters()),
-        steps=len(mesh_times),
+        steps=steps,
         meshlm_ms=mesh_ms,
         torch_ms=torch_ms,
         time_ratio=mesh_ms / torch_ms,  # <= 1: meshlm at least as fast
         load_average=os.getloadavg()[0],
+        **{f"{name}_ms": 1e3 * value for name, value in seconds.items()},
     )
+
+
+def alternate(calls: dict, steps: int) -> dict:
+    """Median seconds of each call over `steps` calls after --warmup ones, timed in
+    alternating blocks of up to 5 calls: a change of load hits every call alike."""
+    for call in calls.values():
+        for _ in range(FLAGS.warmup):
+            call()
+    block = max(1, min(5, steps // 4))
+    times = {name: [] for name in calls}
+    for _ in range(-(-steps // block)):
+        for name, call in calls.items():
+            for _ in range(block):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def breakdown_calls(trainer, params, batch, model, inputs, targets) -> dict:
+    """--breakdown: the loss's forward alone and forward + backward on both sides, to show
+    which part of the step the time difference is in."""
+    import jax
+
+    from training.step import forward_sums
+
+    loss = lambda p: forward_sums(trainer.model, p, batch, None, 0.0)[0]
+    forward, gradients = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
+
+    def torch_loss():
+        logits = model(inputs)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+    def torch_forward():
+        with torch.no_grad():
+            torch_loss().item()
+
+    def torch_backward():
+        model.zero_grad(set_to_none=True)
+        value = torch_loss()
+        value.backward()
+        value.item()
+
+    return {
+        "meshlm_forward": lambda: float(forward(params)),
+        "meshlm_forward_backward": lambda: jax.block_until_ready(gradients(params)),
+        "torch_forward": torch_forward,
+        "torch_forward_backward": torch_backward,
+    }
 
 
 # --- whole-run mode -----------------------------------------------------------------------
@@ -320,6 +362,10 @@ def main(argv):
                   f" vocab {r['vocab']}: meshlm {r['meshlm_ms']:.1f} ms/step, PyTorch "
                   f"{r['torch_ms']:.1f} ms/step, ratio {r['time_ratio']:.2f} (load "
                   f"{r['load_average']:.2f})", flush=True)
+            if FLAGS.breakdown:
+                print(f"{'':>12}forward {r['meshlm_forward_ms']:.1f} vs {r['torch_forward_ms']:.1f}"
+                      f" ms, forward + backward {r['meshlm_forward_backward_ms']:.1f} vs "
+                      f"{r['torch_forward_backward_ms']:.1f} ms (meshlm vs PyTorch)", flush=True)
     result["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(result))
 
