@@ -122,29 +122,39 @@ def target_name(module_name: str) -> str:
     return "mlp" if module_name in ("wi", "wi_gate", "wi_up", "wo") else module_name
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def matmul(equation: str, x: jax.Array, kernel: jax.Array, num_in: int) -> jax.Array:
-    """`einsum(equation, x, kernel)` for x [..., *in] @ kernel [*in, *out] -> [..., *out],
-    whose kernel gradient transposes the smaller of x and the output gradient.
+def dot(equation: str, x, kernel, num_in: int, out_type=None) -> jax.Array:
+    """`einsum(equation, x, kernel)` for x [..., *in] @ kernel [*in, *out] -> [..., *out], in
+    `out_type` (None: the operands'); on CPU through `matmul`, whose kernel gradient
+    transposes the smaller operand. GPU and TPU dots take transposed operands as they are."""
+    if jax.default_backend() == "cpu":
+        return matmul(equation, x, kernel, num_in, out_type)
+    return jnp.einsum(equation, x, kernel, preferred_element_type=out_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def matmul(equation: str, x: jax.Array, kernel: jax.Array, num_in: int, out_type) -> jax.Array:
+    """`dot` whose kernel gradient transposes the smaller of x and the output gradient.
 
     XLA:CPU's dot wants one operand of the kernel gradient's contraction (over all
     tokens) transposed and picks it itself: in a GELU MLP it picks the [tokens, mlp]
     gradient and fuses the transpose into the activation's backward, which it then
-    computes twice, once transposed, 30-50x slower than untransposed (BENCHMARKS.md,
-    "meshlm vs PyTorch"). The forward and the input gradient are einsum's own.
+    computes twice, once transposed, 30-50x slower than untransposed; at the tied output
+    head it copies the [tokens, vocab] logits' gradient transposed (BENCHMARKS.md, "meshlm
+    vs PyTorch"). The forward and the input gradient are einsum's own.
     """
-    return jnp.einsum(equation, x, kernel)
+    return jnp.einsum(equation, x, kernel, preferred_element_type=out_type)
 
 
-def _matmul_fwd(equation, x, kernel, num_in):
+def _matmul_fwd(equation, x, kernel, num_in, out_type):
     # symbolic_zeros: a frozen kernel (a LoRA base) gets no gradient computed at all
     x, kernel, trained = x.value, kernel.value, kernel.perturbed
-    return matmul(equation, x, kernel, num_in), (x, kernel, trained)
+    return matmul(equation, x, kernel, num_in, out_type), (x, kernel, trained)
 
 
-def _matmul_bwd(equation, num_in, residuals, dy):
+def _matmul_bwd(equation, num_in, out_type, residuals, dy):
     x, kernel, trained = residuals
-    dx = jax.linear_transpose(lambda x: jnp.einsum(equation, x, kernel), x)(dy)[0]
+    forward = lambda x: jnp.einsum(equation, x, kernel, preferred_element_type=out_type)
+    dx = jax.linear_transpose(forward, x)(dy)[0]
     if not trained:
         return dx, None
     size_in = math.prod(kernel.shape[:num_in])
@@ -205,10 +215,7 @@ class Dense(nn.Module):
             kernel = weight(
                 self, "kernel", self.shape, self.names, num_in, param_init(cfg, self.names, std)
             )
-            if jax.default_backend() == "cpu":
-                y = matmul(self.equation, x, kernel, num_in)
-            else:  # GPU and TPU dots take transposed operands as they are
-                y = jnp.einsum(self.equation, x, kernel)
+            y = dot(self.equation, x, kernel, num_in)
         if self.has_variable("lora", "a"):
             a, b = (self.get_variable("lora", n).astype(cfg.dtype) for n in ("a", "b"))
             dropped = nn.Dropout(self.lora_dropout, deterministic=self.lora_dropout == 0.0)(x)

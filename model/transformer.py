@@ -83,6 +83,7 @@ from model.config import ModelConfig
 from model.block import ACTIVATION, scan_body, stack
 from model.layers import (
     Dense,
+    dot,
     gelu,
     make_norm,
     param_init,
@@ -245,7 +246,7 @@ class Transformer(nn.Module):
                     "> 0) and distillation do not apply; set model.loss_chunk_size=0."
                 )
             return x, output
-        logits = jnp.einsum("bte,ev->btv", x, output, preferred_element_type=jnp.float32)
+        logits = dot("bte,ev->btv", x, output, 1, jnp.float32)
         if cfg.prediction_head:
             bias = self.param(
                 "output_bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.param_dtype
