@@ -2,8 +2,6 @@
 generation equal to uncached and to transformers' generate, packed cross-attention, and
 sharded == unsharded."""
 
-import dataclasses
-
 import jax
 import ml_collections
 import numpy as np
@@ -25,11 +23,12 @@ VOCAB, TOLERANCE = 128, 1e-4
 BOS, EOS, PAD = 2, 1, 0
 
 
-def t5gemma(encoder_layers=3, decoder_layers=2, **kw):
+def t5gemma(encoder_layers=2, decoder_layers=2, **kw):
+    """Each side's layers: local, global."""
     defaults = dict(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
+        hidden_size=32,
+        intermediate_size=48,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -52,6 +51,14 @@ def hf_model(hf_config=None):
     return random_weights(T5GemmaForConditionalGeneration((hf_config or t5gemma())).eval())
 
 
+@pytest.fixture(scope="module")
+def converted():
+    """(T5Gemma with random weights, its meshlm config and params), read once: the tests
+    below only read them."""
+    model = hf_model()
+    return (model, *from_hf(model, dtype="float32"))
+
+
 def padded(lengths, width, seed):
     """Random tokens [rows, width] with rows of `lengths`, the rest padding; segment ids."""
     tokens = np.random.default_rng(seed).integers(3, VOCAB, size=(len(lengths), width))
@@ -62,7 +69,7 @@ def padded(lengths, width, seed):
 def both_logits(model, config, params):
     encoder, encoder_mask = padded([14, 9], 14, seed=0)
     decoder, decoder_mask = padded([11, 7], 11, seed=1)
-    ours = Transformer(config).apply(
+    ours = jax.jit(Transformer(config).apply)(
         {"params": params}, decoder, decoder_mask,
         encoder_tokens=encoder, encoder_segment_ids=encoder_mask,
     )
@@ -76,17 +83,15 @@ def both_logits(model, config, params):
     return np.asarray(ours), theirs, decoder_mask.astype(bool)
 
 
-def test_t5gemma_logits_match_hf():
-    model = hf_model()
-    config, params = from_hf(model, dtype="float32")
-    assert (config.encoder_layers, config.num_layers, config.encoder_sliding_window) == (3, 2, 5)
+def test_t5gemma_logits_match_hf(converted):
+    model, config, params = converted
+    assert (config.encoder_layers, config.num_layers, config.encoder_sliding_window) == (2, 2, 5)
     ours, theirs, valid = both_logits(model, config, params)
     np.testing.assert_array_less(np.abs(ours - theirs)[valid].max(), TOLERANCE)
 
 
-def test_t5gemma_export_loads_into_transformers_and_round_trips():
-    model = hf_model()
-    config, params = from_hf(model, dtype="float32")
+def test_t5gemma_export_loads_into_transformers_and_round_trips(converted):
+    _, config, params = converted
     hf_config, state = to_hf(config, params, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     rebuilt = T5GemmaForConditionalGeneration(
         T5GemmaConfig(**hf_config, attn_implementation="eager")
@@ -104,28 +109,27 @@ def test_t5gemma_export_loads_into_transformers_and_round_trips():
 def test_unbalanced_t5gemma_is_refused():
     hf_config = t5gemma()
     hf_config.encoder.hidden_size = 128
-    with pytest.raises(UserError, match="hidden_size 128 vs 64"):
+    with pytest.raises(UserError, match="hidden_size 128 vs 32"):
         config_from_hf(hf_config)
 
 
-def test_cached_decoding_equals_a_full_forward_pass():
+def test_cached_decoding_equals_a_full_forward_pass(converted):
     """Prefill (encode once, cross keys and values cached) then one token per call."""
-    model = hf_model()
-    config, params = from_hf(model, dtype="float32")
-    transformer = Transformer(config)
+    _, config, params = converted
+    apply = jax.jit(Transformer(config).apply)
     encoder, encoder_mask = padded([14, 9], 14, seed=0)
     decoder = np.random.default_rng(2).integers(3, VOCAB, size=(2, 9))
-    full = transformer.apply(
+    full = apply(
         {"params": params}, decoder, encoder_tokens=encoder, encoder_segment_ids=encoder_mask
     )
     cache = init_cache(config, 2, 9, encoder_length=14)
-    logits, cache = transformer.apply(
+    logits, cache = apply(
         {"params": params}, decoder[:, :4], cache=cache,
         encoder_tokens=encoder, encoder_segment_ids=encoder_mask,
     )
     stepped = [logits]
     for t in range(4, 9):
-        logits, cache = transformer.apply(
+        logits, cache = apply(
             {"params": params}, decoder[:, t : t + 1], positions=np.full((2, 1), t), cache=cache
         )
         stepped.append(logits)
@@ -139,17 +143,19 @@ def test_a_packed_row_attends_only_to_its_own_encoder_segment():
         dtype="float32", position_embedding="rope", init_std=0.2,
     )
     model = Transformer(config)
+    apply = jax.jit(model.apply)
     rng = np.random.default_rng(3)
     enc = [rng.integers(3, VOCAB, n) for n in (6, 5)]
     dec = [rng.integers(3, VOCAB, n) for n in (4, 7)]
-    params = model.init(jax.random.key(0), dec[0][None], encoder_tokens=enc[0][None])["params"]
+    params = jax.jit(model.init)(jax.random.key(0), dec[0][None], encoder_tokens=enc[0][None])
+    params = params["params"]
     alone = [
-        model.apply({"params": params}, d[None], encoder_tokens=e[None])[0]
+        apply({"params": params}, d[None], encoder_tokens=e[None])[0]
         for e, d in zip(enc, dec)
     ]
     segments = lambda parts: np.concatenate([np.full(len(p), k + 1) for k, p in enumerate(parts)])
     positions = lambda parts: np.concatenate([np.arange(len(p)) for p in parts])
-    packed = model.apply(
+    packed = apply(
         {"params": params}, np.concatenate(dec)[None], segments(dec)[None], positions(dec)[None],
         encoder_tokens=np.concatenate(enc)[None], encoder_segment_ids=segments(enc)[None],
         encoder_positions=positions(enc)[None],
@@ -157,18 +163,17 @@ def test_a_packed_row_attends_only_to_its_own_encoder_segment():
     np.testing.assert_allclose(packed, np.concatenate(alone), atol=1e-4)
 
 
-def test_sharded_equals_unsharded():
+def test_sharded_equals_unsharded(converted):
     """The encoder-decoder's params and activations sharded by the rules on a data x fsdp x
     tensor mesh give the single-device logits."""
-    model = hf_model()
-    config, params = from_hf(model, dtype="float32")
+    _, config, params = converted
     encoder, encoder_mask = padded([14, 9, 12, 5], 14, seed=0)
     decoder, decoder_mask = padded([11, 7, 3, 10], 11, seed=1)
     apply = lambda p: Transformer(config).apply(
         {"params": p}, decoder, decoder_mask,
         encoder_tokens=encoder, encoder_segment_ids=encoder_mask,
     )
-    single = apply(params)
+    single = jax.jit(apply)(params)
     mesh_config = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2))
     mesh, rules = make_mesh(mesh_config), logical_rules()
     abstract = abstract_params(Transformer(config), mesh, rules)
@@ -179,9 +184,8 @@ def test_sharded_equals_unsharded():
     np.testing.assert_allclose(sharded, single, atol=1e-4)
 
 
-def test_an_encoder_decoder_needs_encoder_tokens():
-    config = dataclasses.replace(config_from_hf(t5gemma(), dtype="float32"))
-    params = params_from_hf(hf_model().state_dict(), config)
+def test_an_encoder_decoder_needs_encoder_tokens(converted):
+    _, config, params = converted
     with pytest.raises(UserError, match="encoder_inputs"):
         Transformer(config).apply({"params": params}, np.ones((1, 4), int))
 
@@ -190,7 +194,7 @@ def test_greedy_generation_equals_transformers_generate():
     """sample.py's path (Sampler): the prompt is encoded once and decoding starts from bos,
     as T5Gemma's generate does; the Sampler pads the batch to its buckets, so the encoder
     sees left padding."""
-    hf = hf_model()
+    hf = hf_model(t5gemma(3, hidden_size=64, intermediate_size=96))  # wide enough to vary
     with torch.no_grad():  # else the scaled start token's own logit wins every step
         hf.model.decoder.embed_tokens.weight.mul_(0.3)
     config, params = from_hf(hf, dtype="float32")

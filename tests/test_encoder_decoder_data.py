@@ -1,9 +1,8 @@
 """An encoder-decoder's data side: the batch format's encoder fields, T5's span corruption
 for an encoder-decoder (data/spans.py), its refusals, and a tiny encoder-decoder run that
-learns and resumes exactly."""
+learns (test_objectives.py's mlm run resumes exactly through the same objective path)."""
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -14,9 +13,8 @@ from data.batch import BATCH_FIELDS, ENCODER_FIELDS, batch_spec, make_batch, ran
 from data.pipeline import make_eval_batches, make_train_iterator
 from errors import UserError
 from tests import test_objectives
-from tests.helpers import tiny_config, train_until_killed
+from tests.helpers import tiny_config
 from tests.test_objectives import SENTINELS, corpus_config, packed_batch
-from tests.test_train_loop import checkpoint_steps
 from training import loop
 from training.config import validate_config
 
@@ -190,30 +188,15 @@ def test_rows_too_short_for_a_span_are_refused():
         objectives.raw_seq_len(seq2seq(16, 16, density=0.15, mean=3.0))
 
 
-@pytest.fixture(scope="module")
-def seq2seq_run(corpus, tmp_path_factory):
-    """An encoder-decoder run killed before step 7 (checkpoint at 4), resumed to 8: the
-    records it logged."""
-    workdir = str(tmp_path_factory.mktemp("seq2seq_run"))
+def test_an_encoder_decoder_learns_by_span_corruption(corpus, tmp_path):
+    """8 steps of train.py's loop (a checkpoint, an evaluation at the end)."""
     config = seq2seq_config(corpus)
-    config.checkpoint.every_steps = 4  # one save before the kill, one at the end
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        train_until_killed(config, workdir, 7, monkeypatch)
-    assert checkpoint_steps(workdir) == [4]
-    loop.train(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def test_an_encoder_decoder_learns_by_span_corruption_and_resumes_exactly(seq2seq_run):
-    losses = {}
-    for record in seq2seq_run:
-        if "loss" in record:
-            losses.setdefault(record["step"], []).append(record["loss"])
+    loop.train(config, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert sorted(losses) == list(range(1, 9))
-    assert all(np.isfinite(v).all() for v in losses.values())
-    first, again = losses[5]  # logged before the kill and again after the resume
-    assert first == again
-    assert np.mean([losses[s][-1] for s in (6, 7, 8)]) < losses[1][0] - 0.5
-    evaluation = [r for r in seq2seq_run if "eval_loss" in r]
+    assert all(np.isfinite(list(losses.values())))
+    assert np.mean([losses[s] for s in (6, 7, 8)]) < losses[1] - 0.5
+    evaluation = [r for r in records if "eval_loss" in r]
     assert evaluation and np.isfinite(evaluation[-1]["eval_loss"])

@@ -106,7 +106,7 @@ def both_logits(model, config, params, lengths=(LENGTH, LENGTH - 7)):
     tokens = np.random.default_rng(0).integers(3, VOCAB, size=(len(lengths), LENGTH))
     valid = np.arange(LENGTH)[None] < np.array(lengths)[:, None]
     tokens = np.where(valid, tokens, 0)
-    ours = Transformer(config).apply({"params": params}, tokens, valid.astype(np.int32))
+    ours = jax.jit(Transformer(config).apply)({"params": params}, tokens, valid.astype(np.int32))
     with torch.no_grad():
         theirs = model(
             torch.as_tensor(tokens), attention_mask=torch.as_tensor(valid.astype(np.int64))
@@ -218,7 +218,7 @@ def test_blockwise_attention_equals_xla_for_local_layers_and_caps(make):
             **config.__dict__, "attention_implementation": implementation
         }))
         loss = lambda p: model.apply({"params": p}, tokens).std()
-        return jax.value_and_grad(loss)(params)
+        return jax.jit(jax.value_and_grad(loss))(params)
 
     (xla, xla_grads), (block, block_grads) = map(loss_and_grads, ["xla", "blockwise"])
     np.testing.assert_allclose(block, xla, rtol=1e-5)
@@ -240,7 +240,8 @@ def test_bad_local_attention_configs_are_refused(fields, message):
 
 def test_the_heads_bias_gets_no_weight_decay_and_compression_refuses_the_head():
     config = config_from_hf(modernbert())
-    boxed = Transformer(config).init(jax.random.key(0), np.ones((1, 4), int))["params"]
+    boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0), np.ones((1, 4), int))
+    boxed = boxed["params"]
     decayed = weight_decay_mask(boxed, decay_embeddings=True)
     assert not decayed["output_bias"] and decayed["head"]["kernel"]
     args = types.SimpleNamespace(prune="", low_rank="", quantize="int8", sparsity=None, n_m="")
