@@ -1,6 +1,7 @@
-"""benchmarks/accelerator.py end to end on CPU with tiny shapes (--cpu_smoke), so that the
-script works the first time it meets a GPU: a train row (with its batch search) and
-decode rows with bf16 and int8 weights and KV caches."""
+"""Benchmarks run small, so that they keep working: benchmarks/accelerator.py end to end on
+CPU with tiny shapes (--cpu_smoke), so that the script works the first time it meets a GPU
+(a train row with its batch search, decode rows with bf16 and int8 weights and KV caches);
+the encoder-decoder benchmark's train steps; vs_pytorch.py's step mode."""
 
 import json
 import os
@@ -61,3 +62,21 @@ def test_encoder_decoder_benchmark_cpu_smoke():
     assert rows[0]["params"] > rows[1]["params"]  # its own embedding and cross-attention
     assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert "| encoder-decoder | 1 enc + 1 dec |" in done.stdout
+
+
+def test_vs_pytorch_benchmark_smoke():
+    """benchmarks/vs_pytorch.py's step mode at the baby-GPT shapes with --breakdown: the
+    PyTorch reference has exactly meshlm's parameter count, and every side is timed."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/vs_pytorch.py", "--shapes=baby", "--steps=2",
+         "--warmup=1", "--breakdown"],
+        cwd=REPO, env=dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0"),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(done.stdout.splitlines()[-1])["shapes"]
+    assert row["params"] == row["torch_params"] == 804_096
+    times = ("meshlm", "torch", "meshlm_forward", "meshlm_forward_backward", "torch_forward",
+             "torch_forward_backward")
+    assert all(row[f"{name}_ms"] > 0 for name in times)
+    assert "forward + backward" in done.stdout
