@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from model.layers import dot
+
 
 def cross_entropy_sums(
     logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss_weight: float = 0.0
@@ -71,7 +73,7 @@ def _chunks(x, chunk: int):
 def project(hidden, output):
     """hidden [batch, positions, embed] @ output [embed, vocab]: float32 logits, as the model
     computes them."""
-    logits = jnp.einsum("bce,ev->bcv", hidden, output, preferred_element_type=jnp.float32)
+    logits = dot("bce,ev->bcv", hidden, output, 1, jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
