@@ -174,7 +174,8 @@ def grouped_attention(query, key, value, mask, scores: Scores, key_layout: str =
 
     Without grouping (heads == kv_heads) the einsums have no group axis: XLA:CPU runs
     that 4-D form's forward and backward ~1.5x faster than a group axis of size 1, or
-    than jax.nn.dot_product_attention (benchmarks/attention.py --implementations=xla)."""
+    than jax.nn.dot_product_attention (BENCHMARKS.md; benchmarks/attention.py
+    --implementations=jax.nn,xla)."""
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[key_layout.index("k")]
     g = "g" if heads > kv_heads else ""
