@@ -198,11 +198,11 @@ def breakdown_calls(trainer, params, batch, model, inputs, targets) -> dict:
         with torch.no_grad():
             torch_loss().item()
 
-    def torch_backward():
-        model.zero_grad(set_to_none=True)
+    def torch_backward():  # leaves no gradients behind, as torch_step does
         value = torch_loss()
         value.backward()
         value.item()
+        model.zero_grad(set_to_none=True)
 
     return {
         "meshlm_forward": lambda: float(forward(params)),
