@@ -83,11 +83,16 @@ def learning_rate(step: int, opt, num_steps: int) -> float:
     return opt.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def mean_loss(model, inputs, targets):
+    """The mean next-token cross-entropy of `model` on one batch."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
 def torch_step(model, optimizer, inputs, targets, lr, clip) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    logits = model(inputs)
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+    loss = mean_loss(model, inputs, targets)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()

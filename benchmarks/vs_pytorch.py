@@ -36,11 +36,16 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
-from benchmarks.torch_gpt import GPT, learning_rate, torch_optimizer, torch_step  # noqa: E402
+from benchmarks.torch_gpt import (  # noqa: E402
+    GPT,
+    learning_rate,
+    mean_loss,
+    torch_optimizer,
+    torch_step,
+)
 
 flags.DEFINE_list("shapes", ["baby", "default", "gpt2_small"], "Step mode: shapes to time.")
 flags.DEFINE_integer("steps", 30, "Step mode: timed steps per side (gpt2_small: a fifth).")
@@ -190,16 +195,12 @@ def breakdown_calls(trainer, params, batch, model, inputs, targets) -> dict:
     loss = lambda p: forward_sums(trainer.model, p, batch, None, 0.0)[0]
     forward, gradients = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
 
-    def torch_loss():
-        logits = model(inputs)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
-
     def torch_forward():
         with torch.no_grad():
-            torch_loss().item()
+            mean_loss(model, inputs, targets).item()
 
     def torch_backward():  # leaves no gradients behind, as torch_step does
-        value = torch_loss()
+        value = mean_loss(model, inputs, targets)
         value.backward()
         value.item()
         model.zero_grad(set_to_none=True)
