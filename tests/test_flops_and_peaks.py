@@ -148,6 +148,7 @@ def test_cpu_peak_is_measured_on_every_matmul_form_the_step_runs(monkeypatch, dt
 def fake_device(monkeypatch, kind, measured=1.5e12):
     """Pretend the first device is `kind`; the "measured" peak is a constant, nothing is timed."""
     monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(device_kind=kind)])
+    monkeypatch.setattr(jax, "local_device_count", lambda: 1)
     monkeypatch.setattr(hardware, "measured_matmul_flops", lambda dtype: measured)
 
 
@@ -184,3 +185,15 @@ def test_an_unknown_part_is_measured_not_guessed(monkeypatch, kind):
     peak, source = hardware.peak_flops_per_device("float32")
     assert peak == 1.5e12
     assert source.startswith("measured: fastest 2048^3 matmul of float32 inputs, 1.5 TFLOP/s")
+
+
+@pytest.mark.parametrize("kind, share", [("cpu", 4), ("NVIDIA H800", 1)])
+def test_cpu_devices_share_the_hosts_measured_peak(monkeypatch, kind, share):
+    """JAX_NUM_CPU_DEVICES=4 splits one host into 4 devices: the matmul measured on one of
+    them ran on every core, so each device's peak (MFU's denominator) is a quarter of it.
+    Accelerators measure their own device."""
+    fake_device(monkeypatch, kind)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+    peak, source = hardware.peak_flops_per_device("float32")
+    assert peak == 1.5e12 / share
+    assert source.endswith("shared by 4 CPU devices") == (share == 4)

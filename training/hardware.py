@@ -129,8 +129,13 @@ def peak_flops_per_device(dtype: str = "bfloat16") -> tuple[float, str]:
         row, flops = found
         return flops, f"table row {row}: {flops / 1e12:.0f} TFLOP/s dense bf16 (device {kind!r})"
     flops = measured_matmul_flops(dtype)
-    return (
-        flops,
+    source = (
         f"measured: fastest 2048^3 matmul of {dtype} inputs, {flops / 1e12:.3g} TFLOP/s "
-        f"(device {kind!r} is not in the table)",
+        f"(device {kind!r} is not in the table)"
     )
+    # One CPU device's matmul runs on every core of the host: split into several devices
+    # (JAX_NUM_CPU_DEVICES), the host's peak is shared between them.
+    shared = jax.local_device_count() if kind == "cpu" else 1
+    if shared > 1:
+        return flops / shared, f"{source}, shared by {shared} CPU devices"
+    return flops, source
