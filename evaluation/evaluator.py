@@ -7,7 +7,6 @@ forward pass and loss sums that training evaluates with).
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from evaluation.metrics import loss_metrics, target_bytes
@@ -21,20 +20,30 @@ def score_batches(eval_step, to_global, params, batches, tokenizer) -> dict:
     for a masked LM the accuracy over its masked tokens (the weighted targets).
     Each row's target bytes go through `to_global` beside the row, so the bytes are summed
     over the same global rows as the loss, whether a process feeds only its own rows
-    (training's evaluation) or the whole batch (Evaluator)."""
-    ce_sum, tokens, num_bytes, correct = 0.0, 0.0, 0, None
+    (training's evaluation) or the whole batch (Evaluator).
+
+    A batch's sums are read after the next batch is dispatched, so the host prepares and
+    places batch n+1 while the devices score batch n (as the train loop does)."""
+    totals = {"ce_sum": 0.0, "weight_sum": 0.0, "bytes": 0}
+    pending = None
     for batch in batches:
         placed = to_global({**batch, "bytes": _bytes_by_row(tokenizer, batch)})
-        num_bytes += int(_total(placed.pop("bytes")))
-        out = jax.device_get(eval_step(params, placed))
-        ce_sum += float(out["ce_sum"])
-        tokens += float(out["weight_sum"])
-        if "correct_sum" in out:  # a masked LM's hits (training/step.py make_eval_step)
-            correct = (correct or 0.0) + float(out["correct_sum"])
-    return loss_metrics(ce_sum, tokens, num_bytes, correct)
+        sums = eval_step(params, placed, placed.pop("bytes"))
+        if pending is not None:
+            _add(totals, pending)
+        pending = sums
+    if pending is not None:
+        _add(totals, pending)
+    return loss_metrics(
+        totals["ce_sum"], totals["weight_sum"], totals["bytes"], totals.get("correct_sum")
+    )
 
 
-_total = jax.jit(jnp.sum)
+def _add(totals: dict, sums: dict) -> None:
+    """Adds one batch's sums (device arrays; "correct_sum": a masked LM's hits,
+    training/step.py make_eval_step) into the host totals."""
+    for name, value in jax.device_get(sums).items():
+        totals[name] = totals.get(name, 0) + value.item()
 
 
 def _bytes_by_row(tokenizer, batch: dict) -> np.ndarray:

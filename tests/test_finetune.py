@@ -101,7 +101,8 @@ def test_only_response_tokens_carry_loss_weight(files):
     eval_step = make_eval_step(trainer.model, trainer.mesh, trainer.rules, trainer.shardings.params)
 
     def loss(targets):
-        out = eval_step(params, trainer.to_global({**batch, "targets": targets}))
+        placed = trainer.to_global({**batch, "targets": targets, "bytes": 0 * targets})
+        out = eval_step(params, placed, placed.pop("bytes"))
         return float(out["ce_sum"])
 
     prompt = batch["targets"].copy()

@@ -273,27 +273,34 @@ def make_train_step(
 
 
 def make_eval_step(model, mesh, rules, params_shardings):
-    """Returns `eval_step(params, batch) -> {"ce_sum", "weight_sum"}` (sums, to be accumulated);
-    a bidirectional (masked-LM) model adds "correct_sum", its weighted argmax hits."""
+    """Returns `eval_step(params, batch, target_bytes) -> {"ce_sum", "weight_sum", "bytes"}`
+    (sums, to be accumulated; `target_bytes` is laid out like the batch's fields, e.g. each
+    row's count in its first column); a bidirectional (masked-LM) model adds "correct_sum",
+    its weighted argmax hits. One program per batch: the byte count needs no second one."""
 
-    def step(params, batch):
+    def step(params, batch, target_bytes):
+        sums = {"bytes": jnp.sum(target_bytes)}
         if model.config.attention_mask != "bidirectional":
             _, ce_sum, weight_sum = forward_sums(model, params, batch, None, 0.0)
-            return {"ce_sum": ce_sum, "weight_sum": weight_sum}
+            return {**sums, "ce_sum": ce_sum, "weight_sum": weight_sum}
         logits, _ = _apply(model, params, batch, None, None, return_hidden=False)
         _, ce_sum, weight_sum = cross_entropy_sums(logits, batch["targets"], batch["weights"])
         hits = jnp.argmax(logits, axis=-1) == batch["targets"]
         correct_sum = jnp.sum(hits * batch["weights"].astype(jnp.float32))
-        return {"ce_sum": ce_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
+        return {**sums, "ce_sum": ce_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
 
     jitted = jax.jit(
         step,
-        in_shardings=(params_shardings, _batch_shardings(model, mesh, rules)),
+        in_shardings=(
+            params_shardings,
+            _batch_shardings(model, mesh, rules),
+            batch_sharding(mesh, rules),
+        ),
         out_shardings=replicated(mesh),
     )
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, target_bytes):
         with activate(mesh, rules):
-            return jitted(params, batch)
+            return jitted(params, batch, target_bytes)
 
     return eval_step
