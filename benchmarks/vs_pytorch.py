@@ -3,8 +3,9 @@
     python benchmarks/vs_pytorch.py [--shapes=baby,default,gpt2_small] [--steps=30] [--breakdown]
     python benchmarks/vs_pytorch.py --whole_run [--seeds=0,1,2] [--num_steps=2000]
 
-Step mode times, in one process, meshlm's jitted train step (training.trainer.Trainer, one
-device, a fixed batch on device, as benchmarks/train_step.py) and the reference's step
+Step mode times, in one process, meshlm's jitted train step (training.trainer.Trainer, a
+fixed batch on device, as benchmarks/train_step.py) on one CPU device and, data parallel, on
+--cpu_devices devices (one per core by default: JAX_NUM_CPU_DEVICES), and the reference's step
 (forward, mean cross-entropy, backward, global-norm clipping, AdamW) for the same shapes,
 optimizer and float32, in alternating blocks so that a change of load hits both sides.
 The reference (benchmarks/torch_gpt.py) is nanoGPT's GPT: pre-LayerNorm, causal attention, GELU
@@ -15,8 +16,8 @@ the one difference is the GELU: meshlm's is the tanh approximation, nanoGPT's th
 
 Whole-run mode runs nanoGPT's CPU "baby GPT" recipe (4 layers, width 128, block 64, batch
 12, lr 1e-3 cosine to 1e-4 after 100 warm-up steps, beta2 0.99, no dropout) from launch to
-exit on both sides, each in its own process: `python train.py` against this file's
-`--torch_run` loop. Both read the same token stream: a character-level tokenizer of the
+exit on both sides, each in its own process: `python train.py` (on --cpu_devices devices)
+against this file's `--torch_run` loop. Both read the same token stream: a character-level tokenizer of the
 stdlib source (trained here once) and meshlm's token cache, windows at random offsets
 (nanoGPT's sampling) and not packed; both score the whole validation split at the end.
 Prints the machine, ms/step or seconds per run, the ratios, then one JSON line.
@@ -51,6 +52,10 @@ flags.DEFINE_list("shapes", ["baby", "default", "gpt2_small"], "Step mode: shape
 flags.DEFINE_integer("steps", 30, "Step mode: timed steps per side (gpt2_small: a fifth).")
 flags.DEFINE_integer("warmup", 3, "Step mode: untimed steps per side after compilation.")
 flags.DEFINE_bool("breakdown", False, "Step mode: also time forward, forward + backward.")
+flags.DEFINE_integer(
+    "cpu_devices", 0, "CPU devices meshlm splits the host into (JAX_NUM_CPU_DEVICES); 0: one per "
+    "core. Step mode times one device too; the whole run uses these."
+)
 flags.DEFINE_bool("whole_run", False, "Time the baby-GPT recipe launch to exit, both sides.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Whole run: seeds, each run on both sides.")
 flags.DEFINE_integer("num_steps", 2000, "Whole run: training steps.")
@@ -114,18 +119,13 @@ def meshlm_config(shape: str, extra: dict | None = None):
 
 def time_shape(shape: str) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from data import batch as data_batch
-    from training.trainer import Trainer
 
     config = meshlm_config(shape)
-    trainer = Trainer(config, devices=jax.devices()[:1])
-    compiled, _ = trainer.compile()
-    state = trainer.init_state()
     b, t, m = config.train.global_batch_size, config.data.seq_len, config.model
     host = data_batch.random_batch(b, t, m.vocab_size, config.seed, packed=False)
-    batch = trainer.to_global(host)
+    trainer, meshlm_step = meshlm_step_call(config, host, jax.devices()[:1])
 
     torch.manual_seed(config.seed)
     model = GPT(m)
@@ -134,21 +134,24 @@ def time_shape(shape: str) -> dict:
     opt = config.optimizer
     lr = opt.learning_rate
 
-    def meshlm_step():
-        nonlocal state
-        state, metrics = compiled(state, batch)
-        float(metrics["loss"])
-
     calls = {
         "meshlm": meshlm_step,
         "torch": lambda: torch_step(model, optimizer, inputs, targets, lr, opt.grad_clip_norm),
     }
+    if jax.device_count() > 1:
+        calls["meshlm_per_core"] = meshlm_step_call(config, host, jax.devices())[1]
     if FLAGS.breakdown:
-        calls.update(breakdown_calls(trainer, jax.tree.map(jnp.copy, state.params), batch,
-                                     model, inputs, targets))
+        params = trainer.init_state().params
+        calls.update(breakdown_calls(trainer, params, trainer.to_global(host), model, inputs,
+                                     targets))
     steps = max(FLAGS.steps // (5 if shape == "gpt2_small" else 1), 2)
     seconds = alternate(calls, steps)
     mesh_ms, torch_ms = 1e3 * seconds.pop("meshlm"), 1e3 * seconds.pop("torch")
+    per_core = {}
+    if "meshlm_per_core" in seconds:
+        per_core_ms = 1e3 * seconds.pop("meshlm_per_core")
+        per_core = dict(devices=jax.device_count(), meshlm_per_core_ms=per_core_ms,
+                        per_core_time_ratio=per_core_ms / torch_ms)
     return dict(
         shape=shape,
         layers=m.num_layers,
@@ -163,9 +166,27 @@ def time_shape(shape: str) -> dict:
         meshlm_ms=mesh_ms,
         torch_ms=torch_ms,
         time_ratio=mesh_ms / torch_ms,  # <= 1: meshlm at least as fast
+        **per_core,
         load_average=os.getloadavg()[0],
         **{f"{name}_ms": 1e3 * value for name, value in seconds.items()},
     )
+
+
+def meshlm_step_call(config, host: dict, devices):
+    """(trainer, a call running one train step on `devices`, data parallel, and reading its
+    loss)."""
+    from training.trainer import Trainer
+
+    trainer = Trainer(config, devices=devices)
+    compiled, _ = trainer.compile()
+    state, batch = trainer.init_state(), trainer.to_global(host)
+
+    def step():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        float(metrics["loss"])
+
+    return trainer, step
 
 
 def alternate(calls: dict, steps: int) -> dict:
@@ -253,10 +274,11 @@ def flag_args(values: dict) -> list[str]:
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def launch(args: list[str]) -> tuple[float, str]:
+def launch(args: list[str], env: dict | None = None) -> tuple[float, str]:
     """(seconds from launch to exit, stdout) of `python args...` in the repository."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env)
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
@@ -267,7 +289,8 @@ def meshlm_run(seed: int, values: dict) -> dict:
     workdir = os.path.join(FLAGS.out_dir, f"meshlm-seed{seed}")
     subprocess.run(["rm", "-rf", workdir], check=True)
     seconds, _ = launch(
-        ["train.py", f"--workdir={workdir}", f"--config.seed={seed}", *flag_args(values)]
+        ["train.py", f"--workdir={workdir}", f"--config.seed={seed}", *flag_args(values)],
+        env=dict(os.environ, JAX_NUM_CPU_DEVICES=str(cpu_devices())),
     )
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -345,13 +368,22 @@ def whole_run() -> dict:
                 **summary)
 
 
+def cpu_devices() -> int:
+    return FLAGS.cpu_devices or os.cpu_count()
+
+
 def main(argv):
     del argv
     torch.set_num_threads(os.cpu_count())
     if FLAGS.torch_run:
         return torch_run()
-    print(describe_machine(), f"| torch {torch.__version__}, {torch.get_num_threads()} threads")
-    result = dict(cpu_model=cpu_model(), cores=os.cpu_count(), torch=torch.__version__)
+    print(describe_machine(), f"| torch {torch.__version__}, {torch.get_num_threads()} threads"
+          f" | meshlm on 1 and {cpu_devices()} CPU devices")
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", cpu_devices())  # before JAX starts its CPU client
+    result = dict(cpu_model=cpu_model(), cores=os.cpu_count(), torch=torch.__version__,
+                  cpu_devices=cpu_devices())
     if FLAGS.whole_run:
         result["whole_run"] = whole_run()
     else:
@@ -363,6 +395,10 @@ def main(argv):
                   f" vocab {r['vocab']}: meshlm {r['meshlm_ms']:.1f} ms/step, PyTorch "
                   f"{r['torch_ms']:.1f} ms/step, ratio {r['time_ratio']:.2f} (load "
                   f"{r['load_average']:.2f})", flush=True)
+            if "meshlm_per_core_ms" in r:
+                print(f"{'':>12}meshlm on {r['devices']} CPU devices (data parallel) "
+                      f"{r['meshlm_per_core_ms']:.1f} ms/step, ratio "
+                      f"{r['per_core_time_ratio']:.2f}", flush=True)
             if FLAGS.breakdown:
                 print(f"{'':>12}forward {r['meshlm_forward_ms']:.1f} vs {r['torch_forward_ms']:.1f}"
                       f" ms, forward + backward {r['meshlm_forward_backward_ms']:.1f} vs "

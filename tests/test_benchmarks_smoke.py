@@ -66,17 +66,19 @@ def test_encoder_decoder_benchmark_cpu_smoke():
 
 def test_vs_pytorch_benchmark_smoke():
     """benchmarks/vs_pytorch.py's step mode at the baby-GPT shapes with --breakdown: the
-    PyTorch reference has exactly meshlm's parameter count, and every side is timed."""
+    PyTorch reference has exactly meshlm's parameter count, and every side is timed, meshlm
+    on one CPU device and on two (data parallel)."""
     done = subprocess.run(
         [sys.executable, "benchmarks/vs_pytorch.py", "--shapes=baby", "--steps=2",
-         "--warmup=1", "--breakdown"],
+         "--warmup=1", "--breakdown", "--cpu_devices=2"],
         cwd=REPO, env=dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0"),
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(done.stdout.splitlines()[-1])["shapes"]
     assert row["params"] == row["torch_params"] == 804_096
-    times = ("meshlm", "torch", "meshlm_forward", "meshlm_forward_backward", "torch_forward",
-             "torch_forward_backward")
+    times = ("meshlm", "meshlm_per_core", "torch", "meshlm_forward", "meshlm_forward_backward",
+             "torch_forward", "torch_forward_backward")
     assert all(row[f"{name}_ms"] > 0 for name in times)
-    assert "forward + backward" in done.stdout
+    assert row["devices"] == 2
+    assert "forward + backward" in done.stdout and "on 2 CPU devices" in done.stdout
