@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import cpu_profile  # noqa: E402
 from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
 from benchmarks.torch_gpt import (  # noqa: E402
     GPT,
@@ -56,6 +57,7 @@ flags.DEFINE_integer(
     "cpu_devices", 0, "CPU devices meshlm splits the host into (JAX_NUM_CPU_DEVICES); 0: one per "
     "core. Step mode times one device too; the whole run uses these."
 )
+flags.DEFINE_bool("profile", False, "Step mode: where meshlm's step time goes (a trace).")
 flags.DEFINE_bool("whole_run", False, "Time the baby-GPT recipe launch to exit, both sides.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Whole run: seeds, each run on both sides.")
 flags.DEFINE_integer("num_steps", 2000, "Whole run: training steps.")
@@ -146,6 +148,12 @@ def time_shape(shape: str) -> dict:
                                      targets))
     steps = max(FLAGS.steps // (5 if shape == "gpt2_small" else 1), 2)
     seconds = alternate(calls, steps)
+    profiles = {}
+    if FLAGS.profile:
+        for name in ("meshlm", "meshlm_per_core"):
+            if name in calls:
+                profiles[f"{name}_profile"] = cpu_profile.profile(calls[name],
+                                                                 calls[name].hlo_text)
     mesh_ms, torch_ms = 1e3 * seconds.pop("meshlm"), 1e3 * seconds.pop("torch")
     per_core = {}
     if "meshlm_per_core" in seconds:
@@ -167,6 +175,7 @@ def time_shape(shape: str) -> dict:
         torch_ms=torch_ms,
         time_ratio=mesh_ms / torch_ms,  # <= 1: meshlm at least as fast
         **per_core,
+        **profiles,
         load_average=os.getloadavg()[0],
         **{f"{name}_ms": 1e3 * value for name, value in seconds.items()},
     )
@@ -186,6 +195,7 @@ def meshlm_step_call(config, host: dict, devices):
         state, metrics = compiled(state, batch)
         float(metrics["loss"])
 
+    step.hlo_text = compiled.as_text()  # for --profile
     return trainer, step
 
 
@@ -295,7 +305,10 @@ def meshlm_run(seed: int, values: dict) -> dict:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     eval_loss = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
-    return dict(seconds=seconds, eval_loss=eval_loss)
+    # The loop's own step times (train.py leaves the compiling first step out of them).
+    logged = [(r["step"], r["step_time"]) for r in records if "step_time" in r]
+    steps_s = sum((step - before) * t for (before, _), (step, t) in zip([(0, 0)] + logged, logged))
+    return dict(seconds=seconds, eval_loss=eval_loss, steps_s=steps_s)
 
 
 def torch_run() -> None:
@@ -319,6 +332,7 @@ def torch_run() -> None:
     opt, num_steps = config.optimizer, config.train.num_steps
     optimizer = torch_optimizer(model, opt)
     as_tensor = lambda batch, k: torch.from_numpy(np.asarray(batch[k], np.int64))
+    start = time.perf_counter()
     for step in range(num_steps):
         batch = next(train_iter)
         lr = learning_rate(step, opt, num_steps)
@@ -326,6 +340,7 @@ def torch_run() -> None:
                           lr, opt.grad_clip_norm)
         if not math.isfinite(loss):
             raise SystemExit(f"non-finite loss at step {step}")
+    steps_s, start = time.perf_counter() - start, time.perf_counter()
     model.eval()
     ce_sum = weight_sum = 0.0
     with torch.no_grad():
@@ -336,9 +351,11 @@ def torch_run() -> None:
             weights = torch.from_numpy(np.asarray(batch["weights"], np.float32)).flatten()
             ce_sum += float((ce * weights).sum())
             weight_sum += float(weights.sum())
+    eval_s = time.perf_counter() - start
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
                os.path.join(FLAGS.out_dir, f"torch-seed{FLAGS.seed}.pt"))
-    print(json.dumps({"eval_loss": ce_sum / weight_sum, "import_s": import_s}))
+    print(json.dumps({"eval_loss": ce_sum / weight_sum, "import_s": import_s,
+                      "steps_s": steps_s, "eval_s": eval_s}))
 
 
 def whole_run() -> dict:
@@ -354,12 +371,17 @@ def whole_run() -> dict:
                                f"--out_dir={FLAGS.out_dir}"])
         ref = json.loads(out.strip().splitlines()[-1])
         runs.append(dict(seed=seed, meshlm_s=mesh["seconds"], meshlm_eval_loss=mesh["eval_loss"],
-                         torch_s=seconds, torch_eval_loss=ref["eval_loss"],
-                         torch_import_s=ref["import_s"], load_average=os.getloadavg()[0]))
-        print(f"seed {seed}: meshlm {mesh['seconds']:.1f} s, val loss {mesh['eval_loss']:.4f}"
-              f" | PyTorch {seconds:.1f} s, val loss {ref['eval_loss']:.4f}", flush=True)
+                         meshlm_steps_s=mesh["steps_s"], torch_s=seconds,
+                         torch_eval_loss=ref["eval_loss"], torch_import_s=ref["import_s"],
+                         torch_steps_s=ref["steps_s"], torch_eval_s=ref["eval_s"],
+                         load_average=os.getloadavg()[0]))
+        print(f"seed {seed}: meshlm {mesh['seconds']:.1f} s (steps {mesh['steps_s']:.1f} s), val "
+              f"loss {mesh['eval_loss']:.4f} | PyTorch {seconds:.1f} s (steps "
+              f"{ref['steps_s']:.1f} s, evaluation {ref['eval_s']:.1f} s), val loss "
+              f"{ref['eval_loss']:.4f}", flush=True)
     mean = lambda key: statistics.mean(r[key] for r in runs)
-    summary = {k: mean(k) for k in ("meshlm_s", "torch_s", "meshlm_eval_loss", "torch_eval_loss")}
+    summary = {k: mean(k) for k in ("meshlm_s", "torch_s", "meshlm_eval_loss", "torch_eval_loss",
+                                     "meshlm_steps_s", "torch_steps_s")}
     summary["time_ratio"] = summary["meshlm_s"] / summary["torch_s"]
     print(f"mean over {len(runs)} seeds: meshlm {summary['meshlm_s']:.1f} s "
           f"(val {summary['meshlm_eval_loss']:.4f}), PyTorch {summary['torch_s']:.1f} s "
@@ -377,8 +399,9 @@ def main(argv):
     torch.set_num_threads(os.cpu_count())
     if FLAGS.torch_run:
         return torch_run()
+    sides = f"{cpu_devices()}" if FLAGS.whole_run else f"1 and {cpu_devices()}"
     print(describe_machine(), f"| torch {torch.__version__}, {torch.get_num_threads()} threads"
-          f" | meshlm on 1 and {cpu_devices()} CPU devices")
+          f" | meshlm on {sides} CPU devices")
     import jax
 
     jax.config.update("jax_num_cpu_devices", cpu_devices())  # before JAX starts its CPU client
@@ -399,6 +422,10 @@ def main(argv):
                 print(f"{'':>12}meshlm on {r['devices']} CPU devices (data parallel) "
                       f"{r['meshlm_per_core_ms']:.1f} ms/step, ratio "
                       f"{r['per_core_time_ratio']:.2f}", flush=True)
+            for name, devices in (("meshlm", 1), ("meshlm_per_core", r.get("devices"))):
+                if f"{name}_profile" in r:
+                    print(f"{'':>12}profile, {devices} device(s): "
+                          f"{cpu_profile.describe(r[f'{name}_profile'])}", flush=True)
             if FLAGS.breakdown:
                 print(f"{'':>12}forward {r['meshlm_forward_ms']:.1f} vs {r['torch_forward_ms']:.1f}"
                       f" ms, forward + backward {r['meshlm_forward_backward_ms']:.1f} vs "

@@ -70,7 +70,7 @@ def test_vs_pytorch_benchmark_smoke():
     on one CPU device and on two (data parallel)."""
     done = subprocess.run(
         [sys.executable, "benchmarks/vs_pytorch.py", "--shapes=baby", "--steps=2",
-         "--warmup=1", "--breakdown", "--cpu_devices=2"],
+         "--warmup=1", "--breakdown", "--cpu_devices=2", "--profile"],
         cwd=REPO, env=dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0"),
         capture_output=True, text=True, timeout=600,
     )
@@ -81,4 +81,7 @@ def test_vs_pytorch_benchmark_smoke():
              "torch_forward", "torch_forward_backward")
     assert all(row[f"{name}_ms"] > 0 for name in times)
     assert row["devices"] == 2
+    for name in ("meshlm_profile", "meshlm_per_core_profile"):  # the step's own ops were found
+        assert row[name]["op_ms"] > 0 and row[name]["by_kind"], row[name]
+    assert "all-reduce" in row["meshlm_per_core_profile"]["by_kind"]  # the data-parallel gradients
     assert "forward + backward" in done.stdout and "on 2 CPU devices" in done.stdout
