@@ -399,9 +399,9 @@ def main(argv):
     torch.set_num_threads(os.cpu_count())
     if FLAGS.torch_run:
         return torch_run()
-    sides = f"{cpu_devices()}" if FLAGS.whole_run else f"1 and {cpu_devices()}"
+    sides = {cpu_devices()} if FLAGS.whole_run else {1, cpu_devices()}
     print(describe_machine(), f"| torch {torch.__version__}, {torch.get_num_threads()} threads"
-          f" | meshlm on {sides} CPU devices")
+          f" | meshlm on {' and '.join(map(str, sorted(sides)))} CPU device(s)")
     import jax
 
     jax.config.update("jax_num_cpu_devices", cpu_devices())  # before JAX starts its CPU client
