@@ -1,11 +1,12 @@
 """Where a jitted step's time goes on XLA:CPU, from a jax.profiler trace.
 
-`profile(call, hlo_text)` traces a few calls and sums the kernel time of the compiled
-program's own ops (trace events named after its HLO instructions) by kind over every
-thread: with the wall time per call this says how busy the cores were, i.e. how much
-of the step is the ops themselves and how much is cores waiting (one op too small to
-spread over them, a device waiting for another at an all-reduce). Used by
-benchmarks/vs_pytorch.py --profile.
+`profile(call, hlo_text)` traces a few calls and sums the spans of the compiled program's
+own ops (trace events named after its HLO instructions) by kind. A span is an op's wall
+time on its device's thread: an op spread over the thread pool (a large dot) counts once,
+for its span, however many cores it kept busy, and ops of two devices running at once
+both count. (The process's CPU time says nothing more here: XLA's pool threads spin while
+they wait for work, so one device and two both showed ~86 % of the cores busy.)
+Used by benchmarks/vs_pytorch.py --profile.
 """
 
 import collections
@@ -26,16 +27,15 @@ def op_names(hlo_text: str) -> set:
 
 
 def profile(call, hlo_text: str, calls: int = 5) -> dict:
-    """wall_ms per call, op_ms (the program's kernel time per call, summed over threads),
-    cores_busy (op time over wall time x cores) and by_kind (ms per call of each op kind,
-    the largest first)."""
+    """wall_ms per traced call, op_ms (the op spans per call, summed) and by_kind (ms per
+    call of each op kind, the largest first)."""
     names = op_names(hlo_text)
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
             start = time.perf_counter()
             for _ in range(calls):
                 call()
-            wall_ms = 1e3 * (time.perf_counter() - start) / calls
+            wall = time.perf_counter() - start
         (path,) = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
         with gzip.open(path) as f:
             events = json.load(f)["traceEvents"]
@@ -43,19 +43,13 @@ def profile(call, hlo_text: str, calls: int = 5) -> dict:
     for event in events:
         if event.get("ph") == "X" and event.get("name") in names:
             kinds[event["name"].split(".")[0]] += event["dur"] / 1e3 / calls  # µs -> ms
-    op_ms = sum(kinds.values())
-    return dict(
-        wall_ms=wall_ms,
-        op_ms=op_ms,
-        cores_busy=op_ms / (wall_ms * os.cpu_count()),
-        by_kind=dict(kinds.most_common()),
-    )
+    return dict(wall_ms=1e3 * wall / calls, op_ms=sum(kinds.values()),
+                by_kind=dict(kinds.most_common()))
 
 
 def describe(result: dict, top: int = 6) -> str:
-    largest = list(result["by_kind"].items())[:top]
-    top = ", ".join(f"{kind} {ms:.1f}" for kind, ms in largest)
+    largest = ", ".join(f"{kind} {ms:.1f}" for kind, ms in list(result["by_kind"].items())[:top])
     return (
-        f"traced {result['wall_ms']:.1f} ms/step; its ops {result['op_ms']:.1f} ms summed over "
-        f"threads: cores {100 * result['cores_busy']:.0f}% busy; by kind (ms): {top}"
+        f"traced {result['wall_ms']:.1f} ms/step; op spans {result['op_ms']:.1f} ms/step "
+        f"summed, by kind (ms): {largest}"
     )

@@ -28,7 +28,8 @@ def score_batches(eval_step, to_global, params, batches, tokenizer) -> dict:
     pending = None
     for batch in batches:
         placed = to_global({**batch, "bytes": _bytes_by_row(tokenizer, batch)})
-        sums = eval_step(params, placed, placed.pop("bytes"))
+        row_bytes = placed.pop("bytes")
+        sums = eval_step(params, placed, row_bytes)
         if pending is not None:
             _add(totals, pending)
         pending = sums

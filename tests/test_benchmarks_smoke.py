@@ -77,11 +77,25 @@ def test_vs_pytorch_benchmark_smoke():
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(done.stdout.splitlines()[-1])["shapes"]
     assert row["params"] == row["torch_params"] == 804_096
-    times = ("meshlm", "meshlm_per_core", "torch", "meshlm_forward", "meshlm_forward_backward",
+    times = ("meshlm", "meshlm_data_parallel", "torch", "meshlm_forward", "meshlm_forward_backward",
              "torch_forward", "torch_forward_backward")
     assert all(row[f"{name}_ms"] > 0 for name in times)
     assert row["devices"] == 2
-    for name in ("meshlm_profile", "meshlm_per_core_profile"):  # the step's own ops were found
+    for name in ("meshlm_profile", "meshlm_data_parallel_profile"):  # the step's own ops found
         assert row[name]["op_ms"] > 0 and row[name]["by_kind"], row[name]
-    assert "all-reduce" in row["meshlm_per_core_profile"]["by_kind"]  # the data-parallel gradients
+    # The data-parallel gradients are summed across the 2 devices; one device has no all-reduce.
+    assert "all-reduce" in row["meshlm_data_parallel_profile"]["by_kind"]
+    assert "all-reduce" not in row["meshlm_profile"]["by_kind"]
     assert "forward + backward" in done.stdout and "on 2 CPU devices" in done.stdout
+
+
+def test_vs_pytorch_loop_seconds_weights_each_report_by_its_steps():
+    from benchmarks.vs_pytorch_whole_run import loop_seconds
+
+    records = [
+        {"step": 10, "step_time": 0.5},
+        {"step": 10, "eval_loss": 3.0},  # not a step report
+        {"step": 30, "step_time": 0.25},
+        {"step": 35, "step_time": 1.0},
+    ]
+    assert loop_seconds(records) == 10 * 0.5 + 20 * 0.25 + 5 * 1.0

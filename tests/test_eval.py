@@ -258,3 +258,31 @@ def test_a_tfds_split_is_scored_and_an_unknown_one_named(trained, tfds_dir):  # 
     assert scored["bytes"] < sum(len(text) + 1 for text in valid) < 2 * scored["bytes"]
     with pytest.raises(UserError, match=r"--tfds=local_text:test: .*'test' is not a split"):
         evaluate_workdir(trained[0], tfds="local_text:test", **where)
+
+
+def test_score_batches_adds_every_batchs_sums():
+    """score_batches reads each batch's sums one batch late: every batch, the last one and a
+    masked LM's hits included, is counted once (a stub step: exact sums, no model)."""
+    import types
+
+    from evaluation.evaluator import score_batches
+
+    def eval_step(params, batch, target_bytes):
+        weights = batch["weights"]
+        return {
+            "ce_sum": np.float32((batch["targets"] * weights).sum()),
+            "weight_sum": np.float32(weights.sum()),
+            "correct_sum": np.float32(weights[:, 0].sum()),
+            "bytes": np.int32(target_bytes.sum()),
+        }
+
+    tokenizer = types.SimpleNamespace(decode=lambda ids: "x" * len(ids))  # 1 byte per token
+    batches = [
+        {"targets": np.full((2, 3), k, np.int32), "weights": np.ones((2, 3), np.float32)}
+        for k in (1, 2, 3)
+    ]
+    batches[2]["weights"][1] = 0  # a padding row
+    result = score_batches(eval_step, lambda placed: placed, None, batches, tokenizer)
+    assert result["tokens"] == 6 + 6 + 3 and result["bytes"] == 15
+    assert result["loss"] == (6 * 1 + 6 * 2 + 3 * 3) / 15
+    assert result["accuracy"] == (2 + 2 + 1) / 15

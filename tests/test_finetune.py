@@ -102,7 +102,8 @@ def test_only_response_tokens_carry_loss_weight(files):
 
     def loss(targets):
         placed = trainer.to_global({**batch, "targets": targets, "bytes": 0 * targets})
-        out = eval_step(params, placed, placed.pop("bytes"))
+        row_bytes = placed.pop("bytes")
+        out = eval_step(params, placed, row_bytes)
         return float(out["ce_sum"])
 
     prompt = batch["targets"].copy()

@@ -134,7 +134,8 @@ def peak_flops_per_device(dtype: str = "bfloat16") -> tuple[float, str]:
         f"(device {kind!r} is not in the table)"
     )
     # One CPU device's matmul runs on every core of the host: split into several devices
-    # (JAX_NUM_CPU_DEVICES), the host's peak is shared between them.
+    # (JAX_NUM_CPU_DEVICES), the host's peak is shared between them. This assumes one
+    # process per host (several processes on one host, tools/launch_local.py, share it too).
     shared = jax.local_device_count() if kind == "cpu" else 1
     if shared > 1:
         return flops / shared, f"{source}, shared by {shared} CPU devices"
