@@ -144,8 +144,8 @@ def time_shape(shape: str) -> dict:
     if FLAGS.profile:
         for name in ("meshlm", "meshlm_data_parallel"):
             if name in calls:
-                profiles[f"{name}_profile"] = cpu_profile.profile(calls[name],
-                                                                 calls[name].hlo_text)
+                step = calls[name]
+                profiles[f"{name}_profile"] = cpu_profile.profile(step, step.compiled.as_text())
     mesh_ms, torch_ms = 1e3 * seconds.pop("meshlm"), 1e3 * seconds.pop("torch")
     data_parallel = {}
     if "meshlm_data_parallel" in seconds:
@@ -181,8 +181,7 @@ class MeshlmStep:
         from training.trainer import Trainer
 
         self.trainer = Trainer(config, devices=devices)
-        compiled, _ = self.trainer.compile()
-        self.compiled, self.hlo_text = compiled, compiled.as_text()  # the text: --profile
+        self.compiled, _ = self.trainer.compile()
         self.state, self.batch = self.trainer.init_state(), self.trainer.to_global(host)
 
     def __call__(self):

@@ -148,13 +148,12 @@ def whole_run(baby: dict, devices: int) -> dict:
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     values = whole_run_overrides(baby)
     launch(["-m", "data.prepare", *flag_args(values)])  # the token cache: once, not timed
-    env_config = json.dumps(values)
+    torch_env = dict(os.environ, VS_PYTORCH_CONFIG=json.dumps(values))
     runs = []
     for seed in map(int, FLAGS.seeds):
         mesh = meshlm_run(seed, values, devices)
-        os.environ["VS_PYTORCH_CONFIG"] = env_config
         seconds, out = launch([VS_PYTORCH, "--torch_run", f"--seed={seed}",
-                               f"--out_dir={FLAGS.out_dir}"])
+                               f"--out_dir={FLAGS.out_dir}"], env=torch_env)
         ref = json.loads(out.strip().splitlines()[-1])
         runs.append(dict(seed=seed, meshlm_s=mesh["seconds"], meshlm_eval_loss=mesh["eval_loss"],
                          meshlm_steps_s=mesh["steps_s"], torch_s=seconds,
@@ -173,5 +172,4 @@ def whole_run(baby: dict, devices: int) -> dict:
           f"(val {summary['meshlm_eval_loss']:.4f}), PyTorch {summary['torch_s']:.1f} s "
           f"(val {summary['torch_eval_loss']:.4f}); time ratio {summary['time_ratio']:.2f}")
     return dict(num_steps=FLAGS.num_steps, vocab_size=values["model.vocab_size"], runs=runs,
-                meshlm_devices=devices,
-                **summary)
+                meshlm_devices=devices, **summary)
