@@ -8,14 +8,17 @@ applies; JAX "Unable to initialize backend 'tpu'" for a backend that is not
 installed. Only those lines are dropped: JAX still warns when a GPU or TPU is
 present but unusable, every other line of either library is kept, and JAX
 still chooses its platforms itself (JAX_PLATFORMS is left to the user).
-Orbax's INFO lines (every save and restore) are dropped too.
+Orbax's INFO lines (every save and restore) are dropped too. It also keeps glibc's
+malloc from giving each step's freed memory back to the kernel (`reuse_freed_memory()`).
 """
 
 import contextlib
+import ctypes
 import functools
 import importlib
 import logging
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -48,6 +51,7 @@ def quiet_start(tensorflow: bool = False) -> None:
     logging.getLogger("jax._src.xla_bridge").addFilter(_not_a_missing_backend)
     absl_logging.get_absl_handler().addFilter(_not_orbax_info)
     use_compilation_cache()
+    reuse_freed_memory()
     if tensorflow:
         import_tensorflow()
 
@@ -110,6 +114,37 @@ def use_compilation_cache() -> None:
 
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+# mallopt(3)'s parameters: glibc's malloc.h.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def reuse_freed_memory() -> None:
+    """Keeps glibc's malloc from returning freed memory to the kernel between steps.
+
+    On a CPU backend each run of a compiled step allocates its temporaries and outputs anew,
+    on XLA's worker threads, and frees them when it ends. glibc gives a thread's freed heap
+    back to the kernel, so the next step faults every page of it in again, zeroed: the
+    baby-GPT step on one CPU device took ~12,700 page faults and ~24 ms of kernel time per
+    46 ms step (BENCHMARKS.md, "Freed memory"). Keeping 64 MiB at each heap's top, trimming
+    above 128 MiB and taking blocks up to 32 MiB from the heaps (glibc's own ceiling for
+    them) stops it. A block over 32 MiB is still mapped and unmapped every step; preloading
+    tcmalloc (README, "Speed on CPU") keeps those too. Off with MESHLM_KEEP_FREED_MEMORY=0; a
+    no-op outside Linux with glibc; under a preloaded allocator mallopt is that allocator's
+    (tcmalloc's ignores it).
+    """
+    if os.environ.get("MESHLM_KEEP_FREED_MEMORY", "1") == "0":
+        return
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    for parameter, value in (
+        (_M_MMAP_THRESHOLD, 32 << 20),
+        (_M_TOP_PAD, 64 << 20),
+        (_M_TRIM_THRESHOLD, 128 << 20),
+    ):
+        mallopt(parameter, value)
 
 
 def _not_a_missing_backend(record: logging.LogRecord) -> bool:

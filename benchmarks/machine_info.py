@@ -20,9 +20,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def allocator() -> str:
+    """The malloc in use: a library in LD_PRELOAD (e.g. tcmalloc, README "Speed on CPU"), or
+    the C library's (on CPU, XLA's step times depend on it)."""
+    preloaded = [os.path.basename(p) for p in os.environ.get("LD_PRELOAD", "").split() if p]
+    return ", ".join(preloaded) or "+".join(filter(None, platform.libc_ver())) or "libc"
+
+
 def describe() -> str:
-    """CPU model, core count and the 1-minute load average (other jobs sharing the cores)."""
+    """CPU model, core count, malloc and the 1-minute load average (other jobs sharing the
+    cores)."""
     return (
         f"machine: {cpu_model()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.2f}"
+        f"malloc {allocator()}, load average {os.getloadavg()[0]:.2f}"
     )

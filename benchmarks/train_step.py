@@ -29,6 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
 from data import batch as data_batch  # noqa: E402
+import startup  # noqa: E402
 from errors import UserError  # noqa: E402
 from model.flops import train_flops_per_token  # noqa: E402
 from training.config import tokens_per_step  # noqa: E402
@@ -141,6 +142,7 @@ def measure(trainer, compiled, compile_s: float, *, steps: int, warmup: int, pea
 
 def main(argv):
     del argv
+    startup.reuse_freed_memory()  # as every meshlm command does
     config = FLAGS.config
     try:
         trainer = Trainer(config)

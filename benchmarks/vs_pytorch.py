@@ -39,6 +39,7 @@ from absl import app, flags  # noqa: E402
 from benchmarks import cpu_profile, vs_pytorch_whole_run  # noqa: E402
 from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
 from benchmarks.torch_gpt import GPT, mean_loss, torch_optimizer, torch_step  # noqa: E402
+import startup  # noqa: E402
 
 flags.DEFINE_list("shapes", ["baby", "default", "gpt2_small"], "Step mode: shapes to time.")
 flags.DEFINE_integer("steps", 30, "Step mode: timed steps per side (gpt2_small: a fifth).")
@@ -245,6 +246,7 @@ def cpu_devices() -> int:
 
 def main(argv):
     del argv
+    startup.reuse_freed_memory()  # as every meshlm command does (both sides share it)
     torch.set_num_threads(os.cpu_count())
     if FLAGS.torch_run:
         values = json.loads(os.environ["VS_PYTORCH_CONFIG"])
