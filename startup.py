@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 import platform
@@ -121,22 +122,29 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
 def reuse_freed_memory() -> None:
-    """Keeps glibc's malloc from returning freed memory to the kernel between steps.
+    """Keeps glibc's malloc from returning freed memory to the kernel between CPU steps.
 
     On a CPU backend each run of a compiled step allocates its temporaries and outputs anew,
     on XLA's worker threads, and frees them when it ends. glibc gives a thread's freed heap
     back to the kernel, so the next step faults every page of it in again, zeroed: the
     baby-GPT step on one CPU device took ~12,700 page faults and ~24 ms of kernel time per
-    46 ms step (BENCHMARKS.md, "Freed memory"). Keeping 64 MiB at each heap's top, trimming
-    above 128 MiB and taking blocks up to 32 MiB from the heaps (glibc's own ceiling for
-    them) stops it. A block over 32 MiB is still mapped and unmapped every step; preloading
-    tcmalloc (README, "Speed on CPU") keeps those too. Off with MESHLM_KEEP_FREED_MEMORY=0; a
-    no-op outside Linux with glibc; under a preloaded allocator mallopt is that allocator's
+    46 ms step (BENCHMARKS.md, "Freed memory"). A 64 MiB top pad, a 128 MiB trim threshold
+    and blocks up to 32 MiB taken from the heaps (glibc's own ceiling for them) stop it; the
+    price is that a heap keeps up to 64 MiB free for the next step. A block over 32 MiB is
+    still mapped and unmapped every step; preloading tcmalloc (README, "Speed on CPU") keeps
+    those too.
+
+    Only where the steps run on the CPU: not when JAX_PLATFORMS names another platform
+    first, nor, without it, when a GPU or TPU plugin is installed. Not with
+    MESHLM_KEEP_FREED_MEMORY=0, nor when GLIBC_TUNABLES sets malloc itself; a no-op outside
+    64-bit Linux with glibc. Under a preloaded allocator mallopt is that allocator's
     (tcmalloc's ignores it).
     """
-    if os.environ.get("MESHLM_KEEP_FREED_MEMORY", "1") == "0":
+    if os.environ.get("MESHLM_KEEP_FREED_MEMORY", "1") == "0" or not _steps_run_on_cpu():
         return
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or sys.maxsize < 2**32:
         return
     mallopt = ctypes.CDLL(None).mallopt
     for parameter, value in (
@@ -145,6 +153,17 @@ def reuse_freed_memory() -> None:
         (_M_TRIM_THRESHOLD, 128 << 20),
     ):
         mallopt(parameter, value)
+
+
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+
+
+def _steps_run_on_cpu() -> bool:
+    """Whether JAX will run on the CPU, decided before JAX starts (so without asking it)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
 
 
 def _not_a_missing_backend(record: logging.LogRecord) -> bool:

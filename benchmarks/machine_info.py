@@ -23,7 +23,8 @@ def cpu_model() -> str:
 def allocator() -> str:
     """The malloc in use: a library in LD_PRELOAD (e.g. tcmalloc, README "Speed on CPU"), or
     the C library's (on CPU, XLA's step times depend on it)."""
-    preloaded = [os.path.basename(p) for p in os.environ.get("LD_PRELOAD", "").split() if p]
+    paths = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    preloaded = [os.path.basename(p) for p in paths]
     return ", ".join(preloaded) or "+".join(filter(None, platform.libc_ver())) or "libc"
 
 

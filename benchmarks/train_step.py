@@ -27,9 +27,9 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import startup  # noqa: E402
 from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
 from data import batch as data_batch  # noqa: E402
-import startup  # noqa: E402
 from errors import UserError  # noqa: E402
 from model.flops import train_flops_per_token  # noqa: E402
 from training.config import tokens_per_step  # noqa: E402

@@ -36,10 +36,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+import startup  # noqa: E402
 from benchmarks import cpu_profile, vs_pytorch_whole_run  # noqa: E402
 from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
 from benchmarks.torch_gpt import GPT, mean_loss, torch_optimizer, torch_step  # noqa: E402
-import startup  # noqa: E402
 
 flags.DEFINE_list("shapes", ["baby", "default", "gpt2_small"], "Step mode: shapes to time.")
 flags.DEFINE_integer("steps", 30, "Step mode: timed steps per side (gpt2_small: a fifth).")

@@ -67,7 +67,8 @@ def test_a_run_from_a_token_cache_starts_without_tensorflow_and_caches_its_compi
 _FAULTS_PER_CALL = """
 import resource, sys
 import startup
-startup.reuse_freed_memory()  # unless MESHLM_KEEP_FREED_MEMORY=0
+if sys.argv[1] == "keep":
+    startup.reuse_freed_memory()
 import jax, jax.numpy as jnp
 def loss(weights, x):
     for w in weights:
@@ -85,17 +86,54 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 
 
 def test_memory_a_step_freed_is_reused_without_page_faults():
-    def faults_per_call(keep):
-        env = dict(os.environ, MESHLM_KEEP_FREED_MEMORY=keep)
-        done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], cwd=REPO, env=env,
+    def faults_per_call(mode):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env.pop("MESHLM_KEEP_FREED_MEMORY", None)
+        env.pop("GLIBC_TUNABLES", None)
+        done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, mode], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return float(done.stdout.splitlines()[-1])
 
-    turned_off = faults_per_call("0")  # glibc's defaults
-    if turned_off < 1000:  # ~8,000 pages are freed and faulted in again per call
-        pytest.skip(f"this machine's malloc keeps freed memory already ({turned_off} faults)")
-    assert faults_per_call("1") < turned_off / 3  # 6-30x fewer seen
+    glibc_defaults = faults_per_call("return")
+    if glibc_defaults < 1000:  # ~8,000 pages are freed and faulted in again per call
+        pytest.skip(f"this machine's malloc keeps freed memory already ({glibc_defaults} faults)")
+    assert faults_per_call("keep") < glibc_defaults / 3  # 6-30x fewer seen
+
+
+def test_freed_memory_is_kept_only_for_cpu_steps_and_unless_turned_off(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(startup.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(startup.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(startup.sys, "platform", "linux")
+    for name in ("MESHLM_KEEP_FREED_MEMORY", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+
+    def kept(**env):
+        calls.clear()
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            startup.reuse_freed_memory()
+        return sorted(calls)
+
+    mib = 1 << 20
+    expected = [(-3, 32 * mib), (-2, 64 * mib), (-1, 128 * mib)]  # mmap, top pad, trim
+    assert kept(JAX_PLATFORMS="cpu") == expected
+    assert kept(JAX_PLATFORMS="cpu", MESHLM_KEEP_FREED_MEMORY="0") == []
+    assert kept(JAX_PLATFORMS="cuda,cpu") == []
+    assert kept(JAX_PLATFORMS="cpu", GLIBC_TUNABLES="glibc.malloc.top_pad=0") == []
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(startup, "_ACCELERATOR_PLUGINS", ("json",))  # "installed"
+    assert kept() == []
+    monkeypatch.setattr(startup, "_ACCELERATOR_PLUGINS", ("no_such_plugin_module",))
+    assert kept() == expected
 
 
 def test_the_compilation_cache_is_on_unless_turned_off(monkeypatch, tmp_path):
