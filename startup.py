@@ -118,27 +118,30 @@ def use_compilation_cache() -> None:
 
 
 # mallopt(3)'s parameters: glibc's malloc.h.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 
 
 def reuse_freed_memory() -> None:
     """Keeps glibc's malloc from returning freed memory to the kernel between CPU steps.
 
-    On a CPU backend each run of a compiled step allocates its temporaries and outputs anew,
-    on XLA's worker threads, and frees them when it ends. glibc gives a thread's freed heap
-    back to the kernel, so the next step faults every page of it in again, zeroed: the
-    baby-GPT step on one CPU device took ~12,700 page faults and ~24 ms of kernel time per
-    46 ms step (BENCHMARKS.md, "Freed memory"). A 64 MiB top pad, a 128 MiB trim threshold
-    and blocks up to 32 MiB taken from the heaps (glibc's own ceiling for them) stop it; the
-    price is that a heap keeps up to 64 MiB free for the next step. A block over 32 MiB is
-    still mapped and unmapped every step; preloading tcmalloc (README, "Speed on CPU") keeps
-    those too.
+    On a CPU backend each run of a compiled step allocates its temporaries and outputs anew
+    and frees them when it ends. glibc gives freed memory back to the kernel, so the next
+    step faults every page of it in again, zeroed: the baby-GPT step on one CPU device took
+    ~12,700 page faults and ~24 ms of kernel time per 46 ms step, the default config's
+    ~53,000 and ~90 ms per ~210 ms (BENCHMARKS.md, "Freed memory"). So glibc keeps what it
+    frees: a 64 MiB top pad, a 1 GiB trim threshold, and no block mapped on its own (blocks
+    up to 32 MiB come from a heap anyway). The price: the process keeps up to 1 GiB of freed
+    memory for the next step. A worker thread's heap cannot hold a block over 64 MiB, so a
+    one-device program is also run on the calling thread (JAX's synchronous CPU dispatch;
+    a program over several devices is not affected), whose heap can. tcmalloc, preloaded
+    (README, "Speed on CPU"), keeps every block by itself.
 
     Only where the steps run on the CPU: not when JAX_PLATFORMS names another platform
     first, nor, without it, when a GPU or TPU plugin is installed. Not with
     MESHLM_KEEP_FREED_MEMORY=0, nor when GLIBC_TUNABLES sets malloc itself; a no-op outside
     64-bit Linux with glibc. Under a preloaded allocator mallopt is that allocator's
-    (tcmalloc's ignores it).
+    (tcmalloc's ignores it). Call it before JAX starts its CPU client (the first
+    computation or `jax.devices()`), as `quiet_start` does.
     """
     if os.environ.get("MESHLM_KEEP_FREED_MEMORY", "1") == "0" or not _steps_run_on_cpu():
         return
@@ -150,9 +153,13 @@ def reuse_freed_memory() -> None:
     for parameter, value in (
         (_M_MMAP_THRESHOLD, 32 << 20),
         (_M_TOP_PAD, 64 << 20),
-        (_M_TRIM_THRESHOLD, 128 << 20),
+        (_M_TRIM_THRESHOLD, 1 << 30),
+        (_M_MMAP_MAX, 0),
     ):
         mallopt(parameter, value)
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")

@@ -62,8 +62,9 @@ def test_a_run_from_a_token_cache_starts_without_tensorflow_and_caches_its_compi
     assert any(name.startswith("jit_step") for name in compiled), compiled
 
 
-# A jitted gradient whose outputs and temporaries (~40 MB, in blocks under 32 MiB) are
-# allocated on XLA's threads at every call and freed after it; prints the page faults per call.
+# A jitted gradient on one device whose outputs and temporaries are allocated at every call
+# and freed after it (argv: keep or return, the matrices' size, their count); prints the
+# page faults per call.
 _FAULTS_PER_CALL = """
 import resource, sys
 import startup
@@ -74,8 +75,9 @@ def loss(weights, x):
     for w in weights:
         x = jnp.tanh(x @ w)
     return jnp.sum(x)
+size, count = int(sys.argv[2]), int(sys.argv[3])
 gradients = jax.jit(jax.grad(loss))
-weights, x = [jnp.eye(1024) * 0.5] * 8, jnp.ones((1024, 1024))
+weights, x = [jnp.eye(size) * 0.5] * count, jnp.ones((size, size))
 for _ in range(3):
     jax.block_until_ready(gradients(weights, x))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -85,20 +87,23 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
-def test_memory_a_step_freed_is_reused_without_page_faults():
+@pytest.mark.parametrize("size, count", [(1024, 8), (3072, 2)])  # 4 MiB and 36 MiB blocks
+def test_memory_a_step_freed_is_reused_without_page_faults(size, count):
     def faults_per_call(mode):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env.pop("MESHLM_KEEP_FREED_MEMORY", None)
         env.pop("GLIBC_TUNABLES", None)
-        done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, mode], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", _FAULTS_PER_CALL, mode, str(size), str(count)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return float(done.stdout.splitlines()[-1])
 
     glibc_defaults = faults_per_call("return")
-    if glibc_defaults < 1000:  # ~8,000 pages are freed and faulted in again per call
+    if glibc_defaults < 1000:  # thousands of pages are freed and faulted in again per call
         pytest.skip(f"this machine's malloc keeps freed memory already ({glibc_defaults} faults)")
-    assert faults_per_call("keep") < glibc_defaults / 3  # 6-30x fewer seen
+    assert faults_per_call("keep") < glibc_defaults / 3  # 10-30x fewer seen
 
 
 def test_freed_memory_is_kept_only_for_cpu_steps_and_unless_turned_off(monkeypatch):
@@ -110,6 +115,7 @@ def test_freed_memory_is_kept_only_for_cpu_steps_and_unless_turned_off(monkeypat
             return 1
 
     monkeypatch.setattr(startup.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(jax.config, "update", lambda name, value: calls.append((name, value)))
     monkeypatch.setattr(startup.platform, "libc_ver", lambda: ("glibc", "2.36"))
     monkeypatch.setattr(startup.sys, "platform", "linux")
     for name in ("MESHLM_KEEP_FREED_MEMORY", "GLIBC_TUNABLES"):
@@ -121,10 +127,13 @@ def test_freed_memory_is_kept_only_for_cpu_steps_and_unless_turned_off(monkeypat
             for name, value in env.items():
                 patch.setenv(name, value)
             startup.reuse_freed_memory()
-        return sorted(calls)
+        return list(calls)
 
     mib = 1 << 20
-    expected = [(-3, 32 * mib), (-2, 64 * mib), (-1, 128 * mib)]  # mmap, top pad, trim
+    expected = [  # mmap threshold, top pad, trim threshold, mmap max; synchronous dispatch
+        (-3, 32 * mib), (-2, 64 * mib), (-1, 1024 * mib), (-4, 0),
+        ("jax_cpu_enable_async_dispatch", False),
+    ]
     assert kept(JAX_PLATFORMS="cpu") == expected
     assert kept(JAX_PLATFORMS="cpu", MESHLM_KEEP_FREED_MEMORY="0") == []
     assert kept(JAX_PLATFORMS="cuda,cpu") == []
