@@ -68,15 +68,10 @@ class Evaluator:
         """Rows padded with weight-0 rows to a multiple of the data-parallel size. Every
         process holds the whole batch (evaluation data is read alike on all of them), so
         the global shape is the batch's own and each process places the rows it owns."""
-        rows = batch["inputs"].shape[0]
-        missing = -rows % self.sampler.batch_multiple
-        placed = {}
-        for name, value in batch.items():
-            value = np.pad(value, ((0, missing), (0, 0)))
-            placed[name] = jax.make_array_from_process_local_data(
-                self._sharding, value, value.shape
-            )
-        return placed
+        missing = -batch["inputs"].shape[0] % self.sampler.batch_multiple
+        padded = {name: np.pad(value, ((0, missing), (0, 0))) for name, value in batch.items()}
+        shapes = {name: value.shape for name, value in padded.items()}
+        return jax.make_array_from_process_local_data(self._sharding, padded, shapes)
 
     def score(self, batches, params=None) -> dict:
         params = self.sampler.params if params is None else params
