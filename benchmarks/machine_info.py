@@ -8,16 +8,31 @@ import os
 import platform
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform reports."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux) with its family, model number and
+    widest vector unit, else what platform reports. Cloud VMs often name every CPU alike
+    ("Intel(R) Xeon(R) Processor"); the numbers tell two generations apart."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's fields are enough
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    vector = next((name for flag, name in _VECTOR_UNITS if flag in flags), None)
+    details = [f"{name} {fields[key]}" for key, name in _NUMBERS if key in fields]
+    details += [vector] if vector else []
+    return fields["model name"] + (f" ({', '.join(details)})" if details else "")
+
+
+_NUMBERS = (("cpu family", "family"), ("model", "model"))
+_VECTOR_UNITS = (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 
 
 def allocator() -> str:

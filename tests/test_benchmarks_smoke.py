@@ -99,3 +99,21 @@ def test_vs_pytorch_loop_seconds_weights_each_report_by_its_steps():
         {"step": 35, "step_time": 1.0},
     ]
     assert loop_seconds(records) == 10 * 0.5 + 20 * 0.25 + 5 * 1.0
+
+
+def test_cpu_model_tells_apart_cpus_a_cloud_names_alike(tmp_path):
+    from benchmarks.machine_info import cpu_model
+
+    def cpuinfo(model: str, flags: str):
+        processor = (
+            f"processor\t: 0\ncpu family\t: 6\nmodel\t\t: {model}\n"
+            f"model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse2 {flags}\n\n"
+        )
+        path = tmp_path / f"cpuinfo{model}"
+        path.write_text(processor + processor.replace("processor\t: 0", "processor\t: 1"))
+        return str(path)
+
+    newer, older = cpu_model(cpuinfo("207", "avx2 avx512f")), cpu_model(cpuinfo("85", "avx2"))
+    assert newer == "Intel(R) Xeon(R) Processor (family 6, model 207, AVX-512)"
+    assert older == "Intel(R) Xeon(R) Processor (family 6, model 85, AVX2)"
+    assert cpu_model(str(tmp_path / "missing"))  # no /proc/cpuinfo: what platform reports
