@@ -10,28 +10,34 @@ import platform
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name from /proc/cpuinfo (Linux) with its family, model number and
-    widest vector unit, else what platform reports. Cloud VMs often name every CPU alike
-    ("Intel(R) Xeon(R) Processor"); the numbers tell two generations apart."""
+    widest vector unit; on ARM, which has no model name, the architecture with the
+    implementer and part numbers; else what platform reports. Cloud VMs often name every
+    CPU alike ("Intel(R) Xeon(R) Processor"); the numbers tell two generations apart."""
     fields = {}
     try:
         with open(cpuinfo) as f:
             for line in f:
-                key, _, value = line.partition(":")
                 if not line.strip():
                     break  # the first processor's fields are enough
+                key, _, value = line.partition(":")
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    if "model name" not in fields:
-        return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
     flags = set(fields.get("flags", "").split())
-    vector = next((name for flag, name in _VECTOR_UNITS if flag in flags), None)
-    details = [f"{name} {fields[key]}" for key, name in _NUMBERS if key in fields]
-    details += [vector] if vector else []
-    return fields["model name"] + (f" ({', '.join(details)})" if details else "")
+    details = [f"{label} {fields[key]}" for key, label in _NUMBERS if key in fields]
+    details += [unit for flag, unit in _VECTOR_UNITS if flag in flags][:1]
+    return name + (f" ({', '.join(details)})" if details else "")
 
 
-_NUMBERS = (("cpu family", "family"), ("model", "model"))
+# /proc/cpuinfo's numbers that tell CPUs apart: x86's family and model, ARM's implementer
+# and part (its cores' design, e.g. 0xd40 Neoverse V1).
+_NUMBERS = (
+    ("cpu family", "family"),
+    ("model", "model"),
+    ("CPU implementer", "implementer"),
+    ("CPU part", "part"),
+)
 _VECTOR_UNITS = (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 
 

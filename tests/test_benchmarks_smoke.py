@@ -101,19 +101,27 @@ def test_vs_pytorch_loop_seconds_weights_each_report_by_its_steps():
     assert loop_seconds(records) == 10 * 0.5 + 20 * 0.25 + 5 * 1.0
 
 
-def test_cpu_model_tells_apart_cpus_a_cloud_names_alike(tmp_path):
-    from benchmarks.machine_info import cpu_model
+def test_cpu_model_tells_apart_cpus_a_cloud_names_alike(tmp_path, monkeypatch):
+    from benchmarks import machine_info
 
-    def cpuinfo(model: str, flags: str):
-        processor = (
-            f"processor\t: 0\ncpu family\t: 6\nmodel\t\t: {model}\n"
-            f"model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse2 {flags}\n\n"
-        )
-        path = tmp_path / f"cpuinfo{model}"
-        path.write_text(processor + processor.replace("processor\t: 0", "processor\t: 1"))
+    monkeypatch.setattr(machine_info.platform, "processor", lambda: "")  # as on Linux
+    monkeypatch.setattr(machine_info.platform, "machine", lambda: "aarch64")
+
+    def cpuinfo(name: str, first: str, second: str = "") -> str:
+        path = tmp_path / name
+        path.write_text(f"processor\t: 0\n{first}\n\nprocessor\t: 1\n{second or first}\n")
         return str(path)
 
-    newer, older = cpu_model(cpuinfo("207", "avx2 avx512f")), cpu_model(cpuinfo("85", "avx2"))
+    def x86(model: str, flags: str) -> str:
+        return (
+            f"cpu family\t: 6\nmodel\t\t: {model}\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+            f"flags\t\t: fpu sse2 {flags}"
+        )
+
+    newer = machine_info.cpu_model(cpuinfo("newer", x86("207", "avx2 avx512f")))
+    older = machine_info.cpu_model(cpuinfo("older", x86("85", "avx2"), x86("1", "")))
     assert newer == "Intel(R) Xeon(R) Processor (family 6, model 207, AVX-512)"
-    assert older == "Intel(R) Xeon(R) Processor (family 6, model 85, AVX2)"
-    assert cpu_model(str(tmp_path / "missing"))  # no /proc/cpuinfo: what platform reports
+    assert older == "Intel(R) Xeon(R) Processor (family 6, model 85, AVX2)"  # the first CPU's
+    arm = cpuinfo("arm", "BogoMIPS\t: 243.75\nCPU implementer\t: 0x41\nCPU part\t: 0xd40")
+    assert machine_info.cpu_model(arm) == "aarch64 (implementer 0x41, part 0xd40)"
+    assert machine_info.cpu_model(str(tmp_path / "missing")) == "aarch64"  # platform's answer

@@ -169,7 +169,7 @@ def test_a_measured_peak_is_remembered_per_machine(monkeypatch, tmp_path):
     assert hardware.measured_matmul_flops.__wrapped__("float32") == 1e11
     assert len(measured) == calls  # the second start reads it
     peaks = json.loads((tmp_path / "meshlm" / hardware.PEAKS_FILE).read_text())
-    machine = f"{hardware.cpu_model()} | {jax.devices()[0].device_kind}"
+    machine = f"{hardware.cpu_model()} x {os.cpu_count()} | {jax.devices()[0].device_kind}"
     assert list(peaks) == [f"{machine} | float32 | 2048^3 x 5"]
     hardware.measured_matmul_flops.__wrapped__("bfloat16")
     assert len(measured) > calls  # another dtype is measured

@@ -87,10 +87,11 @@ def _matmul_flops(form: tuple[str, str, str], size: int, repeats: int) -> float:
 def measured_matmul_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the fastest matmul form the step runs in compute dtype `dtype`, measured
     once per machine (~0.5 s of every start on a CPU) and remembered in PEAKS_FILE under the
-    user's cache directory, keyed by CPU model, device kind and dtype; delete it to measure
-    again. A peak measured while other work oversubscribes the cores (load average above
+    user's cache directory, keyed by CPU model, core count, device kind and dtype; delete it
+    to measure again. A peak measured while other work oversubscribes the cores (load average above
     the core count) is used but not remembered: it would inflate every later run's MFU."""
-    key = f"{cpu_model()} | {jax.devices()[0].device_kind} | {dtype} | {size}^3 x {repeats}"
+    machine = f"{cpu_model()} x {os.cpu_count()} | {jax.devices()[0].device_kind}"
+    key = f"{machine} | {dtype} | {size}^3 x {repeats}"
     path = user_cache_dir(PEAKS_FILE)
     peaks = _read_json(path)
     if key in peaks:
