@@ -95,6 +95,7 @@ def test_memory_a_step_freed_is_reused_without_page_faults():
     # (A 4 MiB case faulted too erratically without the call on one VM, 0-6,800 faults per
     # call, to tell the two apart.)
     size, count = 3072, 2
+
     def faults_per_call(mode):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env.pop("MESHLM_KEEP_FREED_MEMORY", None)

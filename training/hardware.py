@@ -88,8 +88,9 @@ def measured_matmul_flops(dtype: str, size: int = 2048, repeats: int = 5) -> flo
     """FLOP/s of the fastest matmul form the step runs in compute dtype `dtype`, measured
     once per machine (~0.5 s of every start on a CPU) and remembered in PEAKS_FILE under the
     user's cache directory, keyed by CPU model, core count, device kind and dtype; delete it
-    to measure again. A peak measured while other work oversubscribes the cores (load average above
-    the core count) is used but not remembered: it would inflate every later run's MFU."""
+    to measure again. A peak measured while other work oversubscribes the cores (load
+    average above the core count) is used but not remembered: it would inflate every later
+    run's MFU."""
     machine = f"{cpu_model()} x {os.cpu_count()} | {jax.devices()[0].device_kind}"
     key = f"{machine} | {dtype} | {size}^3 x {repeats}"
     path = user_cache_dir(PEAKS_FILE)
