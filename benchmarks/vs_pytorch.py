@@ -44,7 +44,9 @@ from benchmarks.torch_gpt import GPT, mean_loss, torch_optimizer, torch_step  # 
 flags.DEFINE_list("shapes", ["baby", "default", "gpt2_small"], "Step mode: shapes to time.")
 flags.DEFINE_integer("steps", 30, "Step mode: timed steps per side (gpt2_small: a fifth).")
 flags.DEFINE_integer("warmup", 3, "Step mode: untimed steps per side after compilation.")
-flags.DEFINE_bool("breakdown", False, "Step mode: also time forward, forward + backward.")
+flags.DEFINE_bool(
+    "breakdown", False, "Step mode: also time forward, forward + backward, the MLP's matmuls."
+)
 flags.DEFINE_integer(
     "cpu_devices", 0, "CPU devices meshlm splits the host into (JAX_NUM_CPU_DEVICES); 0: one per "
     "core. Step mode times one device too; the whole run uses these."
@@ -237,7 +239,40 @@ def breakdown_calls(trainer, params, batch, model, inputs, targets) -> dict:
         "meshlm_forward_backward": lambda: jax.block_until_ready(gradients(params)),
         "torch_forward": torch_forward,
         "torch_forward_backward": torch_backward,
+        **matmul_calls(trainer.model_config, inputs.numel()),
     }
+
+
+# The MLP's float32 matmuls over `tokens` rows: (name, lhs shape, rhs shape, lhs transposed).
+# A weight's gradient contracts over the tokens (x^T @ dy), its forward over the width.
+MATMULS = (
+    ("mlp_in", ("tokens", "embed"), ("embed", "mlp"), False),
+    ("mlp_out", ("tokens", "mlp"), ("mlp", "embed"), False),
+    ("mlp_in_grad", ("tokens", "embed"), ("tokens", "mlp"), True),
+    ("mlp_out_grad", ("tokens", "mlp"), ("tokens", "embed"), True),
+)
+DOTS_PER_CALL = 10  # one call runs this many, so the call's dispatch is a tenth of each
+
+
+def matmul_calls(model_config, tokens: int) -> dict:
+    """--breakdown: each of MATMULS alone, as XLA:CPU compiles it (one jitted program of
+    DOTS_PER_CALL dots) and as PyTorch runs it: whether XLA's dot kernels explain the step's
+    difference. Their times are per call; divide by DOTS_PER_CALL for one dot."""
+    import jax
+
+    sizes = dict(tokens=tokens, embed=model_config.embed_dim, mlp=model_config.mlp_dim)
+    rng = np.random.default_rng(0)
+    calls = {}
+    for name, lhs_axes, rhs_axes, transposed in MATMULS:
+        lhs = rng.standard_normal([sizes[a] for a in lhs_axes], np.float32)
+        rhs = rng.standard_normal([DOTS_PER_CALL] + [sizes[a] for a in rhs_axes], np.float32)
+        dot = (lambda a, b: a.T @ b) if transposed else (lambda a, b: a @ b)
+        dots = jax.jit(lambda a, bs, dot=dot: [dot(a, b) for b in bs])
+        jax_args = jax.device_put((lhs, list(rhs)), jax.devices()[0])
+        torch_args = (torch.from_numpy(lhs), list(torch.from_numpy(rhs)))
+        calls[f"meshlm_{name}"] = lambda f=dots, args=jax_args: jax.block_until_ready(f(*args))
+        calls[f"torch_{name}"] = lambda dot=dot, args=torch_args: [dot(args[0], b) for b in args[1]]
+    return calls
 
 
 def cpu_devices() -> int:
@@ -283,6 +318,11 @@ def main(argv):
                 print(f"{'':>12}forward {r['meshlm_forward_ms']:.1f} vs {r['torch_forward_ms']:.1f}"
                       f" ms, forward + backward {r['meshlm_forward_backward_ms']:.1f} vs "
                       f"{r['torch_forward_backward_ms']:.1f} ms (meshlm vs PyTorch)", flush=True)
+                dots = ", ".join(
+                    f"{name} {r[f'meshlm_{name}_ms'] / DOTS_PER_CALL:.3f} vs "
+                    f"{r[f'torch_{name}_ms'] / DOTS_PER_CALL:.3f}" for name, *_ in MATMULS
+                )
+                print(f"{'':>12}one matmul over the batch's tokens, ms: {dots}", flush=True)
     result["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(result))
 

@@ -67,7 +67,7 @@ def test_encoder_decoder_benchmark_cpu_smoke():
 def test_vs_pytorch_benchmark_smoke():
     """benchmarks/vs_pytorch.py's step mode at the baby-GPT shapes with --breakdown: the
     PyTorch reference has exactly meshlm's parameter count, and every side is timed, meshlm
-    on one CPU device and on two (data parallel)."""
+    on one CPU device and on two (data parallel), and the MLP's matmuls alone."""
     done = subprocess.run(
         [sys.executable, "benchmarks/vs_pytorch.py", "--shapes=baby", "--steps=2",
          "--warmup=1", "--breakdown", "--cpu_devices=2", "--profile"],
@@ -87,6 +87,10 @@ def test_vs_pytorch_benchmark_smoke():
     assert "all-reduce" in row["meshlm_data_parallel_profile"]["by_kind"]
     assert "all-reduce" not in row["meshlm_profile"]["by_kind"]
     assert "forward + backward" in done.stdout and "on 2 CPU devices" in done.stdout
+    from benchmarks.vs_pytorch import MATMULS
+
+    assert all(row[f"{side}_{name}_ms"] > 0 for side in ("meshlm", "torch") for name, *_ in MATMULS)
+    assert "one matmul over the batch's tokens, ms: mlp_in " in done.stdout
 
 
 def test_vs_pytorch_loop_seconds_weights_each_report_by_its_steps():
