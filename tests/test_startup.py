@@ -63,28 +63,30 @@ def test_a_run_from_a_token_cache_starts_without_tensorflow_and_caches_its_compi
 
 
 # A jitted gradient on one device whose outputs and temporaries are allocated at every call
-# and freed after it (argv: keep or return, the matrices' size, their count); prints the
-# median page faults of 10 calls (a thread's first use of a heap faults it in once: a mean
-# of 10 let one such call decide).
+# and freed after it (argv: keep or return, the blocks' side, the layers); prints the median
+# page faults of 10 calls (a thread's first use of a heap faults it in once: a mean of 10 let
+# one such call decide). Each layer maps [side, 16] to [side, side] and back: the blocks are
+# large, the arithmetic small.
 _FAULTS_PER_CALL = """
 import resource, statistics, sys
 import startup
 if sys.argv[1] == "keep":
     startup.reuse_freed_memory()
 import jax, jax.numpy as jnp
-def loss(weights, x):
-    for w in weights:
-        x = jnp.tanh(x @ w)
+def loss(layers, x):
+    for up, down in layers:
+        x = jnp.tanh(x @ up) @ down
     return jnp.sum(x)
-size, count = int(sys.argv[2]), int(sys.argv[3])
+side, count, rank = int(sys.argv[2]), int(sys.argv[3]), 16
 gradients = jax.jit(jax.grad(loss))
-weights, x = [jnp.eye(size) * 0.5] * count, jnp.ones((size, size))
+layers = [(jnp.ones((rank, side)) / rank, jnp.ones((side, rank)) / side)] * count
+x = jnp.ones((side, rank))
 for _ in range(3):
-    jax.block_until_ready(gradients(weights, x))
+    jax.block_until_ready(gradients(layers, x))
 faults = []
 for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    jax.block_until_ready(gradients(weights, x))
+    jax.block_until_ready(gradients(layers, x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(statistics.median(faults))
 """
@@ -94,14 +96,14 @@ def test_memory_a_step_freed_is_reused_without_page_faults():
     # 36 MiB blocks: the test fails without the call and without its synchronous dispatch.
     # (A 4 MiB case faulted too erratically without the call on one VM, 0-6,800 faults per
     # call, to tell the two apart.)
-    size, count = 3072, 2
+    side, count = 3072, 2
 
     def faults_per_call(mode):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env.pop("MESHLM_KEEP_FREED_MEMORY", None)
         env.pop("GLIBC_TUNABLES", None)
         done = subprocess.run(
-            [sys.executable, "-c", _FAULTS_PER_CALL, mode, str(size), str(count)],
+            [sys.executable, "-c", _FAULTS_PER_CALL, mode, str(side), str(count)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 0, done.stderr[-3000:]
