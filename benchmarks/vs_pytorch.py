@@ -38,7 +38,8 @@ from absl import app, flags  # noqa: E402
 
 import startup  # noqa: E402
 from benchmarks import cpu_profile, vs_pytorch_whole_run  # noqa: E402
-from benchmarks.machine_info import cpu_model, describe as describe_machine  # noqa: E402
+from benchmarks.machine_info import cpu_model  # noqa: E402
+from benchmarks.machine_info import describe as describe_machine  # noqa: E402
 from benchmarks.torch_gpt import GPT, mean_loss, torch_optimizer, torch_step  # noqa: E402
 
 flags.DEFINE_list("shapes", ["baby", "default", "gpt2_small"], "Step mode: shapes to time.")
@@ -243,35 +244,51 @@ def breakdown_calls(trainer, params, batch, model, inputs, targets) -> dict:
     }
 
 
-# The MLP's float32 matmuls over `tokens` rows: (name, lhs shape, rhs shape, lhs transposed).
-# A weight's gradient contracts over the tokens (x^T @ dy), its forward over the width.
+# The MLP's float32 matmuls over the batch's tokens: (name, input width, output width,
+# kernel gradient?). A kernel's gradient contracts over the tokens, its forward over a width.
 MATMULS = (
-    ("mlp_in", ("tokens", "embed"), ("embed", "mlp"), False),
-    ("mlp_out", ("tokens", "mlp"), ("mlp", "embed"), False),
-    ("mlp_in_grad", ("tokens", "embed"), ("tokens", "mlp"), True),
-    ("mlp_out_grad", ("tokens", "mlp"), ("tokens", "embed"), True),
+    ("mlp_in", "embed_dim", "mlp_dim", False),
+    ("mlp_out", "mlp_dim", "embed_dim", False),
+    ("mlp_in_grad", "embed_dim", "mlp_dim", True),
+    ("mlp_out_grad", "mlp_dim", "embed_dim", True),
 )
 DOTS_PER_CALL = 10  # one call runs this many, so the call's dispatch is a tenth of each
 
 
 def matmul_calls(model_config, tokens: int) -> dict:
-    """--breakdown: each of MATMULS alone, as XLA:CPU compiles it (one jitted program of
-    DOTS_PER_CALL dots) and as PyTorch runs it: whether XLA's dot kernels explain the step's
-    difference. Their times are per call; divide by DOTS_PER_CALL for one dot."""
+    """--breakdown: each of MATMULS alone, DOTS_PER_CALL of them per call: meshlm's
+    (model/layers.dot's forward, or its kernel gradient, in one jitted program) against
+    nn.Linear's in PyTorch (x @ W^T; dy^T @ x): whether the dot kernels explain the step's
+    difference. Their times are per call; divide by DOTS_PER_CALL for one matmul."""
     import jax
+    import jax.numpy as jnp
 
-    sizes = dict(tokens=tokens, embed=model_config.embed_dim, mlp=model_config.mlp_dim)
+    from model.layers import dot
+
+    forward = lambda x, kernel: dot("te,eo->to", x, kernel, 1)
+
+    def kernel_gradient(x, dy):
+        kernel = jnp.zeros((x.shape[1], dy.shape[1]), x.dtype)
+        return jax.vjp(lambda kernel: forward(x, kernel), kernel)[1](dy)[0]
+
     rng = np.random.default_rng(0)
     calls = {}
-    for name, lhs_axes, rhs_axes, transposed in MATMULS:
-        lhs = rng.standard_normal([sizes[a] for a in lhs_axes], np.float32)
-        rhs = rng.standard_normal([DOTS_PER_CALL] + [sizes[a] for a in rhs_axes], np.float32)
-        dot = (lambda a, b: a.T @ b) if transposed else (lambda a, b: a @ b)
-        dots = jax.jit(lambda a, bs, dot=dot: [dot(a, b) for b in bs])
-        jax_args = jax.device_put((lhs, list(rhs)), jax.devices()[0])
-        torch_args = (torch.from_numpy(lhs), list(torch.from_numpy(rhs)))
-        calls[f"meshlm_{name}"] = lambda f=dots, args=jax_args: jax.block_until_ready(f(*args))
-        calls[f"torch_{name}"] = lambda dot=dot, args=torch_args: [dot(args[0], b) for b in args[1]]
+    for name, width_in, width_out, gradient in MATMULS:
+        d_in, d_out = getattr(model_config, width_in), getattr(model_config, width_out)
+        x = rng.standard_normal((tokens, d_in), np.float32)
+        others = rng.standard_normal((DOTS_PER_CALL, tokens, d_out) if gradient else
+                                     (DOTS_PER_CALL, d_in, d_out), np.float32)
+        mesh_dot = kernel_gradient if gradient else forward
+        dots = jax.jit(lambda x, others, mesh_dot=mesh_dot: [mesh_dot(x, o) for o in others])
+        args = jax.device_put((x, list(others)), jax.devices()[0])
+        calls[f"meshlm_{name}"] = lambda dots=dots, args=args: jax.block_until_ready(dots(*args))
+        x, others = torch.from_numpy(x), list(torch.from_numpy(others))
+        if gradient:
+            torch_dot = lambda x, dy: dy.T @ x
+        else:
+            others = [kernel.T.contiguous() for kernel in others]  # nn.Linear's [out, in]
+            torch_dot = torch.nn.functional.linear
+        calls[f"torch_{name}"] = lambda f=torch_dot, x=x, others=others: [f(x, o) for o in others]
     return calls
 
 

@@ -93,6 +93,23 @@ def test_vs_pytorch_benchmark_smoke():
     assert "one matmul over the batch's tokens, ms: mlp_in " in done.stdout
 
 
+def test_vs_pytorch_matmuls_compute_the_same_products_on_both_sides():
+    """--breakdown's matmuls: meshlm's (model/layers.dot, its kernel gradient) and
+    PyTorch's (nn.Linear's forms) are the same products, so their times compare."""
+    import types
+
+    import numpy as np
+
+    from benchmarks.vs_pytorch import MATMULS, matmul_calls
+
+    calls = matmul_calls(types.SimpleNamespace(embed_dim=8, mlp_dim=24), tokens=40)
+    for name, _, _, gradient in MATMULS:
+        for meshlm, torch_result in zip(calls[f"meshlm_{name}"](), calls[f"torch_{name}"]()):
+            torch_result = torch_result.numpy()
+            expected = torch_result.T if gradient else torch_result  # a kernel [in, out]
+            np.testing.assert_allclose(np.asarray(meshlm), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_vs_pytorch_loop_seconds_weights_each_report_by_its_steps():
     from benchmarks.vs_pytorch_whole_run import loop_seconds
 
