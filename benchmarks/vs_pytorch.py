@@ -16,6 +16,8 @@ MLP, tied embeddings, learned positions, its init (std 0.02, residual projection
 optimizer.decay_embeddings=True to match). meshlm is configured as that GPT (model.* below);
 the one difference is the GELU: meshlm's is the tanh approximation, nanoGPT's the exact erf.
 
+--breakdown adds the loss's forward, forward + backward, and the MLP's matmuls alone.
+
 Whole-run mode (benchmarks/vs_pytorch_whole_run.py) runs nanoGPT's CPU "baby GPT" recipe (4
 layers, width 128, block 64, batch 12, lr 1e-3 cosine to 1e-4 after 100 warm-up steps, beta2
 0.99, no dropout) from launch to exit on both sides, each in its own process.
@@ -256,10 +258,11 @@ DOTS_PER_CALL = 10  # one call runs this many, so the call's dispatch is a tenth
 
 
 def matmul_calls(model_config, tokens: int) -> dict:
-    """--breakdown: each of MATMULS alone, DOTS_PER_CALL of them per call: meshlm's
-    (model/layers.dot's forward, or its kernel gradient, in one jitted program) against
-    nn.Linear's in PyTorch (x @ W^T; dy^T @ x): whether the dot kernels explain the step's
-    difference. Their times are per call; divide by DOTS_PER_CALL for one matmul."""
+    """--breakdown: each of MATMULS, DOTS_PER_CALL of them per call, each on operands of its
+    own: meshlm's (model/layers.dot's forward, or its kernel gradient with the transposed
+    copies `dot` makes for it, in one jitted program) against nn.Linear's in PyTorch (x @ W^T;
+    dy^T @ x, which BLAS reads transposed without a copy): whether the matmuls explain the
+    step's difference. Times are per call; divide by DOTS_PER_CALL for one matmul."""
     import jax
     import jax.numpy as jnp
 
@@ -275,20 +278,22 @@ def matmul_calls(model_config, tokens: int) -> dict:
     calls = {}
     for name, width_in, width_out, gradient in MATMULS:
         d_in, d_out = getattr(model_config, width_in), getattr(model_config, width_out)
-        x = rng.standard_normal((tokens, d_in), np.float32)
-        others = rng.standard_normal((DOTS_PER_CALL, tokens, d_out) if gradient else
-                                     (DOTS_PER_CALL, d_in, d_out), np.float32)
+        xs = rng.standard_normal((DOTS_PER_CALL, tokens, d_in), np.float32)
+        # The second operands: output gradients [tokens, out], or kernels [in, out].
+        ys = rng.standard_normal((DOTS_PER_CALL, tokens if gradient else d_in, d_out), np.float32)
         mesh_dot = kernel_gradient if gradient else forward
-        dots = jax.jit(lambda x, others, mesh_dot=mesh_dot: [mesh_dot(x, o) for o in others])
-        args = jax.device_put((x, list(others)), jax.devices()[0])
+        dots = jax.jit(lambda xs, ys, f=mesh_dot: [f(x, y) for x, y in zip(xs, ys)])
+        args = jax.device_put((list(xs), list(ys)), jax.devices()[0])
         calls[f"meshlm_{name}"] = lambda dots=dots, args=args: jax.block_until_ready(dots(*args))
-        x, others = torch.from_numpy(x), list(torch.from_numpy(others))
+        torch_xs = list(torch.from_numpy(xs))
         if gradient:
-            torch_dot = lambda x, dy: dy.T @ x
-        else:
-            others = [kernel.T.contiguous() for kernel in others]  # nn.Linear's [out, in]
+            torch_ys, torch_dot = list(torch.from_numpy(ys)), lambda x, dy: dy.T @ x
+        else:  # nn.Linear's weight is [out, in]
+            torch_ys = [kernel.T.contiguous() for kernel in torch.from_numpy(ys)]
             torch_dot = torch.nn.functional.linear
-        calls[f"torch_{name}"] = lambda f=torch_dot, x=x, others=others: [f(x, o) for o in others]
+        calls[f"torch_{name}"] = lambda f=torch_dot, xs=torch_xs, ys=torch_ys: [
+            f(x, y) for x, y in zip(xs, ys)
+        ]
     return calls
 
 

@@ -93,21 +93,32 @@ def test_vs_pytorch_benchmark_smoke():
     assert "one matmul over the batch's tokens, ms: mlp_in " in done.stdout
 
 
-def test_vs_pytorch_matmuls_compute_the_same_products_on_both_sides():
-    """--breakdown's matmuls: meshlm's (model/layers.dot, its kernel gradient) and
-    PyTorch's (nn.Linear's forms) are the same products, so their times compare."""
+def test_vs_pytorch_matmuls_compute_the_same_products_on_both_sides(monkeypatch):
+    """--breakdown's matmuls: meshlm's (model/layers.dot; its kernel gradient, whose
+    transposes sit behind optimization barriers) and PyTorch's (nn.Linear's forms) are the
+    same products, DOTS_PER_CALL of each, so their times compare."""
     import types
 
+    import jax
     import numpy as np
 
-    from benchmarks.vs_pytorch import MATMULS, matmul_calls
+    from benchmarks.vs_pytorch import DOTS_PER_CALL, MATMULS, matmul_calls
+    from model import layers
 
+    traced = []
+    matmul, barrier = layers.matmul, jax.lax.optimization_barrier
+    monkeypatch.setattr(layers, "matmul", lambda *a: traced.append("dot") or matmul(*a))
+    monkeypatch.setattr(jax.lax, "optimization_barrier",
+                        lambda x: traced.append("barrier") or barrier(x))
     calls = matmul_calls(types.SimpleNamespace(embed_dim=8, mlp_dim=24), tokens=40)
     for name, _, _, gradient in MATMULS:
-        for meshlm, torch_result in zip(calls[f"meshlm_{name}"](), calls[f"torch_{name}"]()):
-            torch_result = torch_result.numpy()
-            expected = torch_result.T if gradient else torch_result  # a kernel [in, out]
-            np.testing.assert_allclose(np.asarray(meshlm), expected, rtol=1e-5, atol=1e-4)
+        traced.clear()
+        meshlm, reference = calls[f"meshlm_{name}"](), calls[f"torch_{name}"]()
+        assert len(meshlm) == len(reference) == DOTS_PER_CALL
+        assert traced.count("dot") >= DOTS_PER_CALL and ("barrier" in traced) == gradient
+        for ours, theirs in zip(meshlm, reference, strict=True):
+            theirs = theirs.numpy().T if gradient else theirs.numpy()  # a kernel is [in, out]
+            np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-5, atol=1e-4)
 
 
 def test_vs_pytorch_loop_seconds_weights_each_report_by_its_steps():
