@@ -232,10 +232,6 @@ def _valid_configs(base_config, workdir: str, named: dict) -> dict:
     return configs
 
 
-def _global(sharding, local: dict) -> dict:
-    return jax.make_array_from_process_local_data(sharding, local)  # one call: one transfer
-
-
 def run(base_config, workdir: str, named: dict) -> None:
     """Trains the unfinished trials of `named` ({name: overrides}) together, each writing
     config.json, metrics.jsonl and status.json to workdir/<name>."""
@@ -306,7 +302,8 @@ def run(base_config, workdir: str, named: dict) -> None:
                 k: np.stack([by_seed[c.seed][k] for c in configs.values()])
                 for k in next(iter(by_seed.values()))
             }
-            state, metrics = sweep.train_step(state, _global(sweep.batch_sharding, batch))
+            placed = jax.make_array_from_process_local_data(sweep.batch_sharding, batch)
+            state, metrics = sweep.train_step(state, placed)
             if step == 1:  # the first step compiles: left out of the step time
                 jax.block_until_ready(state)
                 clock, clock_step = time.perf_counter(), 1
@@ -355,10 +352,10 @@ def _record(metrics, i: int, config, step: int, step_time: float) -> dict:
 
 def _evaluate(sweep: _Sweep, params, eval_batches) -> list[dict]:
     totals = np.zeros((len(sweep.names), 2))
+    sharding = batch_sharding(sweep.mesh, sweep.rules)
     for batch in eval_batches:
-        ce_sum, weight_sum = jax.device_get(
-            sweep.eval_step(params, _global(batch_sharding(sweep.mesh, sweep.rules), batch))
-        )
+        placed = jax.make_array_from_process_local_data(sharding, batch)  # one call: one transfer
+        ce_sum, weight_sum = jax.device_get(sweep.eval_step(params, placed))
         totals += np.stack([ce_sum, weight_sum], axis=1)
     losses = totals[:, 0] / np.maximum(totals[:, 1], 1.0)
     return [
